@@ -1,0 +1,386 @@
+"""One dataclass tree for a whole run, YAML presets and ``key.sub=value`` overrides.
+
+Every number of the recipe lives here (defaults follow the authors' released code, see
+``shared/RECIPE.md``); presets in ``ivfast/configs/*.yaml`` only list what differs from
+these defaults. Unknown keys and bad values fail with a message naming the key and the
+valid choices, never silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+KernelImpl = Literal["triton", "compile", "eager"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and what is valid."""
+
+
+# --------------------------------------------------------------------------- the tree
+@dataclass
+class EncoderConfig:
+    """Student ViT (tubelet 1 x patch x patch, no cls in the token grid, 4 extra cls tokens)."""
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 14
+    tubelet: int = 1
+    num_cls: int = 4
+    qk_norm: bool = True
+    layerscale_init: float = 1e-5
+    drop_path: float = 0.1
+    act_checkpoint: bool = False
+
+
+@dataclass
+class PredictorConfig:
+    """ModernBERT-compatible predictor: the LAST ``layers`` layers of a ModernBERT checkpoint."""
+    init_from: str = ""                 # local dir or hub id of a ModernBERT checkpoint; "" = random init
+    layers: int = 5
+    dim: int = 1024
+    heads: int = 16
+    mlp_hidden: int = 2624
+    first_layer_index: int = 23         # index of our first layer in the original model (28 layers)
+    global_every: int = 3               # ModernBERT: layer i is global when i % global_every == 0
+    local_window: int = 128             # total window (+-64 tokens) of local layers
+    global_rope_theta: float = 160000.0
+    local_rope_theta: float = 10000.0
+    rope_positions: Literal["flat"] = "flat"   # 1-D RoPE over (cls, then T,H,W raster) order
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class DecoderConfig:
+    """Per-patch conditional diffusion MLP (stage 1)."""
+    depth: int = 6
+    width: int = 1536
+    learn_sigma: bool = True
+    batch_mul: int = 1                  # MAR uses 4; the released code 1
+    train_steps: int = 1000
+    noise_schedule: Literal["cosine", "linear"] = "cosine"
+    sample_steps: int = 100
+    temperature: float = 1.0
+    norm_pix: bool = False              # per-patch normalised targets (MAE norm_pix_loss)
+    impl: KernelImpl = "triton"
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1: frozen SigLIP2 vision tower. Stage 2: frozen copy of the stage-1 encoder."""
+    init_from: str = ""                 # local dir or hub id (stage 1); "" with tiny=True in demo/tests
+    img_size: int = 256
+    patch_size: int = 16
+    middle_layers: list[int] = field(default_factory=lambda: [23, 26, 30, 33, 36, 39])
+    student_layers: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
+    compile: bool = False
+    tiny: bool = False                  # build a tiny random SigLIP2 (demo/tests only)
+
+
+@dataclass
+class ModelConfig:
+    num_frames: int = 16
+    img_size: int = 224
+    init_from: str = ""                 # stage 2: path of a stage-1 checkpoint
+    token_impl: KernelImpl = "triton"   # masked-token gather/scatter/targets kernels
+    align_dim: int = 1536
+    stage2_loss: Literal["cosine", "l1", "mse"] = "cosine"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class BlockSpec:
+    """One V-JEPA mask set: ``num_blocks`` blocks of a sampled size, union masked."""
+    num_blocks: int = 8
+    spatial_scale: list[float] = field(default_factory=lambda: [0.15, 0.15])
+    temporal_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 1.5])
+
+
+@dataclass
+class MaskingConfig:
+    kind: Literal["semantic", "tube", "multiblock"] = "semantic"
+    ratio: float = 0.75                 # released scripts: 0.75 per frame (paper text: 0.8)
+    semantic_mode: Literal["sample", "topk"] = "sample"  # released: sample prop. to attention
+    random_fraction: float = 0.0        # share of the kept set drawn uniformly at random
+    blocks: list[BlockSpec] = field(default_factory=lambda: [
+        BlockSpec(8, [0.15, 0.15]), BlockSpec(2, [0.7, 0.7])])
+    max_keep: int = 0                   # cap on visible tokens per clip (0 = none)
+    trim: Literal["random", "lowest"] = "random"   # how rows are cut to a common K
+
+
+@dataclass
+class DataConfig:
+    train_list: str = ""                # CSV/TSV, the released code's list format, or a directory
+    root: str = ""                      # prefix for relative paths in the list
+    num_frames: int = 16
+    img_size: int = 224
+    sampling: Literal["segment", "stride"] = "segment"
+    stride: int = 4
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])
+    flip: bool = True
+    backend: Literal["auto", "dali", "pyav"] = "auto"
+    output: Literal["uint8", "normalized"] = "uint8"
+    num_workers: int = 8
+    max_bad_fraction: float = 0.01
+    index_cache: str = ""               # "" = next to the list file
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "apex"] = "adamw"
+    base_lr: float = 1e-3               # per 256 clips of global batch
+    min_lr: float = 1e-5                # per 256 clips of global batch
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    epochs: int = 50
+    warmup_epochs: float = 5.0
+    clip_grad: float = 5.0
+    global_batch: int = 2048
+    batch_per_gpu: int = 16
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"     # autocast dtype on CUDA; CPU runs fp32
+    compile: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    output_dir: str = "runs/ivfast"
+    seed: int = 0
+    max_steps: int = 0                  # 0 = run the full schedule
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite: int = 10
+    profile_steps: str = ""             # "A:B" capture window
+
+
+@dataclass
+class Config:
+    stage: Literal[1, 2] = 1
+    demo: bool = False                  # generate synthetic clips; run stage 1 then stage 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# --------------------------------------------------------------------------- coercion
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; convert where it is lossless."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        if isinstance(value, str):  # "1" for Literal[1, 2] from the command line
+            for c in choices:
+                if str(c) == value:
+                    return c
+        raise ConfigError(f"{key}: {value!r} is not valid; choose one of {list(choices)}")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
+        kwargs[name] = _coerce(value, fields[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from a (possibly partial) nested mapping."""
+    cfg = _build(Config, data or {})
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- presets, overrides
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return data
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {name_or_path!r} not found: give a preset name "
+                          f"({', '.join(presets())}) or a path to a YAML file")
+    data = _read_yaml(path)
+    base = data.pop("base", None)   # a preset may extend another one
+    if base:
+        if base in _seen:
+            raise ConfigError(f"{path}: 'base' chain loops through {base!r}")
+        data = _deep_merge(_load_mapping(base, _seen + (base,)), data)
+    return data
+
+
+def _set_key(data: dict, dotted: str, raw: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested mapping, checking the key exists."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = data
+    for i, part in enumerate(parts):
+        fields = _fields(cls)
+        where = ".".join(parts[:i]) or "the top level"
+        if part not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}: {part!r} is not in {where}; "
+                              f"valid keys there: {sorted(fields)}")
+        tp = fields[part]
+        if i == len(parts) - 1:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section; "
+                              f"cannot set {dotted!r}")
+        node = node.setdefault(part, {})
+        cls = tp
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple = ()) -> Config:
+    """Load a preset name or YAML path, apply ``key.sub=value`` overrides, validate."""
+    data = _load_mapping(name_or_path)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        _set_key(data, key.strip(), raw.strip())
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    m, enc = cfg.model, cfg.model.encoder
+    need(0.0 < cfg.masking.ratio < 1.0, f"masking.ratio must be in (0, 1), got {cfg.masking.ratio}")
+    need(0.0 <= cfg.masking.random_fraction <= 1.0, "masking.random_fraction must be in [0, 1]")
+    need(m.img_size % enc.patch_size == 0,
+         f"model.img_size={m.img_size} must be a multiple of model.encoder.patch_size={enc.patch_size}")
+    need(m.num_frames % enc.tubelet == 0,
+         f"model.num_frames={m.num_frames} must be a multiple of model.encoder.tubelet={enc.tubelet}")
+    need(enc.dim % enc.heads == 0, f"model.encoder.dim={enc.dim} must divide by heads={enc.heads}")
+    p = m.predictor
+    need(p.dim % p.heads == 0, f"model.predictor.dim={p.dim} must divide by heads={p.heads}")
+    need(len(m.teacher.middle_layers) == len(m.teacher.student_layers),
+         "model.teacher.middle_layers and model.teacher.student_layers must have the same length")
+    need(all(0 <= i < enc.depth for i in m.teacher.student_layers),
+         f"model.teacher.student_layers must index encoder blocks 0..{enc.depth - 1}")
+    need(cfg.data.num_frames == m.num_frames,
+         f"data.num_frames={cfg.data.num_frames} must equal model.num_frames={m.num_frames}")
+    need(cfg.data.img_size == m.img_size,
+         f"data.img_size={cfg.data.img_size} must equal model.img_size={m.img_size}")
+    need(all(0 < s <= 1 for s in cfg.data.scales), "data.scales must be in (0, 1]")
+    for i, b in enumerate(cfg.masking.blocks):
+        for name in ("spatial_scale", "temporal_scale", "aspect_ratio"):
+            lo_hi = getattr(b, name)
+            need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+                 f"masking.blocks[{i}].{name} must be [min, max] with 0 < min <= max")
+    o = cfg.optim
+    need(o.global_batch > 0 and o.batch_per_gpu > 0, "optim.global_batch and optim.batch_per_gpu must be > 0")
+    need(len(o.betas) == 2, "optim.betas must be [beta1, beta2]")
+    if cfg.runtime.profile_steps:
+        a, sep, b = cfg.runtime.profile_steps.partition(":")
+        need(sep == ":" and a.isdigit() and b.isdigit() and int(a) < int(b),
+             f"runtime.profile_steps must look like A:B with A < B, got {cfg.runtime.profile_steps!r}")
