@@ -1,0 +1,181 @@
+"""Mask samplers: which tokens of a T x H x W grid the encoder sees.
+
+Contract for every sampler: int32 ``ids_keep`` [B, K] and ``ids_mask`` [B, M], each row sorted
+ascending, keep and mask disjoint and together covering all N = T*H*W ids, the same K and M in
+every row of a batch (so batched kernels see rectangular tensors).
+
+The CPU samplers (random tube, V-JEPA multi-block) run in C++ (``ivfast._C``, GIL released).
+The NumPy functions below are their reference: the same algorithm and the same counter-based
+PRNG (SplitMix64 finaliser over key + counter), so both agree bit for bit on any machine.
+Keep ``csrc/masks.cpp`` and this file in step.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ivfast import _C
+
+if TYPE_CHECKING:
+    from ivfast.config import MaskingConfig
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_STREAM_MUL = _U64(0xD1B54A32D192ED03)
+_STREAM_ADD = _U64(0x632BE59BD9B4E019)
+_BATCH_STREAM = (1 << 64) - 1
+_TRIM_COUNTER = 1 << 32
+
+
+# --------------------------------------------------------------------------- PRNG (NumPy twin)
+def _mix64(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+        return z ^ (z >> _U64(31))
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """Key of one independent stream of draws (a sample of the batch, or the batch itself)."""
+    s = np.array([seed % (1 << 64)], dtype=_U64)
+    st = np.array([stream % (1 << 64)], dtype=_U64)
+    with np.errstate(over="ignore"):
+        return int(_mix64(_mix64(s) ^ (st * _STREAM_MUL + _STREAM_ADD))[0])
+
+
+def rand_u64(key: int, counters: np.ndarray) -> np.ndarray:
+    """The draws for ``counters`` of the stream ``key`` (uint64)."""
+    c = np.asarray(counters, dtype=_U64)
+    with np.errstate(over="ignore"):
+        return _mix64(_U64(key) + (c + _U64(1)) * _GOLDEN)
+
+
+def uniform(key: int, counters: np.ndarray) -> np.ndarray:
+    """Doubles in [0, 1), exact: the top 53 bits of each draw."""
+    return (rand_u64(key, counters) >> _U64(11)).astype(np.float64) * 2.0**-53
+
+
+def _randint(key: int, counter: int, lo: int, hi: int) -> int:
+    return lo + int(uniform(key, [counter])[0] * float(hi - lo))
+
+
+def _random_order(key: int, base: int, n: int) -> np.ndarray:
+    """0..n-1 ordered by (draw, index): lexsort's last key is the primary one."""
+    draws = rand_u64(key, np.arange(base, base + n, dtype=np.uint64))
+    return np.lexsort((np.arange(n), draws))
+
+
+def _check_grid(B: int, T: int, H: int, W: int) -> None:
+    if min(B, T, H, W) <= 0:
+        raise ValueError(f"batch size and grid T, H, W must all be positive, got B={B} T={T} H={H} W={W}")
+
+
+# --------------------------------------------------------------------------- NumPy references
+def tube_mask_reference(B: int, T: int, H: int, W: int, ratio: float, seed: int):
+    """Random tube masking: int(ratio*H*W) spatial positions masked in every frame."""
+    _check_grid(B, T, H, W)
+    S = H * W
+    Sm = int(ratio * S)
+    Sk = S - Sm
+    if not 0.0 < ratio < 1.0 or Sm == 0 or Sk == 0:
+        raise ValueError(f"mask ratio {ratio} leaves no masked or no visible position per frame")
+    keep = np.empty((B, T * Sk), np.int32)
+    mask = np.empty((B, T * Sm), np.int32)
+    frame_base = (np.arange(T, dtype=np.int64) * S)[:, None]
+    for b in range(B):
+        kept = np.zeros(S, bool)
+        kept[_random_order(stream_key(seed, b), 0, S)[:Sk]] = True
+        keep[b] = (frame_base + np.flatnonzero(kept)).ravel()
+        mask[b] = (frame_base + np.flatnonzero(~kept)).ravel()
+    return keep, mask
+
+
+def block_size(T: int, H: int, W: int, spatial: tuple, temporal: tuple, aspect: tuple, seed: int):
+    """(t, h, w) of this batch's blocks: one uniform draw sets scale and aspect, as V-JEPA."""
+    u = float(uniform(stream_key(seed, _BATCH_STREAM), [0])[0])
+    t = max(1, int(T * (temporal[0] + u * (temporal[1] - temporal[0]))))
+    s_keep = int(H * W * (spatial[0] + u * (spatial[1] - spatial[0])))
+    ar = aspect[0] + u * (aspect[1] - aspect[0])
+    h = min(H, max(1, round(math.sqrt(s_keep * ar))))   # round(): half to even, as nearbyint
+    w = min(W, max(1, round(math.sqrt(s_keep / ar))))
+    return min(T, t), h, w
+
+
+def multiblock_mask_reference(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
+                              temporal: tuple, aspect: tuple, seed: int, max_keep: int = 0,
+                              trim: str = "random", min_keep: int = 1, max_tries: int = 100):
+    """V-JEPA multi-block masking, one mask set; rows cut to a common K (see ``multiblock_mask``)."""
+    _check_grid(B, T, H, W)
+    if trim not in ("random", "lowest"):
+        raise ValueError("trim must be 'random' or 'lowest'")
+    N = T * H * W
+    t, h, w = block_size(T, H, W, spatial, temporal, aspect, seed)
+    visible = []
+    for b in range(B):
+        key, c = stream_key(seed, b), 0
+        for attempt in range(max_tries + 1):
+            if attempt == max_tries:
+                raise RuntimeError(f"multi-block masking left fewer than min_keep={min_keep} visible "
+                                   f"tokens after {max_tries} tries; use smaller or fewer blocks")
+            masked = np.zeros((T, H, W), bool)
+            for _ in range(num_blocks):
+                top = _randint(key, c, 0, H - h + 1)
+                left = _randint(key, c + 1, 0, W - w + 1)
+                start = _randint(key, c + 2, 0, T - t + 1)
+                c += 3
+                masked[start:start + t, top:top + h, left:left + w] = True
+            vis = np.flatnonzero(~masked.ravel())
+            if len(vis) >= min_keep:
+                break
+        visible.append(vis)
+    K = min(len(v) for v in visible)
+    if max_keep > 0:
+        K = min(K, max_keep)
+    keep = np.empty((B, K), np.int32)
+    mask = np.empty((B, N - K), np.int32)
+    for b, vis in enumerate(visible):
+        if trim == "lowest" or len(vis) == K:
+            chosen = vis[:K]
+        else:
+            chosen = np.sort(vis[_random_order(stream_key(seed, b), _TRIM_COUNTER, len(vis))[:K]])
+        kept = np.zeros(N, bool)
+        kept[chosen] = True
+        keep[b] = np.flatnonzero(kept)
+        mask[b] = np.flatnonzero(~kept)
+    return keep, mask
+
+
+# --------------------------------------------------------------------------- fast samplers (C++)
+def tube_mask(B: int, T: int, H: int, W: int, ratio: float, seed: int):
+    """Random tube masking (C++). Returns int32 (ids_keep [B, K], ids_mask [B, M])."""
+    return _C.tube_mask(B, T, H, W, float(ratio), seed % (1 << 64))
+
+
+def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
+                    temporal: tuple = (1.0, 1.0), aspect: tuple = (0.75, 1.5), seed: int = 0,
+                    max_keep: int = 0, trim: str = "random", min_keep: int = 1, max_tries: int = 100):
+    """V-JEPA multi-block masking, one mask set (C++).
+
+    The block size is drawn once per batch, positions per sample; the union of the blocks is
+    masked. Rows are cut to a common K (the batch minimum, capped by ``max_keep``): ``trim``
+    "random" drops visible ids uniformly at random (ivfast's default), "lowest" keeps the
+    lowest ids (V-JEPA's and the released code's behaviour, which starves late frames).
+    Dropped visible ids join the masked set, so every position is either seen or predicted.
+    """
+    return _C.multiblock_mask(B, T, H, W, int(num_blocks), float(spatial[0]), float(spatial[1]),
+                              float(temporal[0]), float(temporal[1]), float(aspect[0]),
+                              float(aspect[1]), seed % (1 << 64), int(max_keep), trim,
+                              int(min_keep), int(max_tries))
+
+
+def multiblock_masks(cfg: "MaskingConfig", batch_size: int, T: int, H: int, W: int, seed: int):
+    """All mask sets of ``cfg.blocks`` for one batch: a list of (ids_keep, ids_mask) pairs."""
+    out = []
+    for i, spec in enumerate(cfg.blocks):
+        set_seed = stream_key(seed, i)   # independent draws per mask set
+        out.append(multiblock_mask(batch_size, T, H, W, spec.num_blocks, spec.spatial_scale,
+                                   spec.temporal_scale, spec.aspect_ratio, set_seed,
+                                   cfg.max_keep, cfg.trim))
+    return out
