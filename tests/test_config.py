@@ -1,0 +1,82 @@
+"""Config tree, presets, overrides and their error messages."""
+import subprocess
+import sys
+
+import pytest
+
+from ivfast.config import Config, ConfigError, dump, from_dict, load_config, presets, save_config
+
+PRESETS = ["demo", "stage1_vitb", "stage1_vitl", "stage2_vitb", "stage2_vitl"]
+
+
+def test_presets_exist_and_load():
+    assert set(PRESETS) <= set(presets())
+    for name in PRESETS:
+        assert isinstance(load_config(name), Config)
+
+
+def test_paper_numbers_in_presets():
+    s1, s2, l1 = load_config("stage1_vitb"), load_config("stage2_vitb"), load_config("stage1_vitl")
+    assert (s1.model.encoder.dim, s1.model.encoder.depth, s1.model.encoder.heads) == (768, 12, 12)
+    assert (l1.model.encoder.dim, l1.model.encoder.depth, l1.model.encoder.heads) == (1024, 24, 16)
+    assert (s1.model.decoder.depth, s1.model.decoder.width) == (6, 1536)
+    assert s1.model.predictor.layers == 5 and s1.model.num_frames == 16
+    assert s1.optim.base_lr == 1e-3 and s1.optim.weight_decay == 0.05 and s1.optim.global_batch == 2048
+    assert s2.stage == 2 and s2.model.num_frames == 32 and s2.optim.base_lr == 1e-4
+    assert s2.optim.warmup_epochs == 0 and s2.masking.kind == "multiblock"
+    assert [b.num_blocks for b in s2.masking.blocks] == [8, 2]
+    assert load_config("stage2_vitl").optim.global_batch == 1024
+
+
+def test_overrides_are_typed():
+    cfg = load_config("demo", ["optim.base_lr=3e-4", "model.encoder.depth=5", "data.flip=false",
+                               "masking.blocks=[{num_blocks: 4}]", "stage=2"])
+    assert cfg.optim.base_lr == 3e-4 and cfg.model.encoder.depth == 5 and cfg.data.flip is False
+    assert cfg.masking.blocks[0].num_blocks == 4 and cfg.stage == 2
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.encoder.dimm=3", "valid keys there"),
+    ("modell.x=1", "'modell' is not in the top level"),
+    ("masking.kind=random", "choose one of ['semantic', 'tube', 'multiblock']"),
+    ("optim.base_lr=fast", "optim.base_lr: expected a number"),
+    ("model.encoder.depth=2.5", "expected an integer"),
+    ("data.flip=maybe", "expected true or false"),
+    ("optim.lr.x=1", "'lr' is not in optim"),
+    ("model.encoder=3", "expected a mapping"),
+    ("masking.ratio=1.5", "masking.ratio must be in (0, 1)"),
+    ("runtime.profile_steps=5", "A:B"),
+    ("noequals", "key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("stage1_vitb", [override])
+    assert fragment in str(e.value)
+
+
+def test_unknown_preset_lists_choices(tmp_path):
+    with pytest.raises(ConfigError, match="stage1_vitb"):
+        load_config("stage3_vitz")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  encoder:\n    widht: 3\n")
+    with pytest.raises(ConfigError, match="model.encoder.widht"):
+        load_config(str(bad))
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    cfg = load_config("stage2_vitb", ["runtime.seed=7"])
+    path = tmp_path / "resolved.yaml"
+    save_config(cfg, path)
+    assert load_config(str(path)) == cfg
+    assert from_dict({}) == Config()
+    assert "multiblock" in dump(cfg)
+
+
+def test_cli_print_config_and_errors():
+    out = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "stage1_vitb",
+                          "optim.base_lr=2e-3", "--print-config"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "base_lr: 0.002" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "stage1_vitb",
+                          "optim.bogus=1", "--print-config"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "optim.bogus" in bad.stderr and "Traceback" not in bad.stderr
