@@ -1,0 +1,177 @@
+"""One attention entry point for every block of every model.
+
+``attention(q, k, v, window=None, backend="auto")`` takes ``[B, N, H, D]`` tensors (the layout a
+fused ``qkv`` projection gives without a copy, and flash-attn's native one) and returns
+``[B, N, H, D]``. ``window=w`` restricts token ``i`` to keys ``j`` with ``|i - j| <= w``
+(ModernBERT's local layers: ``w = local_attention // 2 = 64``).
+
+Backends, in the order ``"auto"`` tries them:
+
+* ``flash_attn``: ``flash_attn.flash_attn_func`` when the package is installed and the inputs are
+  fp16/bf16 on CUDA (it does the sliding window natively with ``window_size=(w, w)``).
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with its own kernels tried in
+  the order flash -> cuDNN -> memory-efficient -> math (a banded mask for the sliding window,
+  which the flash kernel cannot take, so windowed calls start at cuDNN / memory-efficient).
+  The first kernel that accepts the call is *found by running it* (the real call, its output
+  is used), cached per (device, dtype, head dim, windowed), pinned with ``sdpa_kernel`` for all
+  later calls and logged once, so the report says what ran, not what should have run.
+* ``xformers``: ``xformers.ops.memory_efficient_attention`` when chosen explicitly and installed.
+* ``math``: the plain PyTorch reference below (``attention_reference``); also the test oracle.
+
+``used_backends()`` returns what each kind of call resolved to; the training loop prints it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger("ivfast.attention")
+
+Backend = Literal["auto", "flash_attn", "sdpa", "xformers", "math"]
+BACKENDS = ("auto", "flash_attn", "sdpa", "xformers", "math")
+
+_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+# The flash kernel of SDPA takes no attn_mask, so a banded (windowed) call skips it.
+_SDPA_ORDER_MASKED = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+_resolved: dict[tuple, str] = {}          # call kind -> backend name, for the report
+_sdpa_choice: dict[tuple, SDPBackend] = {}
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+    except Exception:  # not installed, or built for another torch: fall back quietly
+        return None
+    return flash_attn_func
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # type: ignore
+    except Exception:
+        return None
+    return xops
+
+
+_FLASH = _flash_attn_func()
+
+
+def _key_name(key: tuple) -> str:
+    dev, dtype, d, windowed = key
+    return f"{dev} {str(dtype).replace('torch.', '')} d{d}{' window' if windowed else ''}"
+
+
+def used_backends() -> dict[str, str]:
+    """What each kind of attention call ran on so far, e.g. ``{'cuda bfloat16 d64 window': 'sdpa:EFFICIENT_ATTENTION'}``."""
+    return {_key_name(k): name for k, name in _resolved.items()}
+
+
+def _record(key: tuple, name: str) -> None:
+    if _resolved.get(key) != name:
+        _resolved[key] = name
+        log.info("attention backend for %s calls: %s", _key_name(key), name)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        window: int | None = None) -> torch.Tensor:
+    """Readable math path in the input dtype's fp32 upcast: softmax(q k^T / sqrt(D)) v."""
+    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))     # [B, H, N, D]
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if window is not None:
+        s = s.masked_fill(~band_mask(q.shape[1], k.shape[1], window, q.device), float("-inf"))
+    return (s.softmax(-1) @ vf).transpose(1, 2).to(q.dtype)
+
+
+def band_mask(nq: int, nk: int, window: int, device) -> torch.Tensor:
+    """Boolean ``[nq, nk]``: True where ``|i - j| <= window`` (keys that may be attended)."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return (i - j).abs() <= window
+
+
+def _check(q, k, v, window):
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention expects q [B, Nq, H, D] and k, v [B, Nk, H, D] with the same B, H, D; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+    if window is not None and window < 0:
+        raise ValueError(f"attention: window must be >= 0 (half width in tokens), got {window}")
+
+
+def _sdpa(q, k, v, window, key):
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = band_mask(q.shape[1], k.shape[1], window, q.device) if window is not None else None
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph the probing try/except cannot be traced: use the choice made
+        # by an eager call if there was one, otherwise let the compiler pick its kernel.
+        choice = _sdpa_choice.get(key)
+        if choice is None:
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+        with sdpa_kernel([choice]):
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+    choice = _sdpa_choice.get(key)
+    if choice is not None:
+        with sdpa_kernel([choice]):
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+    errors = []
+    for b in (_SDPA_ORDER_MASKED if mask is not None else _SDPA_ORDER):
+        try:
+            with sdpa_kernel([b]):
+                out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+        except RuntimeError as e:   # "No available kernel": this kernel rejects the call
+            errors.append(f"{b.name}: {str(e).splitlines()[0]}")
+            continue
+        _sdpa_choice[key] = b
+        _record(key, f"sdpa:{b.name}")
+        return out.transpose(1, 2)
+    raise RuntimeError("no scaled_dot_product_attention kernel accepted the call:\n  " + "\n  ".join(errors))
+
+
+def _xformers(q, k, v, window, key):
+    xops = _xformers_ops()
+    if xops is None:
+        raise RuntimeError("attention backend 'xformers' was chosen but xformers is not installed; "
+                           "pip install xformers, or choose backend 'auto'")
+    bias = None
+    if window is not None:
+        from xformers.ops.fmha.attn_bias import LocalAttentionFromBottomRightMask  # type: ignore
+        bias = LocalAttentionFromBottomRightMask(window_left=window, window_right=window)
+    _record(key, "xformers")
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+              backend: Backend = "auto") -> torch.Tensor:
+    """Scaled dot-product attention (no causal mask, scale 1/sqrt(D)) on ``[B, N, H, D]`` inputs."""
+    _check(q, k, v, window)
+    key = (q.device.type, q.dtype, q.shape[-1], window is not None)
+    if backend == "auto":
+        if _FLASH is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            backend = "flash_attn"
+        else:
+            backend = "sdpa"
+    if backend == "flash_attn":
+        if _FLASH is None:
+            raise RuntimeError("attention backend 'flash_attn' was chosen but flash-attn is not importable; "
+                               "pip install flash-attn, or choose backend 'auto'")
+        if not torch.compiler.is_compiling():
+            _record(key, "flash_attn")
+        ws = (window, window) if window is not None else (-1, -1)
+        return _FLASH(q, k, v, window_size=ws)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, window, key)
+    if backend == "xformers":
+        return _xformers(q, k, v, window, key)
+    if backend == "math":
+        if not torch.compiler.is_compiling():
+            _record(key, "math")
+        return attention_reference(q, k, v, window)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
