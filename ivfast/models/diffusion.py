@@ -173,13 +173,38 @@ class DiffusionDecoder(nn.Module):
             h = blk(h, c)
         return self.final_layer(h, c)
 
+    def forward_triton(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """Same maths on the fused kernels of ``ivfast.kernels.diffusion_mlp`` (same parameters).
+
+        Under autocast everything runs in the autocast dtype (weights cast once per call, their
+        gradients flow back to the fp32 parameters through the cast); otherwise in the
+        parameters' dtype.
+        """
+        from ivfast.kernels import diffusion_mlp as K
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.input_proj.weight.dtype
+        with torch.autocast(dev, enabled=False):
+            cast = lambda p: p.to(dt)
+            te = timestep_embedding(t, self.time_embed.freq_dim).to(dt)
+            tm = self.time_embed.mlp
+            te = K.linear(K.linear(te, cast(tm[0].weight), cast(tm[0].bias), act="silu"),
+                          cast(tm[2].weight), cast(tm[2].bias))
+            c = te + K.linear(z.to(dt), cast(self.cond_embed.weight), cast(self.cond_embed.bias))
+            h = K.linear(x.to(dt), cast(self.input_proj.weight), cast(self.input_proj.bias))
+            adas = [blk.adaLN_modulation[1] for blk in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
+            blocks = [(cast(b.in_ln.weight), cast(b.in_ln.bias), cast(b.mlp[0].weight), cast(b.mlp[0].bias),
+                       cast(b.mlp[2].weight), cast(b.mlp[2].bias)) for b in self.res_blocks]
+            return K.adaln_trunk(h, c, cast(torch.cat([a.weight for a in adas])),
+                                 cast(torch.cat([a.bias for a in adas])), blocks,
+                                 cast(self.final_layer.linear.weight), cast(self.final_layer.linear.bias),
+                                 eps=LN_EPS)
+
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         self._check(x, t, z)
         if self.impl == "triton":
             ok, why = _triton_runnable(x.device)
             if ok:
-                from ivfast.kernels import diffusion_mlp
-                return diffusion_mlp.decoder_forward(self, x, t, z)
+                return self.forward_triton(x, t, z)
             if not self._warned:
                 warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
                               stacklevel=2)

@@ -1,0 +1,516 @@
+"""Fused Triton kernels for the per-patch diffusion MLP (adaLN residual blocks), fwd + bwd.
+
+The decoder block (see ``ivfast.models.diffusion.ResBlock``) is::
+
+    shift, scale, gate = Linear(SiLU(c))                    # all blocks: ONE batched GEMM
+    h  = LN(x) * (1 + scale) + shift                         # row kernel  (_ln_mod_fwd)
+    u  = h @ W1^T + b1 ;  a = SiLU(u)                        # GEMM, epilogue bias + SiLU
+    h2 = a @ W2^T + b2 ;  y = x + gate * h2                  # GEMM, epilogue bias + gate + residual
+
+What is fused and why:
+* one generic tiled GEMM (``_mm_kernel``, fp32 accumulation, int64 offsets, any strides so
+  transposed operands cost nothing) with an optional SiLU applied while loading A or B (so SiLU(c)
+  and SiLU(u) are never stored for the adaLN GEMMs / weight gradients) and epilogues for bias,
+  SiLU, the SiLU derivative, gate and residual: every memory-bound op next to a GEMM rides on it;
+* LayerNorm + affine + modulate is one row kernel; its backward is one row kernel that also
+  produces d(shift), d(scale) straight into the adaLN gradient buffer and partial LN dw/db;
+* backward recomputes h = LN-modulate(x) (cheap) instead of storing it. Saved per block: the
+  block input x, u and h2 (+ the shared adaLN output), less than eager autograd keeps.
+
+Autograd Functions: :class:`LinearFn` (Linear with optional SiLU, for the small input/time/cond
+layers) and :class:`AdaLNTrunkFn` (all residual blocks + the final layer, with a hand-written
+backward that fills one adaLN gradient buffer). ``*_reference`` functions are the plain PyTorch
+definitions the tests compare against. Kernels know nothing of modules:
+``ivfast.models.diffusion`` wires parameters in.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["matmul", "ln_modulate", "ln_modulate_backward", "gate_backward", "linear",
+           "adaln_trunk", "LinearFn", "AdaLNTrunkFn", "ln_modulate_reference", "adaln_trunk_reference"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# =========================================================================== GEMM
+def _mm_configs() -> list:
+    if _INTERPRET:      # the interpreter cannot autotune over several configs; big tiles = few programs
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, st, wp in [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8),
+                               (128, 128, 64, 3, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                               (128, 128, 32, 4, 4), (64, 64, 64, 4, 4)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_stages=st, num_warps=wp))
+    return cfgs
+
+
+@triton.jit
+def _silu_f32(v):
+    return v / (1.0 + tl.exp(-v))
+
+
+@triton.autotune(configs=_mm_configs(),
+                 key=["M_BUCKET", "N", "K", "A_SILU", "B_SILU", "ACT", "HAS_GATE", "HAS_RES", "STORE_PRE"])
+@triton.jit
+def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr,
+               M, N, K, M_BUCKET,
+               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_aux, s_gate, s_res,
+               A_SILU: tl.constexpr, B_SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+               ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+               STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = epilogue(prologue(A) @ prologue(B)).
+
+    pre = acc + bias;  out = pre | SiLU(pre) (ACT=1) | pre * SiLU'(aux) (ACT=2);
+    out = out * gate (HAS_GATE); out = out + res (HAS_RES); aux = pre (STORE_PRE).
+    aux, gate and res are [M, N] with unit column stride.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: neighbouring programs share A row-panels in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = rm < M
+    mask_n = rn < N
+    a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
+    b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (rk + k0) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        if A_SILU:
+            a = _silu_f32(a.to(tl.float32)).to(b_ptr.dtype.element_ty)
+        if B_SILU:
+            b = _silu_f32(b.to(tl.float32)).to(a_ptr.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    pre = acc
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(aux_ptr + rm[:, None] * s_aux + rn[None, :], pre.to(aux_ptr.dtype.element_ty), mask=mask)
+    out = pre
+    if ACT == 1:
+        out = _silu_f32(pre)
+    if ACT == 2:       # chain rule through SiLU of the stored pre-activation u
+        u = tl.load(aux_ptr + rm[:, None] * s_aux + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        sg = 1.0 / (1.0 + tl.exp(-u))
+        out = pre * sg * (1.0 + u * (1.0 - sg))
+    if HAS_GATE:
+        out = out * tl.load(gate_ptr + rm[:, None] * s_gate + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        out = out + tl.load(res_ptr + rm[:, None] * s_res + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _unit_col(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != shape or t.stride(1) != 1:
+        raise ValueError(f"matmul: {name} must be {list(shape)} with unit column stride, "
+                         f"got {list(t.shape)} strides {t.stride()} (pass a row-sliced view or .contiguous())")
+
+
+def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, a_silu: bool = False, b_silu: bool = False,
+           act: str | None = None, aux: Tensor | None = None, gate: Tensor | None = None,
+           res: Tensor | None = None, store_pre: bool = False, out: Tensor | None = None):
+    """``a[M, K] @ b[K, N]`` (+ bias[N]) with fused prologue/epilogue (see ``_mm_kernel``).
+
+    ``act``: None, ``'silu'`` or ``'dsilu'`` (multiply by SiLU'(aux), aux = stored pre-activation).
+    ``store_pre``: also return the pre-activation/pre-gate value (written to a new tensor).
+    Returns ``out`` or ``(out, pre)``. Any strides for a and b (transposes are free).
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: shapes {list(a.shape)} @ {list(b.shape)} do not chain")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"matmul: a and b must share dtype and device, got {a.dtype}/{b.dtype}, "
+                         f"{a.device}/{b.device}; cast the weights to the activation dtype first")
+    if act not in (None, "silu", "dsilu"):
+        raise ValueError(f"matmul: act={act!r}; choose None, 'silu' or 'dsilu'")
+    M, K = a.shape
+    N = b.shape[1]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"matmul: bias must be [{N}], got {list(bias.shape)}")
+    if out is None:
+        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    pre = torch.empty((M, N), device=a.device, dtype=a.dtype) if store_pre else None
+    if act == "dsilu":
+        if store_pre:
+            raise ValueError("matmul: act='dsilu' reads aux; it cannot also store_pre")
+        _unit_col(aux, "aux", (M, N))
+        if aux is None:
+            raise ValueError("matmul: act='dsilu' needs aux = the pre-activation u")
+        aux_t = aux
+    else:
+        aux_t = pre
+    _unit_col(gate, "gate", (M, N))
+    _unit_col(res, "res", (M, N))
+    if M == 0 or N == 0:
+        return (out, pre) if store_pre else out
+    dummy = out
+    ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _mm_kernel[grid](
+        a, b, out, bias if bias is not None else dummy, aux_t if aux_t is not None else dummy,
+        gate if gate is not None else dummy, res if res is not None else dummy,
+        M, N, K, max(M, 1).bit_length(),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        aux_t.stride(0) if aux_t is not None else 0, gate.stride(0) if gate is not None else 0,
+        res.stride(0) if res is not None else 0,
+        A_SILU=a_silu, B_SILU=b_silu, HAS_BIAS=bias is not None,
+        ACT={None: 0, "silu": 1, "dsilu": 2}[act], HAS_GATE=gate is not None, HAS_RES=res is not None,
+        STORE_PRE=store_pre, IEEE=ieee,
+    )
+    return (out, pre) if store_pre else out
+
+
+# =========================================================================== LN + modulate
+def ln_modulate_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
+                          scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` (fp32 statistics), the kernels' definition."""
+    h = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), eps)
+    return (h * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+@triton.jit
+def _ln_mod_fwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
+                       W, s_x, s_shift, s_scale, s_h, eps,
+                       AFFINE: tl.constexpr, BLOCK_W: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    mask = cols < W
+    x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / W
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / W + eps)
+    h = xc * rstd
+    if AFFINE:
+        h = h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + row * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + row * s_shift + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row * s_h + cols, (h * (1.0 + sc) + sh).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr, dshift_ptr, dscale_ptr,
+                       dw_ptr, db_ptr, M, W, rows_per_prog,
+                       s_dh, s_x, s_scale, s_dres, s_dx, s_dshift, s_dscale, eps,
+                       AFFINE: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows [pid*rows_per_prog, ...): dx (+ dres), d(shift), d(scale); partial LN dw/db per program."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_W)
+    mask = cols < W
+    if AFFINE:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_W], dtype=tl.float32)
+    db = tl.zeros([BLOCK_W], dtype=tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, M)
+    for r in range(start, end):
+        row = tl.cast(r, tl.int64)
+        x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * s_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + row * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / W
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / W + eps)
+        n = xc * rstd
+        if AFFINE:
+            ln = n * w + b
+        else:
+            ln = n
+        tl.store(dshift_ptr + row * s_dshift + cols, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
+        tl.store(dscale_ptr + row * s_dscale + cols, (dh * ln).to(dscale_ptr.dtype.element_ty), mask=mask)
+        dl = dh * (1.0 + sc)
+        if AFFINE:
+            dw += dl * n
+            db += dl
+            dn = dl * w
+        else:
+            dn = dl
+        c1 = tl.sum(dn, axis=0) / W
+        c2 = tl.sum(dn * n, axis=0) / W
+        dx = (dn - c1 - n * c2) * rstd
+        if HAS_DRES:
+            dx += tl.load(dres_ptr + row * s_dres + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * s_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if AFFINE:
+        tl.store(dw_ptr + pid * W + cols, dw, mask=mask)
+        tl.store(db_ptr + pid * W + cols, db, mask=mask)
+
+
+def _row_settings(W: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(W)
+    return block, (4 if block <= 1024 else 8 if block <= 4096 else 16)
+
+
+def _check_rows(name: str, t: Tensor, M: int, W: int) -> None:
+    if t.shape != (M, W) or t.stride(1) != 1:
+        raise ValueError(f"{name} must be [{M}, {W}] with unit column stride, got {list(t.shape)} "
+                         f"strides {t.stride()}")
+
+
+def ln_modulate(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor, scale: Tensor,
+                eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
+    """Fused ``LN(x) (affine if weight is given) * (1 + scale) + shift``; shift/scale may be column
+    slices of a wider tensor (the adaLN output)."""
+    M, W = x.shape
+    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
+        _check_rows(f"ln_modulate: {name}", t, M, W)
+    if (weight is None) != (bias is None):
+        raise ValueError("ln_modulate: give both LN weight and bias, or neither (non-affine LN)")
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    if M == 0:
+        return h
+    block, warps = _row_settings(W)
+    _ln_mod_fwd_kernel[(M,)](x, weight if weight is not None else x, bias if bias is not None else x,
+                             shift, scale, h, W, x.stride(0), shift.stride(0), scale.stride(0), h.stride(0),
+                             eps, AFFINE=weight is not None, BLOCK_W=block, num_warps=warps)
+    return h
+
+
+def _num_row_programs(M: int, device: torch.device) -> int:
+    if _INTERPRET or device.type != "cuda":
+        return max(1, min(M, 4))
+    return max(1, min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def ln_modulate_backward(dh: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor,
+                         dshift: Tensor, dscale: Tensor, eps: float = 1e-6, dres: Tensor | None = None):
+    """Backward of :func:`ln_modulate`. Writes d(shift), d(scale) into the given (possibly sliced)
+    buffers; returns ``dx (+ dres), dweight, dbias`` (fp32 LN grads, None without affine)."""
+    M, W = x.shape
+    for name, t in (("dh", dh), ("x", x), ("scale", scale), ("dshift", dshift), ("dscale", dscale)):
+        _check_rows(f"ln_modulate_backward: {name}", t, M, W)
+    if dres is not None:
+        _check_rows("ln_modulate_backward: dres", dres, M, W)
+    dx = torch.empty((M, W), device=x.device, dtype=x.dtype)
+    G = _num_row_programs(M, x.device)
+    affine = weight is not None
+    part = torch.empty((2, G, W), device=x.device, dtype=torch.float32) if affine else None
+    if M > 0:
+        block, warps = _row_settings(W)
+        _ln_mod_bwd_kernel[(G,)](
+            dh, x, weight if affine else x, bias if affine else x, scale,
+            dres if dres is not None else dh, dx, dshift, dscale,
+            part[0] if affine else dx, part[1] if affine else dx, M, W, triton.cdiv(M, G),
+            dh.stride(0), x.stride(0), scale.stride(0), dres.stride(0) if dres is not None else 0,
+            dx.stride(0), dshift.stride(0), dscale.stride(0), eps,
+            AFFINE=affine, HAS_DRES=dres is not None, BLOCK_W=block, num_warps=warps)
+    if not affine:
+        return dx, None, None
+    if M == 0:
+        part.zero_()
+    return dx, part[0].sum(0), part[1].sum(0)
+
+
+# =========================================================================== gate backward
+@triton.jit
+def _gate_bwd_kernel(dy_ptr, h2_ptr, gate_ptr, dgate_ptr, dh2_ptr, M, W,
+                     s_dy, s_h2, s_gate, s_dgate, s_dh2,
+                     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (rm < M)[:, None] & (rw < W)[None, :]
+    dy = tl.load(dy_ptr + rm[:, None] * s_dy + rw[None, :], mask=mask, other=0.0).to(tl.float32)
+    h2 = tl.load(h2_ptr + rm[:, None] * s_h2 + rw[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + rm[:, None] * s_gate + rw[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(dgate_ptr + rm[:, None] * s_dgate + rw[None, :], (dy * h2).to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh2_ptr + rm[:, None] * s_dh2 + rw[None, :], (dy * g).to(dh2_ptr.dtype.element_ty), mask=mask)
+
+
+def gate_backward(dy: Tensor, h2: Tensor, gate: Tensor, dgate: Tensor) -> Tensor:
+    """For ``y = x + gate * h2``: writes ``dgate = dy * h2`` into ``dgate``, returns ``dh2 = dy * gate``."""
+    M, W = dy.shape
+    for name, t in (("dy", dy), ("h2", h2), ("gate", gate), ("dgate", dgate)):
+        _check_rows(f"gate_backward: {name}", t, M, W)
+    dh2 = torch.empty((M, W), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dh2
+    bm, bw = (16, 64) if _INTERPRET else (32, 128)
+    _gate_bwd_kernel[(triton.cdiv(M, bm), triton.cdiv(W, bw))](
+        dy, h2, gate, dgate, dh2, M, W, dy.stride(0), h2.stride(0), gate.stride(0), dgate.stride(0),
+        dh2.stride(0), BLOCK_M=bm, BLOCK_W=bw, num_warps=4)
+    return dh2
+
+
+def _colsum(t: Tensor) -> Tensor:
+    """Bias gradient: column sums accumulated in fp32 (no fp32 copy of t)."""
+    return torch.sum(t, dim=0, dtype=torch.float32)
+
+
+# =========================================================================== Linear (+SiLU)
+class LinearFn(torch.autograd.Function):
+    """``y = act(x @ w^T + b)``, act None or SiLU, on the fused GEMM. All inputs share one dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, act: str | None):
+        if act == "silu":
+            y, u = matmul(x, w.t(), b, act="silu", store_pre=True)
+            ctx.save_for_backward(x, w, u)
+        else:
+            y = matmul(x, w.t(), b)
+            ctx.save_for_backward(x, w, None)
+        ctx.act, ctx.has_bias = act, b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w, u = ctx.saved_tensors
+        dy = dy.contiguous()
+        if ctx.act == "silu":     # small layers only (time MLP): plain elementwise chain rule
+            s = torch.sigmoid(u.float())
+            dy = (dy.float() * s * (1 + u.float() * (1 - s))).to(x.dtype)
+        dx = matmul(dy, w) if ctx.needs_input_grad[0] else None
+        dw = matmul(dy.t(), x) if ctx.needs_input_grad[1] else None
+        db = _colsum(dy).to(w.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, act: str | None = None) -> Tensor:
+    if act not in (None, "silu"):
+        raise ValueError(f"linear: act={act!r}; choose None or 'silu'")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: x {list(x.shape)} and weight {list(w.shape)} do not match "
+                         f"(need x [rows, in], weight [out, in])")
+    return LinearFn.apply(x.contiguous(), w, b, act)
+
+
+# =========================================================================== the decoder trunk
+def adaln_trunk_reference(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
+                          final_w: Tensor, final_b: Tensor, eps: float = 1e-6) -> Tensor:
+    """Plain PyTorch definition of :class:`AdaLNTrunkFn` (same argument layout)."""
+    F = torch.nn.functional
+    W = x.shape[1]
+    ada = F.linear(F.silu(c), ada_w, ada_b)
+    for i, (ln_w, ln_b, w1, b1, w2, b2) in enumerate(blocks):
+        shift, scale, gate = ada[:, 3 * W * i: 3 * W * (i + 1)].chunk(3, dim=1)
+        h = F.layer_norm(x, (W,), ln_w, ln_b, eps) * (1 + scale) + shift
+        x = x + gate * F.linear(F.silu(F.linear(h, w1, b1)), w2, b2)
+    shift, scale = ada[:, 3 * W * len(blocks):].chunk(2, dim=1)
+    return F.linear(F.layer_norm(x, (W,), None, None, eps) * (1 + scale) + shift, final_w, final_b)
+
+
+class AdaLNTrunkFn(torch.autograd.Function):
+    """All residual blocks + the final layer of the decoder in one Function.
+
+    Inputs: x[M, W] (after input_proj), c[M, W] (t_emb + z_emb), ada_w[(3D+2)W, W] / ada_b (the
+    adaLN Linears of all blocks then the final layer, concatenated), final_w[O, W] / final_b, eps,
+    depth D, then per block ln_w, ln_b, w1, b1, w2, b2. One dtype for all of them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, c, ada_w, ada_b, final_w, final_b, eps, depth, *block_params):
+        M, W = x.shape
+        ada = matmul(c, ada_w.t(), ada_b, a_silu=True)          # [M, (3D+2)W], SiLU(c) never stored
+        saved = []
+        for i in range(depth):
+            ln_w, ln_b, w1, b1, w2, b2 = block_params[6 * i: 6 * i + 6]
+            shift, scale, gate = (ada[:, (3 * i + j) * W: (3 * i + j + 1) * W] for j in range(3))
+            h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)
+            a, u = matmul(h, w1.t(), b1, act="silu", store_pre=True)
+            del h
+            y, h2 = matmul(a, w2.t(), b2, gate=gate, res=x, store_pre=True)
+            del a
+            saved += [x, u, h2]
+            x = y
+        shift, scale = ada[:, 3 * depth * W: (3 * depth + 1) * W], ada[:, (3 * depth + 1) * W:]
+        hf = ln_modulate(x, None, None, shift, scale, eps)
+        out = matmul(hf, final_w.t(), final_b)
+        ctx.save_for_backward(c, ada, ada_w, final_w, x, *saved, *block_params)
+        ctx.eps, ctx.depth = eps, depth
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        c, ada, ada_w, final_w, x_last, *rest = ctx.saved_tensors
+        D, eps = ctx.depth, ctx.eps
+        saved, params = rest[:3 * D], rest[3 * D:]
+        M, W = x_last.shape
+        dout = dout.contiguous()
+        dada = torch.empty_like(ada)
+        # final layer
+        shift, scale = ada[:, 3 * D * W: (3 * D + 1) * W], ada[:, (3 * D + 1) * W:]
+        hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
+        dfinal_w = matmul(dout.t(), hf)
+        del hf
+        dfinal_b = _colsum(dout).to(final_w.dtype)
+        dhf = matmul(dout, final_w)
+        dx, _, _ = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
+                                        dshift=dada[:, 3 * D * W: (3 * D + 1) * W],
+                                        dscale=dada[:, (3 * D + 1) * W:])
+        del dhf
+        dparams: list = [None] * (6 * D)
+        for i in reversed(range(D)):
+            x, u, h2 = saved[3 * i: 3 * i + 3]
+            ln_w, ln_b, w1, b1, w2, b2 = params[6 * i: 6 * i + 6]
+            col = lambda j: slice((3 * i + j) * W, (3 * i + j + 1) * W)
+            shift, scale, gate = ada[:, col(0)], ada[:, col(1)], ada[:, col(2)]
+            # y = x + gate * h2
+            dh2 = gate_backward(dx, h2, gate, dada[:, col(2)])
+            dw2 = matmul(dh2.t(), u, b_silu=True)                      # a = SiLU(u) recomputed on load
+            db2 = _colsum(dh2).to(b2.dtype)
+            du = matmul(dh2, w2, act="dsilu", aux=u)                   # (dh2 @ W2) * SiLU'(u)
+            del dh2
+            h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)          # recompute, not stored
+            dw1 = matmul(du.t(), h)
+            del h
+            db1 = _colsum(du).to(b1.dtype)
+            dh = matmul(du, w1)
+            del du
+            dx, dln_w, dln_b = ln_modulate_backward(dh, x, ln_w, ln_b, scale, eps=eps, dres=dx,
+                                                    dshift=dada[:, col(0)], dscale=dada[:, col(1)])
+            del dh
+            dparams[6 * i: 6 * i + 6] = [dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw1, db1, dw2, db2]
+        # adaLN of all blocks: ada = SiLU(c) @ ada_w^T + ada_b
+        dada_w = matmul(dada.t(), c, b_silu=True)
+        dada_b = _colsum(dada).to(ada_w.dtype)
+        dc = matmul(dada, ada_w, act="dsilu", aux=c)
+        return (dx, dc, dada_w, dada_b, dfinal_w, dfinal_b, None, None, *dparams)
+
+
+def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
+                final_w: Tensor, final_b: Tensor, eps: float = 1e-6) -> Tensor:
+    """Residual adaLN blocks + final layer, fused (see :class:`AdaLNTrunkFn` for the layout)."""
+    M, W = x.shape
+    D = len(blocks)
+    if c.shape != (M, W):
+        raise ValueError(f"adaln_trunk: c must be [{M}, {W}] like x, got {list(c.shape)}")
+    if ada_w.shape != ((3 * D + 2) * W, W) or ada_b.shape != ((3 * D + 2) * W,):
+        raise ValueError(f"adaln_trunk: ada_w/ada_b must be [{(3 * D + 2) * W}, {W}] / [{(3 * D + 2) * W}] "
+                         f"for depth {D}, got {list(ada_w.shape)} / {list(ada_b.shape)}")
+    flat = [p for blk in blocks for p in blk]
+    tensors = [x, c, ada_w, ada_b, final_w, final_b, *flat]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:
+        raise ValueError(f"adaln_trunk: all inputs must share one dtype, got {sorted(map(str, dtypes))}; "
+                         "cast the parameters to the activation dtype first")
+    return AdaLNTrunkFn.apply(x.contiguous(), c.contiguous(), ada_w.contiguous(), ada_b, final_w.contiguous(),
+                              final_b, float(eps), D, *[p.contiguous() for p in flat])
