@@ -136,6 +136,11 @@ class DataConfig:
     num_workers: int = 8
     max_bad_fraction: float = 0.01
     index_cache: str = ""               # "" = next to the list file
+    norm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # output=normalized; auto: bf16 on CUDA, fp32 on CPU
+    drop_last: bool = False             # False: pad the epoch by repeating samples (every sample once or more); True: drop the remainder (counted)
+    no_flip_sources: list[str] = field(default_factory=lambda: ["ssv2"])  # list 'source' values never flipped
+    prefetch: int = 2                   # batches decoded ahead of the training step
+    decode_threads: int = 2             # DALI threads / PyAV decoder threads per worker
 
 
 @dataclass

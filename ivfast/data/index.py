@@ -1,0 +1,353 @@
+"""Dataset index: read a list (CSV/TSV, the released code's format or a directory scan),
+probe every file once with PyAV, cache the result keyed by (path, size, mtime).
+
+List formats accepted by :func:`read_list`:
+
+* **CSV / TSV**: ``path[,label]`` per line; an optional header row names the columns
+  (``path``, ``label``, ``source``, ``start_sec``, ``end_sec``) in any order.
+* **The released InternVideo-Next format**, fields split by single spaces:
+  ``source path total_sec start_sec end_sec label`` (6 fields) or, without the source,
+  ``path total_sec start_sec end_sec label`` (5 fields). Times of -1 mean the whole video.
+  ``source`` is kept (``ssv2`` turns horizontal flipping off, see ``DataConfig.no_flip_sources``).
+* ``path label`` or a bare ``path`` per line.
+* **A directory**: every video file below it (by extension), sorted.
+
+Blank lines and lines starting with ``#`` are skipped. Relative paths are joined to ``root``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger("ivfast.data")
+
+VIDEO_EXTS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv",
+              ".wmv", ".3gp", ".ts"}
+
+# Why a file cannot be used, in the order a file meets the checks.
+BAD_REASONS = (
+    "missing",            # the path does not exist
+    "empty",              # zero bytes
+    "unreadable",         # the container cannot be opened (corrupt header, not a video at all)
+    "no_video_stream",    # opens, but holds no video stream (audio only, subtitles, ...)
+    "unsupported_codec",  # no decoder available for its codec
+    "too_few_frames",     # fewer frames than one clip needs
+    "truncated",          # ends before the frames the index promised (cut-off download)
+    "decode_error",       # a frame fails to decode (corrupt payload)
+)
+
+CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """Bad data configuration or too many bad files; the message names the cause and the fix."""
+
+
+@dataclass
+class Entry:
+    """One line of the list."""
+    path: str
+    label: int = -1
+    source: str = ""
+    start_sec: float = -1.0
+    end_sec: float = -1.0
+
+
+@dataclass
+class VideoInfo:
+    """What probing found out about one file. ``error`` is '' for a usable file, else a BAD_REASON."""
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    codec: str = ""
+    frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    duration: float = 0.0
+    error: str = ""
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class DatasetIndex:
+    """The list's entries with their probe results, in list order (position = dataset id)."""
+    entries: list[Entry]
+    infos: list[VideoInfo]
+    probed: int = 0          # files probed this time (the rest came from the cache)
+    cache_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+# --------------------------------------------------------------------------- list reading
+def _resolve(path: str, root: str) -> str:
+    path = path.strip()
+    if root and not os.path.isabs(path):
+        path = os.path.join(root, path)
+    return path
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def scan_dir(directory: str | Path) -> list[Entry]:
+    """Every file with a video extension below ``directory``, sorted by path."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in VIDEO_EXTS:
+                found.append(os.path.join(dirpath, name))
+    return [Entry(p) for p in sorted(found)]
+
+
+def read_list(list_path: str | Path, root: str = "") -> list[Entry]:
+    """Parse a list file (see the module docstring for formats) or scan a directory."""
+    list_path = str(list_path)
+    if not list_path:
+        raise DataError("no data list given: set data.train_list to a CSV/TSV list, a list in the "
+                        "released code's format, or a directory of videos")
+    if os.path.isdir(list_path):
+        entries = scan_dir(list_path)
+        if not entries:
+            raise DataError(f"{list_path}: no video files found (extensions {sorted(VIDEO_EXTS)})")
+        return entries
+    if not os.path.exists(list_path):
+        raise DataError(f"data list {list_path!r} does not exist")
+    with open(list_path, newline="") as f:
+        lines = [ln.rstrip("\r\n") for ln in f]
+    lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise DataError(f"{list_path}: the list holds no entries")
+    first = lines[0]
+    if "\t" in first or "," in first:
+        return _read_delimited(lines, "\t" if "\t" in first else ",", root, list_path)
+    return [_read_space_line(ln, root, list_path, i) for i, ln in enumerate(lines)]
+
+
+def _read_delimited(lines: list[str], delim: str, root: str, list_path: str) -> list[Entry]:
+    rows = list(csv.reader(lines, delimiter=delim))
+    columns = ["path", "label"]
+    if rows and rows[0] and rows[0][0].strip().lower() == "path":
+        columns = [c.strip().lower() for c in rows[0]]
+        rows = rows[1:]
+        unknown = set(columns) - {"path", "label", "source", "start_sec", "end_sec"}
+        if unknown:
+            raise DataError(f"{list_path}: unknown columns {sorted(unknown)} in the header; "
+                            "known: path, label, source, start_sec, end_sec")
+    entries = []
+    for n, row in enumerate(rows):
+        if not row or not row[0].strip():
+            continue
+        rec = dict(zip(columns, (c.strip() for c in row)))
+        try:
+            entries.append(Entry(
+                path=_resolve(rec["path"], root),
+                label=int(rec["label"]) if rec.get("label", "") != "" else -1,
+                source=rec.get("source", ""),
+                start_sec=float(rec.get("start_sec") or -1), end_sec=float(rec.get("end_sec") or -1)))
+        except ValueError as e:
+            raise DataError(f"{list_path}: row {n + 1} {row!r} is malformed ({e})") from e
+    return entries
+
+
+def _read_space_line(line: str, root: str, list_path: str, n: int) -> Entry:
+    f = line.split()
+    try:
+        if len(f) == 6 and all(_is_number(x) for x in f[2:6]):     # released: source path total start end label
+            return Entry(_resolve(f[1], root), int(float(f[5])), f[0], float(f[3]), float(f[4]))
+        if len(f) == 5 and all(_is_number(x) for x in f[1:5]):     # path total start end label
+            return Entry(_resolve(f[0], root), int(float(f[4])), "", float(f[2]), float(f[3]))
+        if len(f) == 2 and _is_number(f[1]):
+            return Entry(_resolve(f[0], root), int(float(f[1])))
+        if len(f) == 1:
+            return Entry(_resolve(f[0], root))
+    except ValueError:
+        pass
+    raise DataError(f"{list_path}: line {n + 1} {line!r} is not in a known format; expected "
+                    "'source path total_sec start_sec end_sec label', 'path total_sec start_sec end_sec "
+                    "label', 'path label', 'path', or a CSV/TSV 'path,label'")
+
+
+# --------------------------------------------------------------------------- probing
+def decoder_available(codec: str) -> bool:
+    """Whether this PyAV/FFmpeg build can decode ``codec``."""
+    import av
+
+    try:
+        av.codec.Codec(codec, "r")
+        return True
+    except Exception:
+        return False
+
+
+def probe(path: str) -> VideoInfo:
+    """Open ``path`` once: codec, frame count, fps, size; decode the first frame to prove it decodes.
+
+    The frame count comes from the container when it records one, else from counting the
+    stream's packets (demuxing only, no decoding). Never raises: a bad file comes back with
+    ``error`` set to one of :data:`BAD_REASONS` and ``detail`` saying what happened.
+    """
+    import av
+
+    info = VideoInfo(path=path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        info.error, info.detail = "missing", str(e)
+        return info
+    info.size, info.mtime_ns = st.st_size, st.st_mtime_ns
+    if st.st_size == 0:
+        info.error, info.detail = "empty", "file has 0 bytes"
+        return info
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except Exception as e:
+        info.error, info.detail = "unreadable", f"{type(e).__name__}: {e}"
+        return info
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            info.error, info.detail = "no_video_stream", f"streams: {', '.join(kinds)}"
+            return info
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        info.codec = ctx.name if ctx is not None else ""
+        info.width, info.height = (ctx.width, ctx.height) if ctx is not None else (0, 0)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        info.fps = float(rate) if rate else 0.0
+        if not info.codec or not decoder_available(info.codec):
+            info.error, info.detail = "unsupported_codec", f"no decoder for codec {info.codec or '?'}"
+            return info
+        try:   # decode the first frame: proves the payload is a video this build can read
+            first = next(container.decode(stream), None)
+        except Exception as e:
+            info.error, info.detail = "decode_error", f"first frame: {type(e).__name__}: {e}"
+            return info
+        if first is None:
+            info.error, info.detail = "decode_error", "no frame could be decoded"
+            return info
+        info.width, info.height = first.width, first.height
+        n = stream.frames
+        if n <= 0:
+            try:
+                container.seek(0)
+                n = sum(1 for p in container.demux(stream) if p.size)
+            except Exception as e:
+                info.error, info.detail = "truncated", f"demuxing failed: {type(e).__name__}: {e}"
+                return info
+        info.frames = int(n)
+        # A container whose header promises clearly more than the packets hold was cut off
+        # (e.g. a WebM whose download stopped): using it would shift every sampled frame.
+        if container.duration and info.fps > 0 and stream.frames <= 0:
+            promised = container.duration / 1e6 * info.fps
+            if n < 0.9 * promised - 2:
+                info.error, info.detail = "truncated", f"{n} frames of ~{promised:.0f} promised by the header"
+                return info
+        if info.fps > 0:
+            info.duration = info.frames / info.fps
+    return info
+
+
+# --------------------------------------------------------------------------- cache
+def default_cache_path(list_path: str) -> str:
+    p = Path(list_path)
+    if p.is_dir():
+        return str(p / ".ivfast_index.jsonl")
+    return str(p.with_name(p.name + ".index.jsonl"))
+
+
+def load_cache(cache_path: str) -> dict[str, VideoInfo]:
+    """Read a cache file; a missing, old-version or damaged cache is treated as empty."""
+    out: dict[str, VideoInfo] = {}
+    try:
+        with open(cache_path) as f:
+            head = json.loads(f.readline() or "{}")
+            if head.get("ivfast_index") != CACHE_VERSION:
+                return {}
+            for line in f:
+                rec = VideoInfo(**json.loads(line))
+                out[rec.path] = rec
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("index cache %s is unreadable (%s); probing again", cache_path, e)
+        return {}
+    return out
+
+
+def save_cache(cache_path: str, infos: Iterable[VideoInfo]) -> bool:
+    """Write atomically (temp file + rename). Returns False (with a warning) when not writable."""
+    tmp = f"{cache_path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"ivfast_index": CACHE_VERSION}) + "\n")
+            for info in infos:
+                f.write(json.dumps(asdict(info)) + "\n")
+        os.replace(tmp, cache_path)
+        return True
+    except OSError as e:
+        log.warning("cannot write the index cache %s (%s); the next run probes again", cache_path, e)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+
+
+def _cache_valid(rec: VideoInfo | None, path: str) -> bool:
+    if rec is None:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return rec.error == "missing"
+    return rec.error != "missing" and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns
+
+
+def probe_many(paths: list[str], workers: int = 0) -> list[VideoInfo]:
+    """Probe ``paths`` in parallel processes (serially when few files or ``workers`` <= 1)."""
+    if workers <= 1 or len(paths) < 32:
+        return [probe(p) for p in paths]
+    # fork is cheap and safe here (children only run PyAV); spawn elsewhere.
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        return list(ex.map(probe, paths, chunksize=max(1, min(256, len(paths) // (4 * workers)))))
+
+
+def build_index(list_path: str, root: str = "", cache_path: str = "", workers: int = 0,
+                use_cache: bool = True) -> DatasetIndex:
+    """Read the list and probe every file not already in the cache (by path, size and mtime)."""
+    entries = read_list(list_path, root)
+    cache_path = cache_path or default_cache_path(list_path)
+    cached = load_cache(cache_path) if use_cache else {}
+    paths = [os.path.abspath(e.path) for e in entries]
+    todo = sorted({p for p in paths if not _cache_valid(cached.get(p), p)})
+    if todo:
+        log.info("probing %d of %d files (%d from cache %s)", len(todo), len(set(paths)),
+                 len(set(paths)) - len(todo), cache_path)
+    fresh = dict(zip(todo, probe_many(todo, workers)))
+    merged = {p: fresh.get(p) or cached[p] for p in set(paths)}
+    if todo and use_cache:
+        save_cache(cache_path, (merged[p] for p in sorted(merged)))
+    return DatasetIndex(entries, [merged[p] for p in paths], probed=len(todo), cache_path=cache_path)

@@ -1,0 +1,438 @@
+"""The clip loader the training loop iterates: sharded epoch plan, decoding backends, bad-input
+accounting, output on the training device.
+
+Output contract (both backends): each batch is ``{'video': [B, 3, T, S, S], 'index': [B] int64}``
+on the requested device; ``video`` is uint8, or ImageNet-normalised float when
+``data.output='normalized'`` (``data.norm_dtype``: bf16 on CUDA / fp32 on CPU by default);
+``index`` holds dataset ids (row numbers of the list, ``loader.path_of(i)`` gives the file).
+
+Epochs and shards: the usable ids are permuted with (seed, epoch); rank r takes every
+world_size-th id. So that every rank runs the same number of full batches, the epoch is
+rounded to a multiple of world_size x batch: with ``data.drop_last`` False (default) the
+permutation is extended by repeating its first ids (every sample is seen at least once; the
+repeats get fresh augmentation and are counted as ``padded``); with True the remainder is
+dropped (counted as ``dropped``, a different remainder each epoch). No partial batch is ever
+yielded, so ``len(loader)`` is exact.
+
+Bad input: files that fail the index probe are left out of the plan and counted by reason;
+a file that fails while decoding is counted by reason, logged with its path, and replaced in
+its batch by another sample (chosen deterministically), so the batch keeps its shape. When the
+bad files exceed ``data.max_bad_fraction`` of the list, loading stops with :class:`DataError`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from . import dali as dali_mod
+from .index import BAD_REASONS, DataError, DatasetIndex, build_index
+from .pyav import BadSample, crop_resize, decode_frames
+from .sampling import ClipPlan, plan_clip, sample_rng
+
+log = logging.getLogger("ivfast.data")
+
+MAX_ATTEMPTS = 16   # replacements tried for one slot before giving up on the batch
+
+
+def normalize(video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [B, 3, ...] -> ImageNet mean/std normalised ``dtype`` (computed in fp32)."""
+    shape = (1, 3) + (1,) * (video.ndim - 2)
+    mean = torch.tensor(dali_mod.IMAGENET_MEAN, device=video.device).view(shape)
+    std = torch.tensor(dali_mod.IMAGENET_STD, device=video.device).view(shape)
+    return ((video.float() / 255.0 - mean) / std).to(dtype)
+
+
+# --------------------------------------------------------------------------- epoch plan
+def shard_epoch(ids: np.ndarray, *, seed: int, epoch: int, rank: int, world_size: int,
+                batch_size: int, drop_last: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """This rank's batches for one epoch: (ids [nb, B], repeat [nb, B], stats).
+
+    ``repeat`` is 0 for a sample's first appearance in the epoch and k > 0 for its k-th
+    repeat (padding), so padded copies get different augmentation.
+    """
+    n = len(ids)
+    per_step = world_size * batch_size
+    if n == 0:
+        raise DataError("no usable videos: every file in the list is bad (see the summary above)")
+    perm = np.asarray(ids)[np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 7]).permutation(n)]
+    if drop_last:
+        nb = n // per_step
+        if nb == 0:
+            raise DataError(f"{n} usable videos cannot fill one step of {world_size} ranks x batch "
+                            f"{batch_size} with data.drop_last=true; set data.drop_last=false or use more videos")
+        used = nb * per_step
+        order, rep = perm[:used], np.zeros(used, np.int64)
+        stats = {"samples": n, "padded": 0, "dropped": n - used}
+    else:
+        nb = math.ceil(n / per_step)
+        total = nb * per_step
+        pos = np.arange(total)
+        order, rep = perm[pos % n], pos // n
+        stats = {"samples": n, "padded": total - n, "dropped": 0}
+    mine = slice(rank, None, world_size)
+    return order[mine].reshape(nb, batch_size), rep[mine].reshape(nb, batch_size), stats
+
+
+# --------------------------------------------------------------------------- dataset
+class ClipDataset(torch.utils.data.Dataset):
+    """Decodes one planned clip with PyAV; a failing file is replaced by another usable one.
+
+    Items are keyed by (sample id, epoch, repeat) so the plan does not depend on worker state.
+    ``__getitem__`` returns {'video': uint8 [3, T, S, S], 'index': id actually used,
+    'bad': [(id, path, reason, detail), ...] failures met on the way}.
+    """
+
+    def __init__(self, index: DatasetIndex, usable: np.ndarray, *, num_frames: int, size: int,
+                 sampling: str = "segment", stride: int = 4, scales=(1.0, 0.875, 0.75, 0.66),
+                 flip: bool = True, no_flip_sources=("ssv2",), train: bool = True, seed: int = 0,
+                 decode_threads: int = 1):
+        self.index, self.usable = index, np.asarray(usable, np.int64)
+        self.num_frames, self.size, self.sampling, self.stride = num_frames, size, sampling, stride
+        self.scales, self.flip, self.no_flip = list(scales), flip, set(no_flip_sources)
+        self.train, self.seed, self.decode_threads = train, seed, decode_threads
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def plan(self, sid: int, epoch: int, rep: int = 0) -> ClipPlan:
+        e, info = self.index.entries[sid], self.index.infos[sid]
+        return plan_clip(num_frames_video=info.frames, fps=info.fps, width=info.width, height=info.height,
+                         num=self.num_frames, out_size=self.size, mode=self.sampling, stride=self.stride,
+                         scales=self.scales, flip=self.flip and e.source not in self.no_flip,
+                         train=self.train, rng=sample_rng(self.seed, epoch, sid, rep),
+                         start_sec=e.start_sec, end_sec=e.end_sec)
+
+    def replacement(self, sid: int, epoch: int, rep: int, attempt: int) -> int:
+        """A deterministic stand-in for a sample whose file failed."""
+        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(sid), int(rep), 1_000_003 + attempt])
+        return int(self.usable[rng.integers(len(self.usable))])
+
+    def decode_one(self, sid: int, epoch: int, rep: int) -> torch.Tensor:
+        plan = self.plan(sid, epoch, rep)
+        frames = decode_frames(self.index.infos[sid].path, plan.frames, threads=self.decode_threads)
+        return crop_resize(frames, plan, self.size)
+
+    def load(self, sid: int, epoch: int, rep: int = 0, first_error: BadSample | None = None) -> dict:
+        bad = []
+        orig = sid
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt == 0 and first_error is not None:
+                err = first_error
+            else:
+                try:
+                    return {"video": self.decode_one(sid, epoch, rep), "index": sid, "bad": bad}
+                except BadSample as e:
+                    err = e
+            bad.append((sid, err.path, err.reason, err.detail))
+            sid = self.replacement(orig, epoch, rep, attempt)
+        raise DataError(f"{MAX_ATTEMPTS} files in a row failed to decode while filling one slot "
+                        f"(last: {bad[-1][1]}: {bad[-1][2]}: {bad[-1][3]}); the data set is badly damaged")
+
+    def __getitem__(self, key) -> dict:
+        sid, epoch, rep = key
+        return self.load(int(sid), int(epoch), int(rep))
+
+
+def collate(items: list[dict]) -> dict:
+    return {"video": torch.stack([it["video"] for it in items]),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+            "bad": [b for it in items for b in it["bad"]]}
+
+
+class _EpochBatches:
+    """Batch sampler over the loader's current epoch, from its current position."""
+
+    def __init__(self, loader: "ClipLoader"):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        ids, rep, _ = self.loader._epoch_plan()
+        e = self.loader.epoch
+        for b in range(self.loader.position, len(ids)):
+            yield [(int(i), e, int(r)) for i, r in zip(ids[b], rep[b])]
+
+
+# --------------------------------------------------------------------------- the loader
+class ClipLoader:
+    """Iterable over one epoch of this rank's batches (see the module docstring)."""
+
+    def __init__(self, dataset: ClipDataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device: str | torch.device = "cpu", output: str = "uint8",
+                 norm_dtype: str = "auto", backend: str = "pyav", num_workers: int = 0,
+                 drop_last: bool = False, max_bad_fraction: float = 0.01, prefetch: int = 2,
+                 decode_threads: int = 2, index_bad: Counter | None = None,
+                 index_bad_paths: dict | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.seed, self.device, self.output = seed, torch.device(device), output
+        self.drop_last, self.max_bad_fraction = drop_last, max_bad_fraction
+        self.prefetch, self.decode_threads, self.num_workers = max(1, prefetch), decode_threads, num_workers
+        if norm_dtype == "auto":
+            norm_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.norm_dtype = getattr(torch, norm_dtype)
+        self.epoch, self.position = 0, 0
+        self.index_bad = Counter(index_bad or {})
+        self.index_bad_paths = dict(index_bad_paths or {})
+        self.decode_bad: Counter = Counter()          # failures while decoding, all epochs
+        self.epoch_bad: Counter = Counter()           # failures while decoding, this epoch
+        self.decode_bad_files: dict[str, str] = {}    # path -> reason (distinct files)
+        self.dali_fallback_batches = 0
+        self.backend, self.dali = backend, None
+        if backend == "dali":
+            gpu = self.device.type == "cuda"
+            dev_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+            half = self.norm_dtype == torch.float16
+            self.dali = dali_mod.DaliClipDecoder(batch_size, dataset.num_frames, dataset.size, dev_id,
+                                                 num_threads=decode_threads, output=output, half=half, seed=seed)
+        self._dl = None
+
+    # ---- bookkeeping
+    def _epoch_plan(self):
+        return shard_epoch(self.dataset.usable, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                           world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        per_step = self.world_size * self.batch_size
+        n = len(self.dataset.usable)
+        return n // per_step if self.drop_last else math.ceil(n / per_step)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (unless a loaded state put us inside this very epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+            self.epoch_bad.clear()
+
+    def epoch_stats(self) -> dict:
+        return self._epoch_plan()[2]
+
+    def path_of(self, sample_id: int) -> str:
+        return self.dataset.index.infos[int(sample_id)].path
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_samples": len(self.dataset.index), "usable": len(self.dataset.usable),
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples", "world_size", "batch_size"):
+            mine = self.state_dict()[key]
+            if state.get(key, mine) != mine:
+                raise DataError(f"cannot resume the data loader: {key} was {state[key]} when saved and is "
+                                f"{mine} now; resume with the same data list, seed, world size and batch size")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch_bad.clear()
+
+    def bad_summary(self) -> dict:
+        """Bad files by reason: found when indexing, and met while decoding (events and files)."""
+        total = len(self.dataset.index)
+        bad_files = sum(self.index_bad.values()) + len(self.decode_bad_files)
+        examples: dict[str, list[str]] = defaultdict(list)
+        for path, reason in list(self.index_bad_paths.items()) + list(self.decode_bad_files.items()):
+            if len(examples[reason]) < 5:
+                examples[reason].append(path)
+        return {"files": total, "bad_files": bad_files, "bad_fraction": bad_files / max(1, total),
+                "index": dict(self.index_bad), "decode": dict(self.decode_bad),
+                "decode_this_epoch": dict(self.epoch_bad), "decode_bad_files": len(self.decode_bad_files),
+                "examples": dict(examples), "dali_fallback_batches": self.dali_fallback_batches,
+                **self.epoch_stats()}
+
+    def _account(self, bad: list) -> None:
+        for sid, path, reason, detail in bad:
+            self.decode_bad[reason] += 1
+            self.epoch_bad[reason] += 1
+            if path not in self.decode_bad_files:
+                self.decode_bad_files[path] = reason
+                log.warning("bad video (%s) %s: %s; replaced in its batch by another sample", reason, path, detail)
+        if bad:
+            s = self.bad_summary()
+            if s["bad_fraction"] > self.max_bad_fraction:
+                raise DataError(f"{s['bad_files']} of {s['files']} videos are bad ({s['bad_fraction']:.1%} > "
+                                f"data.max_bad_fraction={self.max_bad_fraction}): index {s['index']}, while "
+                                f"decoding {s['decode']}; e.g. {s['examples']}. Fix or remove these files "
+                                "(python -m ivfast.data inspect LIST lists them), or raise data.max_bad_fraction")
+
+    def _finish(self, batch: dict) -> dict:
+        video = batch["video"]
+        if video.device != self.device:
+            video = video.to(self.device, non_blocking=True)
+        if self.output == "normalized" and video.dtype == torch.uint8:
+            video = normalize(video, self.norm_dtype)
+        elif self.output == "normalized" and video.dtype != self.norm_dtype:
+            video = video.to(self.norm_dtype)
+        return {"video": video, "index": batch["index"].to(self.device, non_blocking=True)}
+
+    # ---- iteration
+    def __iter__(self) -> Iterator[dict]:
+        source = self._iter_dali() if self.backend == "dali" else self._iter_pyav()
+        for batch in source:
+            self._account(batch["bad"])
+            out = self._finish(batch)
+            self.position += 1
+            yield out
+        if self.epoch_bad:
+            log.warning("epoch %d: %d decode failures %s (replaced); totals: %s", self.epoch,
+                        sum(self.epoch_bad.values()), dict(self.epoch_bad), self.bad_summary())
+        self.epoch, self.position = self.epoch + 1, 0     # a following plain iteration runs the next epoch
+        self.epoch_bad.clear()
+
+    def _iter_pyav(self) -> Iterator[dict]:
+        if self._dl is None:
+            kw: dict[str, Any] = {}
+            if self.num_workers > 0:
+                kw = {"persistent_workers": True, "prefetch_factor": self.prefetch}
+            self._dl = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
+                collate_fn=collate, pin_memory=self.device.type == "cuda", **kw)
+        yield from self._dl
+
+    def _iter_dali(self) -> Iterator[dict]:
+        """A producer thread routes each batch (DALI for its codecs, PyAV threads for the rest)."""
+        ids, rep, _ = self._epoch_plan()
+        epoch, start = self.epoch, self.position
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                with ThreadPoolExecutor(max(1, self.decode_threads)) as pool:
+                    for b in range(start, len(ids)):
+                        if stop.is_set():
+                            return
+                        q.put(self._dali_batch(ids[b], rep[b], epoch, pool))
+                q.put(None)
+            except BaseException as e:  # hand the error to the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=produce, name="ivfast-dali-producer", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():     # unblock a producer waiting on a full queue
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    def _dali_batch(self, ids: np.ndarray, rep: np.ndarray, epoch: int, pool: ThreadPoolExecutor) -> dict:
+        ds, n = self.dataset, len(ids)
+        rows: list[Any] = [None] * n
+        out_ids, bad = [int(i) for i in ids], []
+        on_dali = [k for k in range(n) if ds.index.infos[int(ids[k])].codec in self.dali.codecs]
+        first_err: dict[int, BadSample] = {}
+        data, keep = [], []
+        for k in on_dali:
+            path = ds.index.infos[int(ids[k])].path
+            try:
+                data.append(np.fromfile(path, dtype=np.uint8))
+                keep.append(k)
+            except OSError as e:
+                first_err[k] = BadSample("missing", path, str(e))
+        if keep:
+            try:
+                video = self.dali.decode(data, [ds.plan(int(ids[k]), epoch, int(rep[k])) for k in keep])
+                for j, k in enumerate(keep):
+                    rows[k] = video[j]
+            except dali_mod.DaliError as e:
+                # Which file broke the batch is unknown: decode these with PyAV, which finds it.
+                self.dali_fallback_batches += 1
+                log.warning("DALI failed on a batch (%s); decoding its %d clips with PyAV", e, len(keep))
+        todo = [k for k in range(n) if rows[k] is None]
+        results = pool.map(lambda k: ds.load(int(ids[k]), epoch, int(rep[k]), first_err.get(k)), todo)
+        for k, res in zip(todo, results):
+            rows[k], out_ids[k] = res["video"], res["index"]
+            bad.extend(res["bad"])
+        dev = next((r.device for r in rows if r.device.type == "cuda"), torch.device("cpu"))
+        if any(r.dtype != rows[0].dtype for r in rows):
+            # mixed sources with normalisation in the DALI graph: bring the PyAV rows to match
+            dtype = next(r.dtype for r in rows if r.dtype != torch.uint8)
+            rows = [normalize(r[None].to(dev), dtype)[0] if r.dtype == torch.uint8 else r for r in rows]
+        video = torch.stack([r.to(dev, non_blocking=True) for r in rows])
+        return {"video": video, "index": torch.tensor(out_ids, dtype=torch.int64), "bad": bad}
+
+
+# --------------------------------------------------------------------------- construction
+def choose_backend(requested: str, device: torch.device) -> str:
+    """'auto': DALI when a CUDA device is used and DALI imports, else PyAV. 'dali' insists."""
+    ok, why = dali_mod.dali_status()
+    if requested == "pyav":
+        return "pyav"
+    if requested == "dali":
+        if not ok:
+            raise DataError(f"data.backend='dali' but {why}; or set data.backend=pyav")
+        return "dali"
+    if requested != "auto":
+        raise DataError(f"data.backend={requested!r} unknown; choose auto, dali or pyav")
+    if device.type == "cuda" and ok:
+        return "dali"
+    if device.type == "cuda":
+        log.warning("DALI unavailable (%s): decoding with PyAV on the CPU", why)
+    return "pyav"
+
+
+def split_usable(index: DatasetIndex, min_frames: int) -> tuple[np.ndarray, Counter, dict]:
+    """Ids of usable files, and the bad ones counted by reason (too short counts as too_few_frames)."""
+    usable, bad, paths = [], Counter(), {}
+    for i, info in enumerate(index.infos):
+        reason = info.error or ("too_few_frames" if info.frames < min_frames else "")
+        if reason:
+            bad[reason] += 1
+            paths[info.path] = reason
+        else:
+            usable.append(i)
+    return np.asarray(usable, np.int64), bad, paths
+
+
+def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 train: bool = True, index: DatasetIndex | None = None) -> ClipLoader:
+    """Index ``cfg.data.train_list`` (cached), check the bad fraction, and build this rank's loader.
+
+    Batch per rank: ``cfg.optim.batch_per_gpu``; clip: ``cfg.data.num_frames`` frames of
+    ``cfg.data.img_size`` px; seed ``cfg.runtime.seed``. Pass ``index`` to reuse one already built.
+    """
+    d = cfg.data
+    device = torch.device(device)
+    if index is None:
+        workers = max(1, min(d.num_workers, os.cpu_count() or 1))
+        index = build_index(d.train_list, d.root, d.index_cache, workers=workers)
+    usable, bad, bad_paths = split_usable(index, d.num_frames)
+    for path, reason in list(bad_paths.items())[:20]:
+        detail = next((i.detail for i in index.infos if i.path == path), "")
+        log.warning("skipping bad video (%s) %s %s", reason, path, detail)
+    if len(bad_paths) > 20:
+        log.warning("... and %d more bad videos", len(bad_paths) - 20)
+    total = len(index)
+    if bad and sum(bad.values()) / max(1, total) > d.max_bad_fraction:
+        raise DataError(f"{sum(bad.values())} of {total} videos in {d.train_list} are bad ({dict(bad)}; "
+                        f"> data.max_bad_fraction={d.max_bad_fraction}), e.g. {list(bad_paths.items())[:5]}. "
+                        "Fix or remove them (python -m ivfast.data inspect LIST lists them) or raise "
+                        "data.max_bad_fraction")
+    backend = choose_backend(d.backend, device)
+    dataset = ClipDataset(index, usable, num_frames=d.num_frames, size=d.img_size, sampling=d.sampling,
+                          stride=d.stride, scales=d.scales, flip=d.flip, no_flip_sources=d.no_flip_sources,
+                          train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads)
+    return ClipLoader(dataset, batch_size=cfg.optim.batch_per_gpu, rank=rank, world_size=world_size,
+                      seed=cfg.runtime.seed, device=device, output=d.output, norm_dtype=d.norm_dtype,
+                      backend=backend, num_workers=d.num_workers, drop_last=d.drop_last,
+                      max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch, decode_threads=d.decode_threads,
+                      index_bad=bad, index_bad_paths=bad_paths)
