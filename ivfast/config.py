@@ -84,6 +84,14 @@ class TeacherConfig:
     student_layers: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     compile: bool = False
     tiny: bool = False                  # build a tiny random SigLIP2 (demo/tests only)
+    # architecture of the checkpoint (SigLIP2 giant-opt); checked against init_from's config.json
+    # when loading, and used by the analytic FLOP counter. The tiny teacher ignores these.
+    dim: int = 1536
+    depth: int = 40
+    heads: int = 16
+    mlp_hidden: int = 6144
+    arch: Literal["siglip", "siglip2"] = "siglip"   # HF class of the tiny teacher (fixed-res SigLIP2 = "siglip")
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # teacher weights: auto = bf16 on CUDA, fp32 on CPU
 
 
 @dataclass
@@ -94,6 +102,12 @@ class ModelConfig:
     token_impl: KernelImpl = "triton"   # masked-token gather/scatter/targets kernels
     align_dim: int = 1536
     stage2_loss: Literal["cosine", "l1", "mse"] = "cosine"
+    attn_backend: Literal["auto", "flash_attn", "sdpa", "xformers", "math"] = "auto"
+    pool_dim: int = 768                 # attention-pool head output (released clip_embed_dim, all sizes)
+    pool_heads: int = 16
+    middle_loss_weight: float = 1.0     # stage-1 loss = w_mid * middle + w_final * final + diffusion
+    final_loss_weight: float = 1.0
+    diffusion_loss_weight: float = 1.0
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
