@@ -1,0 +1,209 @@
+"""Frozen SigLIP / SigLIP2 vision tower, the stage-1 teacher.
+
+The weights come from ``transformers`` (``SiglipVisionModel`` for the fixed-resolution SigLIP2
+checkpoints such as ``google/siglip2-giant-opt-patch16-256``, whose ``model_type`` is ``siglip``;
+``Siglip2VisionModel`` for the NaFlex ones), loaded from a local directory or hub id. The forward
+pass is ivfast's own, over those modules' weights, so that:
+
+* the position table is resized to the token grid ONCE at load time (HF re-interpolates it on
+  every call for SigLIP2), and the patch embedding is one strided conv for both variants;
+* attention goes through ``ivfast.models.attention`` (flash-attn / SDPA flash on GPU);
+* it returns what stage 1 needs in one pass: the hidden states ENTERING the requested layers
+  (HF's ``hidden_states[i]``), the final (post-LayerNorm) tokens, the attention-pooling head's
+  pooled vector per frame, and that head's attention over the frame's tokens averaged over heads
+  (the semantic-masking score).
+
+It is frozen (``requires_grad=False``), always in eval mode, runs under ``no_grad``, and each frame
+of the clip is an image: frames are resized (bicubic) to ``img_size`` so the token grid equals the
+student's (224 px / patch 14 = 256 px / patch 16 = 16 x 16), normalised with mean = std = 0.5.
+Equality with ``transformers``' own forward is tested on tiny random configs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+
+@dataclass
+class TeacherOutput:
+    middle: list          # [B, T*n, D] hidden states entering each requested layer
+    tokens: torch.Tensor  # [B, T*n, D] final tokens (after post_layernorm)
+    pooled: torch.Tensor  # [B, T, D] attention-pooling head output per frame
+    scores: torch.Tensor  # [B, T*n] pooling-head attention over each frame's tokens (mean over heads)
+
+
+def tiny_teacher_arch(align_dim: int, middle_layers) -> dict:
+    """The tiny random teacher used by the demo and tests: width ``align_dim``, just deep enough."""
+    return dict(dim=align_dim, depth=max(list(middle_layers) + [0]) + 1,
+                heads=4 if align_dim % 4 == 0 else 1, mlp_hidden=2 * align_dim)
+
+
+def teacher_arch(tcfg, align_dim: int) -> dict:
+    """Width, depth, heads and MLP width of the configured teacher (for building and FLOPs)."""
+    if tcfg.tiny:
+        return tiny_teacher_arch(align_dim, tcfg.middle_layers)
+    return dict(dim=tcfg.dim, depth=tcfg.depth, heads=tcfg.heads, mlp_hidden=tcfg.mlp_hidden)
+
+
+def build_hf_vision_model(tcfg, align_dim: int, dtype=torch.float32, seed: int = 0):
+    """The transformers vision model: a tiny random one (``tcfg.tiny``) or ``tcfg.init_from``."""
+    import transformers
+    if tcfg.tiny:
+        a = tiny_teacher_arch(align_dim, tcfg.middle_layers)
+        common = dict(hidden_size=a["dim"], intermediate_size=a["mlp_hidden"], num_hidden_layers=a["depth"],
+                      num_attention_heads=a["heads"], patch_size=tcfg.patch_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if tcfg.arch == "siglip2":
+                conf = transformers.Siglip2VisionConfig(num_patches=(tcfg.img_size // tcfg.patch_size) ** 2, **common)
+                model = transformers.Siglip2VisionModel(conf)
+            else:
+                conf = transformers.SiglipVisionConfig(image_size=tcfg.img_size, **common)
+                model = transformers.SiglipVisionModel(conf)
+        return model.to(dtype)
+    if not tcfg.init_from:
+        raise ValueError("model.teacher.init_from is empty: give a SigLIP/SigLIP2 checkpoint directory or hub id "
+                         "(e.g. google/siglip2-giant-opt-patch16-256), or set model.teacher.tiny=true for a demo")
+    try:
+        conf = transformers.AutoConfig.from_pretrained(tcfg.init_from)
+    except Exception as e:
+        raise FileNotFoundError(f"model.teacher.init_from={tcfg.init_from!r}: cannot read its config "
+                                f"({type(e).__name__}: {e})") from e
+    kind = conf.model_type
+    if kind in ("siglip", "siglip_vision_model"):
+        cls = transformers.SiglipVisionModel
+    elif kind in ("siglip2", "siglip2_vision_model"):
+        cls = transformers.Siglip2VisionModel
+    else:
+        raise ValueError(f"model.teacher.init_from={tcfg.init_from!r} is a {kind!r} model; expected a "
+                         f"SigLIP or SigLIP2 checkpoint")
+    model = cls.from_pretrained(tcfg.init_from, dtype=dtype, attn_implementation="sdpa")
+    vc = model.config
+    checks = {"dim": (tcfg.dim, vc.hidden_size), "depth": (tcfg.depth, vc.num_hidden_layers),
+              "heads": (tcfg.heads, vc.num_attention_heads), "mlp_hidden": (tcfg.mlp_hidden, vc.intermediate_size),
+              "patch_size": (tcfg.patch_size, vc.patch_size)}
+    bad = [f"model.teacher.{k}={ours} but the checkpoint has {theirs}" for k, (ours, theirs) in checks.items()
+           if ours != theirs]
+    if bad:
+        raise ValueError(f"teacher checkpoint {tcfg.init_from!r} does not match the config "
+                         f"(these fields also drive the FLOP count):\n  " + "\n  ".join(bad))
+    return model
+
+
+class SiglipTeacher(nn.Module):
+    """``forward(video01 [B, 3, T, H, W] in 0..1) -> TeacherOutput`` for a frozen HF SigLIP(2) vision model."""
+
+    def __init__(self, hf_model: nn.Module, img_size: int, middle_layers=(), attn_backend: str = "auto"):
+        super().__init__()
+        conf = hf_model.config
+        self.hf = hf_model
+        self.img_size, self.patch = img_size, conf.patch_size
+        self.middle_layers = list(middle_layers)
+        self.heads = conf.num_attention_heads
+        self.backend = attn_backend
+        depth = conf.num_hidden_layers
+        if any(not 0 <= i < depth for i in self.middle_layers):
+            raise ValueError(f"model.teacher.middle_layers={self.middle_layers} must index the hidden states "
+                             f"entering layers 0..{depth - 1} of this {depth}-layer teacher")
+        if img_size % self.patch:
+            raise ValueError(f"model.teacher.img_size={img_size} must be a multiple of its patch {self.patch}")
+        if not getattr(conf, "vision_use_head", True):
+            raise ValueError("the teacher has no attention-pooling head (vision_use_head=False); "
+                             "semantic masking needs it")
+        g = img_size // self.patch
+        self.grid = g
+        emb = hf_model.embeddings
+        D = conf.hidden_size
+        with torch.no_grad():
+            if isinstance(emb.patch_embedding, nn.Conv2d):          # SigLIP: conv, square table
+                w = emb.patch_embedding.weight.detach().clone()
+                table = emb.position_embedding.weight.detach()
+                side = int(round(table.shape[0] ** 0.5))
+                pos = table.reshape(side, side, D)
+                if side != g:   # as HF's interpolate_pos_encoding (bicubic), done once here
+                    pos = F.interpolate(pos.permute(2, 0, 1)[None].float(), size=(g, g), mode="bicubic",
+                                        align_corners=False)[0].permute(1, 2, 0).to(table.dtype)
+            else:                                                    # SigLIP2: linear over (ph, pw, c) patches
+                p = self.patch
+                w = emb.patch_embedding.weight.detach().reshape(D, p, p, 3).permute(0, 3, 1, 2).clone()
+                side = emb.position_embedding_size
+                table = emb.position_embedding.weight.detach().reshape(side, side, D)
+                # as HF's resize_positional_embeddings (bilinear, antialias), done once here
+                pos = F.interpolate(table.permute(2, 0, 1)[None].float(), size=(g, g), mode="bilinear",
+                                    align_corners=False, antialias=True)[0].permute(1, 2, 0).to(table.dtype)
+        self.register_buffer("patch_weight", w, persistent=False)
+        self.register_buffer("patch_bias", emb.patch_embedding.bias.detach().clone(), persistent=False)
+        self.register_buffer("pos", pos.reshape(g * g, D).contiguous(), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)        # frozen: always eval
+
+    @property
+    def dim(self) -> int:
+        return self.hf.config.hidden_size
+
+    def _layer(self, layer, x):
+        B, N, D = x.shape
+        h = layer.layer_norm1(x)
+        a = layer.self_attn
+        shape = (B, N, self.heads, D // self.heads)
+        q = a.q_proj(h).view(shape)
+        k = a.k_proj(h).view(shape)
+        v = a.v_proj(h).view(shape)
+        x = x + a.out_proj(attention(q, k, v, backend=self.backend).reshape(B, N, D))
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    def _head(self, x):
+        """Attention pooling with one learned probe; also returns its attention averaged over heads."""
+        head = self.hf.head
+        mha = head.attention
+        B, N, D = x.shape
+        H, hd = self.heads, D // self.heads
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        q = F.linear(head.probe, wq, bq).reshape(1, H, hd)                   # same probe for every image
+        k = F.linear(x, wk, bk).reshape(B, N, H, hd)
+        v = F.linear(x, wv, bv).reshape(B, N, H, hd)
+        logits = torch.einsum("hd,bnhd->bhn", q[0].float(), k.float()) * hd ** -0.5
+        attn = logits.softmax(-1)                                            # [B, H, N]
+        o = torch.einsum("bhn,bnhd->bhd", attn.to(v.dtype), v).reshape(B, 1, D)
+        o = mha.out_proj(o)
+        o = o + head.mlp(head.layernorm(o))
+        return o[:, 0], attn.mean(1)
+
+    @torch.no_grad()
+    def forward(self, video01: torch.Tensor) -> TeacherOutput:
+        if video01.dim() != 5 or video01.shape[1] != 3:
+            raise ValueError(f"teacher input must be [B, 3, T, H, W] pixels in 0..1, got {tuple(video01.shape)}")
+        B, _, T, H, W = video01.shape
+        frames = video01.transpose(1, 2).reshape(B * T, 3, H, W).to(self.patch_weight.dtype)
+        if (H, W) != (self.img_size, self.img_size):
+            frames = F.interpolate(frames, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
+        frames = (frames - 0.5) / 0.5
+        x = F.conv2d(frames, self.patch_weight, self.patch_bias, stride=self.patch)
+        x = x.flatten(2).transpose(1, 2) + self.pos
+        want = {i: None for i in self.middle_layers}
+        for i, layer in enumerate(self.hf.encoder.layers):
+            if i in want:
+                want[i] = x
+            x = self._layer(layer, x)
+        x = self.hf.post_layernorm(x)
+        pooled, scores = self._head(x)
+        n, D = x.shape[1], x.shape[2]
+        return TeacherOutput(
+            middle=[want[i].reshape(B, T * n, D) for i in self.middle_layers],
+            tokens=x.reshape(B, T * n, D),
+            pooled=pooled.reshape(B, T, D),
+            scores=scores.float().reshape(B, T * n))
+
+
+def build_teacher(tcfg, align_dim: int, attn_backend: str = "auto", dtype=torch.float32) -> SiglipTeacher:
+    hf = build_hf_vision_model(tcfg, align_dim, dtype=dtype)
+    return SiglipTeacher(hf, tcfg.img_size, tcfg.middle_layers, attn_backend)
