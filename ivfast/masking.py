@@ -179,3 +179,85 @@ def multiblock_masks(cfg: "MaskingConfig", batch_size: int, T: int, H: int, W: i
                                    spec.temporal_scale, spec.aspect_ratio, set_seed,
                                    cfg.max_keep, cfg.trim))
     return out
+
+
+# ---- semantic-aware masking (GPU, no host sync)
+# Keeps the tokens the teacher attends to. Everything is sorts and elementwise maths on the
+# scores' device with shapes known on the host: no .item(), no nonzero, no boolean indexing,
+# so it never waits for the GPU.
+import torch  # noqa: E402  (section-local: torch is only needed by the GPU sampler)
+
+
+def _descending_order(key: "torch.Tensor") -> "torch.Tensor":
+    """Indices of ``key`` rows from largest to smallest; equal keys keep index order (lower first)."""
+    return torch.sort(key, dim=1, descending=True, stable=True).indices
+
+
+def semantic_mask(scores: "torch.Tensor", ratio: float, mode: str = "topk", random_fraction: float = 0.0,
+                  generator: "torch.Generator | None" = None, frames: "int | None" = None):
+    """Semantic-aware mask from per-token teacher attention ``scores`` [B, N] (N = T*H*W raster).
+
+    ``mode``:
+      - "topk": keep the K highest-scoring tokens (the paper's description); ties go to the
+        lower token id, so the result is deterministic.
+      - "sample": sample K tokens without replacement with probability proportional to the
+        scores (the released code's ``torch.multinomial``), done as Gumbel-top-k: the top K
+        of log(score) + Gumbel noise. Negative scores count as 0.
+    ``frames``: select within each frame, as the released code does (the scores are viewed as
+        [B, frames, N // frames]; each frame keeps n - int(ratio * n) of its n tokens), so
+        K = frames * per-frame keep. ``None``: rank over the whole clip, K = N - int(ratio * N).
+    ``random_fraction``: this share of the kept set (round(fraction * K), per frame if
+        ``frames``) is drawn uniformly from the tokens not already chosen by the scores.
+    ``generator``: a torch.Generator on the scores' device, for the random draws.
+
+    Returns int32 ``(ids_keep [B, K], ids_mask [B, N - K])``, rows sorted ascending (the
+    contract of every sampler in this module). NaN scores rank last.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [B, N] (one score per token), got shape {tuple(scores.shape)}")
+    if mode not in ("topk", "sample"):
+        raise ValueError(f"mode must be 'topk' or 'sample', got {mode!r}")
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
+    B, N = scores.shape
+    groups = 1
+    if frames is not None:
+        if frames <= 0 or N % frames:
+            raise ValueError(f"frames={frames} must be positive and divide the {N} tokens per clip")
+        groups = frames
+    n = N // groups
+    n_mask = int(ratio * n)
+    n_keep = n - n_mask
+    if n_mask <= 0 or n_keep <= 0:
+        raise ValueError(f"mask ratio {ratio} over {n} tokens leaves no masked or no visible token")
+    if generator is not None and generator.device != scores.device:
+        raise ValueError(f"generator is on {generator.device} but scores are on {scores.device}; "
+                         f"create it with torch.Generator(device=scores.device)")
+
+    s = scores.detach().float().reshape(B * groups, n)
+    key = torch.nan_to_num(s, nan=-float("inf"))
+
+    def uniform():
+        return torch.rand(s.shape, generator=generator, device=s.device, dtype=torch.float32)
+
+    if mode == "sample":
+        # Gumbel-top-k: the order of log(p) - log(-log(u)) is a draw of sampling without
+        # replacement with probabilities p (tiny floor on u keeps the logs finite)
+        u = uniform().clamp_min(torch.finfo(torch.float32).tiny)
+        key = torch.log(key.clamp_min(0.0)) - torch.log(-torch.log(u))
+    n_rand = int(round(random_fraction * n_keep))
+    if n_rand > 0:
+        # the first n_keep - n_rand of the score order stay (key 2 > any uniform draw); the
+        # rest of the kept set goes to the largest uniform draws among the other tokens
+        rank = torch.empty_like(s, dtype=torch.int64).scatter_(
+            1, _descending_order(key), torch.arange(n, device=s.device).expand(B * groups, n).contiguous())
+        key = torch.where(rank < n_keep - n_rand, torch.full_like(s, 2.0), uniform())
+    order = _descending_order(key)
+    keep = order[:, :n_keep].sort(dim=1).values
+    mask = order[:, n_keep:].sort(dim=1).values
+    if groups > 1:
+        # frame-local ids -> clip ids; frames are in order, so rows stay sorted
+        base = (torch.arange(groups, device=s.device) * n).repeat(B).unsqueeze(1)
+        keep = (keep + base).reshape(B, groups * n_keep)
+        mask = (mask + base).reshape(B, groups * n_mask)
+    return keep.to(torch.int32), mask.to(torch.int32)
