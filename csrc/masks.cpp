@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -43,25 +44,43 @@ inline int64_t randint(uint64_t key, uint64_t counter, int64_t lo, int64_t hi) {
   return lo + static_cast<int64_t>(uniform(key, counter) * static_cast<double>(hi - lo));
 }
 
-// Indices 0..n-1 ordered by (rand_u64(key, base + i), i): a seeded random permutation.
-std::vector<int32_t> random_order(uint64_t key, uint64_t base, int64_t n) {
-  std::vector<std::pair<uint64_t, int32_t>> kv(n);
-  for (int64_t i = 0; i < n; ++i) kv[i] = {rand_u64(key, base + i), static_cast<int32_t>(i)};
-  std::sort(kv.begin(), kv.end());
-  std::vector<int32_t> order(n);
-  for (int64_t i = 0; i < n; ++i) order[i] = kv[i].second;
-  return order;
+// Selection sampling (Knuth's algorithm S): walking items 0..n-1 in order, item j is taken
+// with probability (k - taken) / (n - j), using draw `base + j`. Exactly k of n are taken,
+// every k-subset equally likely, in one pass and already in ascending order.
+struct SelectionSampler {
+  uint64_t key, base;
+  int64_t n, k, seen = 0, taken = 0;
+  bool next() {
+    const bool take = uniform(key, base + seen) * static_cast<double>(n - seen) < static_cast<double>(k - taken);
+    ++seen;
+    taken += take;
+    return take;
+  }
+};
+
+// Runs fn(b) for b in [0, B) on up to `threads` threads. Samples are independent and their
+// draws depend only on (seed, b), so the result is the same for any thread count.
+template <typename Fn>
+void parallel_for(int64_t B, int64_t threads, Fn fn) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, B));
+  if (threads == 1) {
+    for (int64_t b = 0; b < B; ++b) fn(b);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t w = 0; w < threads; ++w)
+    pool.emplace_back([=, &fn] {
+      for (int64_t b = w * B / threads; b < (w + 1) * B / threads; ++b) fn(b);
+    });
+  for (auto& th : pool) th.join();
+}
+
+int64_t default_threads(int64_t B) {
+  const int64_t hw = std::max<unsigned>(1, std::thread::hardware_concurrency());
+  return B >= 32 ? std::min<int64_t>(hw, 8) : 1;  // threads only pay off on real batches
 }
 
 using IdArray = py::array_t<int32_t, py::array::c_style>;
-
-py::tuple to_arrays(const std::vector<int32_t>& keep, const std::vector<int32_t>& mask, int64_t B, int64_t K,
-                    int64_t M) {
-  IdArray k({B, K}), m({B, M});
-  std::copy(keep.begin(), keep.end(), k.mutable_data());
-  std::copy(mask.begin(), mask.end(), m.mutable_data());
-  return py::make_tuple(k, m);
-}
 
 void check_grid(int64_t B, int64_t T, int64_t H, int64_t W) {
   if (B <= 0 || T <= 0 || H <= 0 || W <= 0)
@@ -71,7 +90,7 @@ void check_grid(int64_t B, int64_t T, int64_t H, int64_t W) {
 }
 
 // Random tube masking: per sample, int(ratio*H*W) spatial positions are masked in every frame.
-py::tuple tube_mask(int64_t B, int64_t T, int64_t H, int64_t W, double ratio, uint64_t seed) {
+py::tuple tube_mask(int64_t B, int64_t T, int64_t H, int64_t W, double ratio, uint64_t seed, int64_t threads) {
   check_grid(B, T, H, W);
   if (!(ratio > 0.0 && ratio < 1.0)) throw std::invalid_argument("mask ratio must be in (0, 1)");
   const int64_t S = H * W;
@@ -80,21 +99,22 @@ py::tuple tube_mask(int64_t B, int64_t T, int64_t H, int64_t W, double ratio, ui
   if (Sm == 0 || Sk == 0)
     throw std::invalid_argument("mask ratio leaves no masked or no visible position per frame");
   const int64_t K = T * Sk, M = T * Sm;
-  std::vector<int32_t> keep(B * K), mask(B * M);
+  IdArray keep_arr({B, K}), mask_arr({B, M});
+  int32_t* keep = keep_arr.mutable_data();
+  int32_t* mask = mask_arr.mutable_data();
   {
     py::gil_scoped_release nogil;
-    std::vector<char> is_kept(S);
-    for (int64_t b = 0; b < B; ++b) {
-      const auto order = random_order(stream_key(seed, b), 0, S);
-      std::fill(is_kept.begin(), is_kept.end(), 0);
-      for (int64_t i = 0; i < Sk; ++i) is_kept[order[i]] = 1;
-      int32_t* kp = keep.data() + b * K;
-      int32_t* mp = mask.data() + b * M;
+    parallel_for(B, threads > 0 ? threads : default_threads(B), [&](int64_t b) {
+      std::vector<char> is_kept(S);
+      SelectionSampler pick{stream_key(seed, b), 0, S, Sk};
+      for (int64_t s = 0; s < S; ++s) is_kept[s] = pick.next();
+      int32_t* kp = keep + b * K;
+      int32_t* mp = mask + b * M;
       for (int64_t t = 0; t < T; ++t)
         for (int64_t s = 0; s < S; ++s) *(is_kept[s] ? kp++ : mp++) = static_cast<int32_t>(t * S + s);
-    }
+    });
   }
-  return to_arrays(keep, mask, B, K, M);
+  return py::make_tuple(keep_arr, mask_arr);
 }
 
 // V-JEPA multi-block masking (one mask set). The block size is drawn once per batch from one
@@ -104,7 +124,7 @@ py::tuple tube_mask(int64_t B, int64_t T, int64_t H, int64_t W, double ratio, ui
 // Dropped visible ids join the masked set, so K + M = N always holds and no position is lost.
 py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t num_blocks, double smin, double smax,
                           double tmin, double tmax, double armin, double armax, uint64_t seed, int64_t max_keep,
-                          const std::string& trim, int64_t min_keep, int64_t max_tries) {
+                          const std::string& trim, int64_t min_keep, int64_t max_tries, int64_t threads) {
   check_grid(B, T, H, W);
   if (num_blocks <= 0) throw std::invalid_argument("num_blocks must be positive");
   if (trim != "random" && trim != "lowest") throw std::invalid_argument("trim must be 'random' or 'lowest'");
@@ -120,63 +140,85 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
   const int64_t w = std::min<int64_t>(W, std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(std::sqrt(s_keep / ar)))));
   const int64_t tt = std::min<int64_t>(T, t);
 
-  std::vector<std::vector<int32_t>> visible(B);
-  std::string error;
+  if (threads <= 0) threads = default_threads(B);
+  // Per sample: the masked volume (1 = inside a block) and its visible count.
+  std::vector<char> masked(B * N);  // written in full by each sample's first attempt
+  std::vector<int64_t> visible(B, 0);
+  std::vector<char> failed(B, 0);
   {
     py::gil_scoped_release nogil;
-    std::vector<char> masked(N);
-    for (int64_t b = 0; b < B && error.empty(); ++b) {
+    parallel_for(B, threads, [&](int64_t b) {
+      char* vol = masked.data() + b * N;
       const uint64_t key = stream_key(seed, b);
       uint64_t c = 0;
       for (int64_t attempt = 0;; ++attempt) {
         if (attempt == max_tries) {
-          error = "multi-block masking left fewer than min_keep=" + std::to_string(min_keep) +
-                  " visible tokens after " + std::to_string(max_tries) + " tries; use smaller or fewer blocks";
-          break;
+          failed[b] = 1;
+          return;
         }
-        std::fill(masked.begin(), masked.end(), 0);
+        std::fill_n(vol, N, 0);
         for (int64_t k = 0; k < num_blocks; ++k) {
           const int64_t top = randint(key, c++, 0, H - h + 1);
           const int64_t left = randint(key, c++, 0, W - w + 1);
           const int64_t start = randint(key, c++, 0, T - tt + 1);
           for (int64_t ti = start; ti < start + tt; ++ti)
-            for (int64_t hi = top; hi < top + h; ++hi)
-              std::fill_n(masked.begin() + (ti * H + hi) * W + left, w, 1);
+            for (int64_t hi = top; hi < top + h; ++hi) std::fill_n(vol + (ti * H + hi) * W + left, w, 1);
         }
-        auto& vis = visible[b];
-        vis.clear();
-        for (int64_t i = 0; i < N; ++i)
-          if (!masked[i]) vis.push_back(static_cast<int32_t>(i));
-        if (static_cast<int64_t>(vis.size()) >= min_keep) break;
+        int64_t n = 0;
+        for (int64_t i = 0; i < N; ++i) n += !vol[i];
+        visible[b] = n;
+        if (n >= min_keep) return;
       }
-    }
+    });
   }
-  if (!error.empty()) throw std::runtime_error(error);
+  for (int64_t b = 0; b < B; ++b)
+    if (failed[b])
+      throw std::runtime_error("multi-block masking left fewer than min_keep=" + std::to_string(min_keep) +
+                               " visible tokens after " + std::to_string(max_tries) +
+                               " tries; use smaller or fewer blocks");
 
-  int64_t K = N;
-  for (const auto& v : visible) K = std::min<int64_t>(K, v.size());
+  int64_t K = *std::min_element(visible.begin(), visible.end());
   if (max_keep > 0) K = std::min(K, max_keep);
   const int64_t M = N - K;
-  std::vector<int32_t> keep(B * K), mask(B * M);
+  const bool lowest = trim == "lowest";
+  IdArray keep_arr({B, K}), mask_arr({B, M});
+  int32_t* keep = keep_arr.mutable_data();
+  int32_t* mask = mask_arr.mutable_data();
   {
     py::gil_scoped_release nogil;
-    std::vector<char> is_kept(N);
-    for (int64_t b = 0; b < B; ++b) {
-      const auto& vis = visible[b];
-      const int64_t n = vis.size();
-      std::fill(is_kept.begin(), is_kept.end(), 0);
-      if (trim == "lowest" || n == K) {
-        for (int64_t i = 0; i < K; ++i) is_kept[vis[i]] = 1;
+    parallel_for(B, threads, [&](int64_t b) {
+      const char* vol = masked.data() + b * N;
+      const int64_t n = visible[b];
+      // Branch-free split: every id is written to both scratch rows, the counters decide
+      // which write survives (the keep/mask pattern is random, so branches mispredict).
+      thread_local std::vector<int32_t> ks, ms;  // reused across samples and calls
+      ks.resize(K + 1);
+      ms.resize(M + 1);
+      int64_t nk = 0, nm = 0;
+      if (lowest || n == K) {
+        int64_t j = 0;  // visible ids seen so far
+        for (int64_t i = 0; i < N; ++i) {
+          const bool vis = !vol[i];
+          const bool kept = vis & (j < K);
+          j += vis;
+          ks[nk] = ms[nm] = static_cast<int32_t>(i);
+          nk += kept;
+          nm += !kept;
+        }
       } else {
-        const auto order = random_order(stream_key(seed, b), kTrimCounter, n);
-        for (int64_t i = 0; i < K; ++i) is_kept[vis[order[i]]] = 1;
+        SelectionSampler pick{stream_key(seed, b), kTrimCounter, n, K};
+        for (int64_t i = 0; i < N; ++i) {
+          const bool kept = !vol[i] && pick.next();
+          ks[nk] = ms[nm] = static_cast<int32_t>(i);
+          nk += kept;
+          nm += !kept;
+        }
       }
-      int32_t* kp = keep.data() + b * K;
-      int32_t* mp = mask.data() + b * M;
-      for (int64_t i = 0; i < N; ++i) *(is_kept[i] ? kp++ : mp++) = static_cast<int32_t>(i);
-    }
+      std::copy_n(ks.data(), K, keep + b * K);
+      std::copy_n(ms.data(), M, mask + b * M);
+    });
   }
-  return to_arrays(keep, mask, B, K, M);
+  return py::make_tuple(keep_arr, mask_arr);
 }
 
 }  // namespace
@@ -184,12 +226,13 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ivfast C++ mask samplers (seeded, counter-based, GIL released while sampling)";
   m.def("tube_mask", &tube_mask, py::arg("batch_size"), py::arg("T"), py::arg("H"), py::arg("W"),
-        py::arg("ratio"), py::arg("seed"),
+        py::arg("ratio"), py::arg("seed"), py::arg("threads") = 0,
         "Random tube masking -> (ids_keep int32 [B, K], ids_mask int32 [B, M]), rows sorted.");
   m.def("multiblock_mask", &multiblock_mask, py::arg("batch_size"), py::arg("T"), py::arg("H"), py::arg("W"),
         py::arg("num_blocks"), py::arg("spatial_min"), py::arg("spatial_max"), py::arg("temporal_min"),
         py::arg("temporal_max"), py::arg("aspect_min"), py::arg("aspect_max"), py::arg("seed"),
         py::arg("max_keep") = 0, py::arg("trim") = "random", py::arg("min_keep") = 1, py::arg("max_tries") = 100,
+        py::arg("threads") = 0,
         "V-JEPA multi-block masking, one mask set -> (ids_keep [B, K], ids_mask [B, M]), rows sorted.");
   m.def("splitmix_u64", [](uint64_t key, uint64_t counter) { return rand_u64(key, counter); },
         "The PRNG's draw for (key, counter); exposed so tests can check the NumPy twin.");

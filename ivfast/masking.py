@@ -61,10 +61,19 @@ def _randint(key: int, counter: int, lo: int, hi: int) -> int:
     return lo + int(uniform(key, [counter])[0] * float(hi - lo))
 
 
-def _random_order(key: int, base: int, n: int) -> np.ndarray:
-    """0..n-1 ordered by (draw, index): lexsort's last key is the primary one."""
-    draws = rand_u64(key, np.arange(base, base + n, dtype=np.uint64))
-    return np.lexsort((np.arange(n), draws))
+def _select(key: int, base: int, n: int, k: int) -> np.ndarray:
+    """Boolean mask of k of n items by selection sampling (Knuth's algorithm S).
+
+    Item j is taken with probability (k - taken) / (n - j), from draw ``base + j``: exactly
+    k taken, every k-subset equally likely. Sequential by nature, so a Python loop here.
+    """
+    u = uniform(key, np.arange(base, base + n, dtype=np.uint64)).tolist()
+    taken, out = 0, np.zeros(n, bool)
+    for j in range(n):
+        if u[j] * float(n - j) < float(k - taken):
+            out[j] = True
+            taken += 1
+    return out
 
 
 def _check_grid(B: int, T: int, H: int, W: int) -> None:
@@ -85,8 +94,7 @@ def tube_mask_reference(B: int, T: int, H: int, W: int, ratio: float, seed: int)
     mask = np.empty((B, T * Sm), np.int32)
     frame_base = (np.arange(T, dtype=np.int64) * S)[:, None]
     for b in range(B):
-        kept = np.zeros(S, bool)
-        kept[_random_order(stream_key(seed, b), 0, S)[:Sk]] = True
+        kept = _select(stream_key(seed, b), 0, S, Sk)
         keep[b] = (frame_base + np.flatnonzero(kept)).ravel()
         mask[b] = (frame_base + np.flatnonzero(~kept)).ravel()
     return keep, mask
@@ -139,7 +147,7 @@ def multiblock_mask_reference(B: int, T: int, H: int, W: int, num_blocks: int, s
         if trim == "lowest" or len(vis) == K:
             chosen = vis[:K]
         else:
-            chosen = np.sort(vis[_random_order(stream_key(seed, b), _TRIM_COUNTER, len(vis))[:K]])
+            chosen = vis[_select(stream_key(seed, b), _TRIM_COUNTER, len(vis), K)]
         kept = np.zeros(N, bool)
         kept[chosen] = True
         keep[b] = np.flatnonzero(kept)
@@ -148,14 +156,19 @@ def multiblock_mask_reference(B: int, T: int, H: int, W: int, num_blocks: int, s
 
 
 # --------------------------------------------------------------------------- fast samplers (C++)
-def tube_mask(B: int, T: int, H: int, W: int, ratio: float, seed: int):
-    """Random tube masking (C++). Returns int32 (ids_keep [B, K], ids_mask [B, M])."""
-    return _C.tube_mask(B, T, H, W, float(ratio), seed % (1 << 64))
+def tube_mask(B: int, T: int, H: int, W: int, ratio: float, seed: int, threads: int = 0):
+    """Random tube masking (C++). Returns int32 (ids_keep [B, K], ids_mask [B, M]).
+
+    ``threads`` = 0 picks a default (several threads for batches of 32 and more); the result
+    does not depend on it.
+    """
+    return _C.tube_mask(B, T, H, W, float(ratio), seed % (1 << 64), int(threads))
 
 
 def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
                     temporal: tuple = (1.0, 1.0), aspect: tuple = (0.75, 1.5), seed: int = 0,
-                    max_keep: int = 0, trim: str = "random", min_keep: int = 1, max_tries: int = 100):
+                    max_keep: int = 0, trim: str = "random", min_keep: int = 1, max_tries: int = 100,
+                    threads: int = 0):
     """V-JEPA multi-block masking, one mask set (C++).
 
     The block size is drawn once per batch, positions per sample; the union of the blocks is
@@ -167,7 +180,7 @@ def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tu
     return _C.multiblock_mask(B, T, H, W, int(num_blocks), float(spatial[0]), float(spatial[1]),
                               float(temporal[0]), float(temporal[1]), float(aspect[0]),
                               float(aspect[1]), seed % (1 << 64), int(max_keep), trim,
-                              int(min_keep), int(max_tries))
+                              int(min_keep), int(max_tries), int(threads))
 
 
 def multiblock_masks(cfg: "MaskingConfig", batch_size: int, T: int, H: int, W: int, seed: int):
