@@ -1,0 +1,394 @@
+"""Composed models: ``Stage1Model``, ``Stage2Model``, ``build_model(cfg)``, ``param_groups``.
+
+Stage 1 (pixel reconstruction + semantic alignment), per clip:
+  frozen SigLIP teacher on all frames -> semantic-aware mask from its pooling-head attention ->
+  encoder on the visible tokens -> predictor over all positions -> diffusion loss on the masked
+  patches' pixels + alignment of projected student tokens (middle layers, visible positions) and
+  of the student's attention-pooled vector (final) with the teacher's, each ``2 - 2 cos``.
+Stage 2 (latent prediction):
+  frozen copy of the stage-1 encoder on all tokens -> targets; per V-JEPA mask set the student
+  encoder on its visible tokens; the predictor runs ONCE over all mask sets stacked on the batch
+  axis (every set has all N positions) -> ``Linear -> LayerNorm`` -> loss at the masked positions
+  (``2 - 2 cos`` of L2-normalised vectors by default; ``l1`` / ``mse`` against layer-normalised
+  targets as V-JEPA).
+
+Both take ``video`` [B, 3, T, H, W] as uint8 (normalised on device with the ImageNet mean/std,
+fused into the token gather) or as float already ImageNet-normalised, and a ``step_seed`` that
+fixes every random draw of the masks. They return a dict with ``loss`` (the scalar to backward),
+each loss part (detached) and the token counts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ivfast import ops
+from .predictor import Predictor
+from .teacher import build_teacher
+from .vit import AttentionPool, MLPHead, VisionTransformer, interpolate_pos_table, sincos_3d
+
+log = logging.getLogger("ivfast.models")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "align_pos")
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean of ``2 - 2 cos(a, b)`` over rows (= squared distance of the L2-normalised vectors), fp32."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    return (2.0 - 2.0 * (a * b).sum(-1)).mean()
+
+
+class _VideoInput:
+    """What the model needs from one input clip, for uint8 and pre-normalised float alike."""
+
+    def __init__(self, video: torch.Tensor, num_frames: int, img_size: int):
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, T, H, W], got {tuple(video.shape)}; a loader's "
+                             f"[B, T, H, W, 3] clip can be passed as clip.permute(0, 4, 1, 2, 3)")
+        B, _, T, H, W = video.shape
+        if (T, H, W) != (num_frames, img_size, img_size):
+            raise ValueError(f"video is T, H, W = {T}, {H}, {W} but the model is built for "
+                             f"{num_frames}, {img_size}, {img_size} (model.num_frames, model.img_size)")
+        self.video, self.B = video, B
+        if video.dtype == torch.uint8:
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD    # ops normalise uint8 in the gather
+        elif video.is_floating_point():
+            self.mean = self.std = None                          # already ImageNet-normalised
+        else:
+            raise TypeError(f"video must be uint8 or an ImageNet-normalised float tensor, got {video.dtype}")
+
+    def pixels01(self, dtype=torch.float32) -> torch.Tensor:
+        """The clip in 0..1 (the teacher applies its own normalisation)."""
+        v = self.video
+        if v.dtype == torch.uint8:
+            return v.to(dtype) / 255.0
+        mean = v.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+        std = v.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+        return (v * std + mean).to(dtype)
+
+    def patches(self, ids, patch, tubelet, impl, norm_pix=False) -> torch.Tensor:
+        return ops.patch_targets(self.video, ids, patch, tubelet, self.mean, self.std, norm_pix=norm_pix, impl=impl)
+
+
+class _Base(nn.Module):
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _seeded_ids(self, pairs, device):
+        out = []
+        for keep, mask in pairs:
+            out.append((torch.from_numpy(np.ascontiguousarray(keep)).to(device, non_blocking=True),
+                        torch.from_numpy(np.ascontiguousarray(mask)).to(device, non_blocking=True)))
+        return out
+
+
+# =========================================================================== stage 1
+class Stage1Model(_Base):
+    def __init__(self, cfg, teacher: nn.Module | None = None, teacher_dtype=torch.float32):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.impl = m.token_impl
+        enc = m.encoder
+        self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
+        self.grid = self.encoder.grid
+        self.num_cls = enc.num_cls
+        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl)
+        from .diffusion import DiffusionLoss
+        self.decoder = DiffusionLoss(m.decoder, target_dim=self.encoder.patch_dim, cond_dim=m.predictor.dim)
+        self.teacher = teacher if teacher is not None else build_teacher(
+            m.teacher, m.align_dim, m.attn_backend, dtype=teacher_dtype)
+        Dt = self.teacher.dim
+        if Dt != m.align_dim:
+            raise ValueError(f"model.align_dim={m.align_dim} must equal the teacher's width {Dt}")
+        if self.teacher.grid != self.grid[1] or self.grid[2] != self.grid[1]:
+            raise ValueError(f"teacher token grid {self.teacher.grid}x{self.teacher.grid} (img_size "
+                             f"{m.teacher.img_size} / patch {self.teacher.patch}) must equal the student's "
+                             f"{self.grid[1]}x{self.grid[2]}; set model.teacher.img_size accordingly")
+        self.student_layers = list(m.teacher.student_layers)
+        if len(self.student_layers) != len(m.teacher.middle_layers):
+            raise ValueError("model.teacher.student_layers and middle_layers must pair up one to one")
+        self.align_pos = nn.Parameter(sincos_3d(enc.dim, *self.grid, num_cls=enc.num_cls))
+        self.middle_heads = nn.ModuleList(MLPHead(enc.dim, Dt) for _ in self.student_layers)
+        self.pool = AttentionPool(enc.dim, m.pool_heads, m.pool_dim, m.attn_backend)
+        self.final_head = MLPHead(m.pool_dim, Dt)
+        for mod in (self.pool,):
+            for lin in mod.modules():
+                if isinstance(lin, nn.Linear):
+                    nn.init.trunc_normal_(lin.weight, std=0.02)
+                    nn.init.zeros_(lin.bias)
+        # The frozen SigLIP teacher is rebuilt from model.teacher.init_from; keep it out of checkpoints.
+        self.register_state_dict_post_hook(_drop_teacher_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+
+    def _mask(self, scores, step_seed, device):
+        mc = self.cfg.masking
+        B = scores.shape[0]
+        Tg, Hg, Wg = self.grid
+        if mc.kind == "semantic":
+            from ivfast.masking import semantic_mask
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(step_seed) % (1 << 63))
+            return semantic_mask(scores, mc.ratio, mode=mc.semantic_mode, random_fraction=mc.random_fraction,
+                                 generator=gen, frames=Tg)
+        if mc.kind == "tube":
+            from ivfast.masking import tube_mask
+            return self._seeded_ids([tube_mask(B, Tg, Hg, Wg, mc.ratio, int(step_seed))], device)[0]
+        raise ValueError(f"stage 1 masks with masking.kind 'semantic' or 'tube', got {mc.kind!r}")
+
+    def forward(self, video: torch.Tensor, step_seed: int) -> dict:
+        m = self.cfg.model
+        inp = _VideoInput(video, m.num_frames, m.img_size)
+        B, dev = inp.B, video.device
+        C, tub, p = self.num_cls, m.encoder.tubelet, m.encoder.patch_size
+        Tg = self.grid[0]
+
+        # 1. frozen teacher on the full clip, frame by frame
+        with torch.no_grad():
+            tout = self.teacher(inp.pixels01(self.teacher.patch_weight.dtype))
+            scores, middle, pooled = tout.scores, tout.middle, tout.pooled.float()
+            if tub > 1:   # one student token spans `tub` frames: average the teacher over them
+                n = scores.shape[1] // m.num_frames
+                scores = scores.reshape(B, Tg, tub, n).mean(2).reshape(B, Tg * n)
+                middle = [h.reshape(B, Tg, tub, n, -1).mean(2).reshape(B, Tg * n, -1) for h in middle]
+
+        # 2. semantic-aware mask
+        ids_keep, ids_mask = self._mask(scores, step_seed, dev)
+
+        # 3. encoder on the visible patches only
+        vis = inp.patches(ids_keep, p, tub, self.impl)
+        x, feats = self.encoder(vis, ids_keep, return_layers=self.student_layers)
+
+        # 4-5. predictor over all positions, diffusion loss on the masked patches
+        z = self.predictor(x, ids_keep, ids_mask)
+        z_m = ops.gather_tokens(z, ids_mask, impl=self.impl)
+        target = inp.patches(ids_mask, p, tub, self.impl, norm_pix=m.decoder.norm_pix)
+        diff = self.decoder(target.reshape(-1, target.shape[-1]), z_m.reshape(-1, z_m.shape[-1]))
+
+        # 6. alignment: middle layers at the visible tokens, and the pooled clip vector
+        pos_vis = F.embedding(ids_keep.long(), self.align_pos[C:])
+        mid = 0.0
+        for feat, head, t in zip(feats, self.middle_heads, middle):
+            s = head(feat[:, C:] + pos_vis)
+            mid = mid + cosine_distance(s, ops.gather_tokens(t, ids_keep, impl=self.impl))
+        mid = mid / max(len(feats), 1)
+        final = cosine_distance(self.final_head(self.pool(x)), pooled.mean(1))
+
+        loss = (m.diffusion_loss_weight * diff["loss"] + m.middle_loss_weight * mid
+                + m.final_loss_weight * final)
+        return dict(loss=loss, loss_diffusion=diff["loss"].detach(), diffusion_mse=diff["mse"].detach(),
+                    diffusion_vlb=diff["vlb"].detach(), loss_middle=torch.as_tensor(mid).detach(),
+                    loss_final=final.detach(), visible=ids_keep.shape[1], masked=ids_mask.shape[1])
+
+
+def _drop_teacher_keys(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[k]
+
+
+def _ignore_missing_teacher_keys(module, incompatible):
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".teacher." not in f".{k}"]
+
+
+# =========================================================================== stage 2
+class Stage2Model(_Base):
+    def __init__(self, cfg, teacher_dtype=torch.float32):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.impl = m.token_impl
+        enc = m.encoder
+        self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
+        self.grid = self.encoder.grid
+        self.num_cls = enc.num_cls
+        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl)
+        self.out_proj = nn.Linear(m.predictor.dim, enc.dim)
+        self.out_norm = nn.LayerNorm(enc.dim, eps=1e-5)
+        nn.init.trunc_normal_(self.out_proj.weight, std=0.02)
+        nn.init.zeros_(self.out_proj.bias)
+        self.teacher = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
+        self.sync_teacher()
+        self.teacher.to(teacher_dtype)
+        if m.stage2_loss not in ("cosine", "l1", "mse"):
+            raise ValueError(f"model.stage2_loss must be cosine, l1 or mse, got {m.stage2_loss!r}")
+
+    @torch.no_grad()
+    def sync_teacher(self):
+        """Teacher := a frozen copy of the student encoder (called after loading stage-1 weights)."""
+        self.teacher.load_state_dict(self.encoder.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()        # frozen teacher: no drop path, ever
+        return self
+
+    def _distance(self, pred, tgt):
+        kind = self.cfg.model.stage2_loss
+        if kind == "cosine":
+            return cosine_distance(pred, tgt)
+        tgt = F.layer_norm(tgt.float(), (tgt.shape[-1],))
+        if kind == "l1":
+            return (pred.float() - tgt).abs().mean()
+        return (pred.float() - tgt).square().mean()
+
+    def forward(self, video: torch.Tensor, step_seed: int) -> dict:
+        m, mc = self.cfg.model, self.cfg.masking
+        inp = _VideoInput(video, m.num_frames, m.img_size)
+        B, dev = inp.B, video.device
+        C, tub, p = self.num_cls, m.encoder.tubelet, m.encoder.patch_size
+        N = self.encoder.num_tokens
+        if mc.kind != "multiblock":
+            raise ValueError(f"stage 2 uses masking.kind 'multiblock', got {mc.kind!r}")
+        from ivfast.masking import multiblock_masks
+        sets = self._seeded_ids(multiblock_masks(mc, B, *self.grid, seed=int(step_seed)), dev)
+
+        with torch.no_grad():
+            all_ids = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N)
+            tx, _ = self.teacher(inp.patches(all_ids, p, tub, self.impl), None)
+            targets = tx[:, C:]
+
+        seqs = []
+        for keep, mask in sets:
+            x, _ = self.encoder(inp.patches(keep, p, tub, self.impl), keep)
+            seqs.append(self.predictor.assemble(x, keep, mask))
+        # every mask set covers all N positions: one predictor pass over the stacked sets
+        z = self.predictor.run(torch.cat(seqs, 0))
+        out = dict(visible=[k.shape[1] for k, _ in sets], masked=[mk.shape[1] for _, mk in sets])
+        total = 0.0
+        for i, (keep, mask) in enumerate(sets):
+            z_m = ops.gather_tokens(z[i * B:(i + 1) * B], mask, impl=self.impl)
+            pred = self.out_norm(self.out_proj(z_m))
+            tgt = ops.gather_tokens(targets, mask, impl=self.impl)
+            li = self._distance(pred, tgt)
+            out[f"loss_set{i}"] = li.detach()
+            total = total + li
+        out["loss"] = total
+        return out
+
+
+# =========================================================================== building, loading
+def _teacher_dtype(cfg) -> torch.dtype:
+    choice = cfg.model.teacher.dtype
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    on_gpu = cfg.runtime.device != "cpu" and torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu and cfg.runtime.dtype != "fp32" else torch.float32
+
+
+def build_model(cfg) -> Stage1Model | Stage2Model:
+    """The model of ``cfg.stage``; stage 2 is initialised from the stage-1 checkpoint ``model.init_from``."""
+    tdtype = _teacher_dtype(cfg)
+    if cfg.stage == 1:
+        model = Stage1Model(cfg, teacher_dtype=tdtype)
+        if cfg.model.teacher.compile:
+            model.teacher.compile()
+        return model
+    if cfg.stage != 2:
+        raise ValueError(f"stage must be 1 or 2, got {cfg.stage!r}")
+    if not cfg.model.init_from:
+        raise ValueError("stage 2 needs model.init_from: the stage-1 checkpoint (a directory holding "
+                         "model.safetensors, or that file) to initialise the student, teacher and predictor")
+    model = Stage2Model(cfg, teacher_dtype=tdtype)
+    load_stage1_weights(model, cfg.model.init_from)
+    if cfg.model.teacher.compile:
+        model.teacher.compile()
+    return model
+
+
+def _checkpoint_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        f = p / "model.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"{p}: no model.safetensors in this stage-1 checkpoint directory")
+        return f
+    if not p.exists():
+        raise FileNotFoundError(f"stage-1 checkpoint {p} does not exist")
+    return p
+
+
+def _strip(key: str) -> str:
+    for pre in ("module.", "_orig_mod."):   # DDP / torch.compile wrappers
+        while key.startswith(pre):
+            key = key[len(pre):]
+    return key.replace("._orig_mod.", ".")
+
+
+def load_stage1_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a stage-1 checkpoint (``model.safetensors`` with the Stage1Model state dict).
+
+    Into a ``Stage2Model``: encoder -> student AND frozen teacher, predictor -> predictor; position
+    tables are interpolated when the frame count differs (16 -> 32, linear in time). Into a
+    ``Stage1Model``: everything but the frozen SigLIP teacher. Any missing key or shape mismatch
+    raises, naming the keys. Returns the checkpoint keys that were not used.
+    """
+    from safetensors.torch import load_file
+    f = _checkpoint_file(path)
+    sd = {_strip(k): v for k, v in load_file(str(f)).items()}
+    if isinstance(model, Stage2Model):
+        wanted = {k: v for k, v in model.state_dict().items()
+                  if k.startswith(("encoder.", "predictor."))}
+    elif isinstance(model, Stage1Model):
+        wanted = dict(model.state_dict())          # teacher keys are already left out
+    else:
+        raise TypeError(f"load_stage1_weights expects a Stage1Model or Stage2Model, got {type(model).__name__}")
+    grid_to = model.grid
+    new, missing, mismatched = {}, [], []
+    for k, ref in wanted.items():
+        if k not in sd:
+            missing.append(k)
+            continue
+        t = sd[k]
+        if t.shape != ref.shape and k.endswith("pos_embed") and t.dim() == 2 and t.shape[1] == ref.shape[1]:
+            n_old = t.shape[0] - model.num_cls
+            hw = grid_to[1] * grid_to[2]
+            if n_old % hw == 0:
+                t = interpolate_pos_table(t, model.num_cls, (n_old // hw, grid_to[1], grid_to[2]), grid_to)
+                log.info("%s: position table interpolated from %d to %d frames", k, n_old // hw, grid_to[0])
+        if t.shape != ref.shape:
+            mismatched.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(ref.shape)}")
+            continue
+        new[k] = t.to(ref.dtype)
+    if missing or mismatched:
+        raise ValueError(f"stage-1 checkpoint {f} does not fit this model: "
+                         + (f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; " if missing else "")
+                         + (f"shape mismatches {mismatched[:20]}" if mismatched else "")
+                         + " (was it written with the same model.encoder / model.predictor config?)")
+    result = model.load_state_dict(new, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    if isinstance(model, Stage2Model):
+        model.sync_teacher()
+    unused = sorted(set(sd) - set(new))
+    return unused
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, LayerScale, position tables, cls and mask tokens.
+
+    Frozen parameters (the teachers) are left out.
+    """
+    decay, no_decay, dn, nn_ = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim < 2 or leaf in NO_DECAY_NAMES or any(f".{n}" in f".{name}" for n in NO_DECAY_NAMES):
+            no_decay.append(p)
+            nn_.append(name)
+        else:
+            decay.append(p)
+            dn.append(name)
+    return [dict(params=decay, weight_decay=weight_decay, names=dn),
+            dict(params=no_decay, weight_decay=0.0, names=nn_)]

@@ -1,0 +1,164 @@
+"""Composed stage-1 / stage-2 models on the demo preset (tiny, CPU)."""
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ivfast.config import load_config
+from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, build_model,
+                               load_stage1_weights, param_groups)
+
+
+def _video(B=2, T=4, S=56, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, 3, T, S, S), generator=g, dtype=torch.uint8)
+
+
+def _normalised(v):
+    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    return (v.float() / 255 - m) / s
+
+
+@pytest.fixture(scope="module")
+def stage1():
+    torch.manual_seed(0)
+    cfg = load_config("demo", ["model.attn_backend=sdpa"])
+    return cfg, build_model(cfg)
+
+
+def test_stage1_forward_backward(stage1):
+    cfg, model = stage1
+    assert isinstance(model, Stage1Model)
+    model.train()
+    assert not model.teacher.training
+    video = _video()
+    torch.manual_seed(1)
+    out = model(video, step_seed=7)
+    for k in ("loss", "loss_diffusion", "loss_middle", "loss_final", "diffusion_mse", "diffusion_vlb"):
+        assert out[k].dim() == 0 and torch.isfinite(out[k]), k
+    assert out["visible"] == 4 * 4 and out["masked"] == 4 * 12         # 75 % masked per frame
+    model.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    # float input already ImageNet-normalised gives the same losses as uint8 (same seeds)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        a = model(video, step_seed=7)
+        torch.manual_seed(1)
+        b = model(_normalised(video), step_seed=7)
+    for k in ("loss", "loss_middle", "loss_final"):
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="model.num_frames"):
+        model(_video(T=2), 0)
+
+
+def test_masks_follow_step_seed(stage1):
+    cfg, model = stage1
+    video = _video()
+    with torch.no_grad():
+        s = model.teacher(video.float() / 255).scores
+    k1, _ = model._mask(s, 3, s.device)
+    k2, _ = model._mask(s, 3, s.device)
+    k3, _ = model._mask(s, 4, s.device)
+    assert torch.equal(k1, k2) and not torch.equal(k1, k3)
+
+
+def test_param_groups(stage1):
+    _, model = stage1
+    groups = param_groups(model, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    nodecay = set(groups[1]["names"])
+    for name in ("encoder.pos_embed", "encoder.cls_token", "predictor.mask_token", "predictor.pos_embed",
+                 "align_pos", "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.proj.bias",
+                 "encoder.blocks.0.ls1.gamma"):
+        assert name in nodecay, name
+    assert "encoder.blocks.0.attn.qkv.weight" in groups[0]["names"]
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == n_trainable
+    assert not any(n.startswith("teacher.") for g in groups for n in g["names"])
+
+
+def _save_stage1(model, tmp_path):
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert not any(k.startswith("teacher.") for k in sd)     # the frozen SigLIP is not checkpointed
+    (tmp_path / "ckpt").mkdir()
+    save_file(sd, str(tmp_path / "ckpt" / "model.safetensors"))
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("loss", ["cosine", "l1"])
+def test_stage2_from_stage1_checkpoint(stage1, tmp_path, loss):
+    _, s1 = stage1
+    ckpt = _save_stage1(s1, tmp_path)
+    # stage 2 at twice the frames: position tables are interpolated in time
+    cfg2 = load_config("demo", ["stage=2", f"model.init_from={ckpt}", "model.num_frames=8", "data.num_frames=8",
+                                "masking.kind=multiblock", "model.attn_backend=sdpa", f"model.stage2_loss={loss}"])
+    model = build_model(cfg2)
+    assert isinstance(model, Stage2Model)
+    sd1 = s1.state_dict()
+    for k, v in model.encoder.state_dict().items():
+        if k != "pos_embed":
+            torch.testing.assert_close(v, sd1["encoder." + k])
+            torch.testing.assert_close(model.teacher.state_dict()[k], v)
+    torch.testing.assert_close(model.predictor.layers[0].mlp.Wi.weight, s1.predictor.layers[0].mlp.Wi.weight)
+    assert model.encoder.pos_embed.shape[0] == 4 + 8 * 16
+    # cls rows kept, first frame of the 16-frame table ~ first frame of the interpolated one
+    torch.testing.assert_close(model.encoder.pos_embed[:4], s1.encoder.pos_embed[:4])
+
+    model.train()
+    assert not model.teacher.training
+    out = model(_video(T=8), step_seed=3)
+    assert torch.isfinite(out["loss"]) and len(out["visible"]) == 2
+    assert all(v > 0 for v in out["visible"]) and all(m > 0 for m in out["masked"])
+    assert all(v + m == 8 * 16 for v, m in zip(out["visible"], out["masked"]))
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert not any(n.startswith("teacher.") for g in param_groups(model, 0.05) for n in g["names"])
+
+
+def test_stage1_checkpoint_errors(stage1, tmp_path):
+    _, s1 = stage1
+    sd = {k: v.contiguous() for k, v in s1.state_dict().items()}
+    del sd["predictor.layers.1.mlp.Wo.weight"]
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    cfg2 = load_config("demo", ["stage=2", "masking.kind=multiblock"])
+    model = Stage2Model(cfg2)
+    with pytest.raises(ValueError, match=r"missing keys \['predictor.layers.1.mlp.Wo.weight'\]"):
+        load_stage1_weights(model, tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_stage1_weights(model, tmp_path)
+    cfg_wide = load_config("demo", ["stage=2", "masking.kind=multiblock", "model.encoder.dim=32"])
+    sd_ok = {k: v.contiguous() for k, v in s1.state_dict().items()}
+    save_file(sd_ok, str(tmp_path / "ok.safetensors"))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_stage1_weights(Stage2Model(cfg_wide), tmp_path / "ok.safetensors")
+    with pytest.raises(ValueError, match="needs model.init_from"):
+        build_model(cfg2)
+    # a Stage1Model resumes from its own checkpoint (teacher keys not needed)
+    fresh = Stage1Model(load_config("demo"), teacher=s1.teacher)
+    unused = load_stage1_weights(fresh, tmp_path / "ok.safetensors")
+    assert unused == []
+    torch.testing.assert_close(fresh.final_head.fc1.weight, s1.final_head.fc1.weight)
+
+
+def test_demo_step_time():
+    """The demo preset: batch 4, forward + backward on CPU. Reported; generous bound for shared CI."""
+    torch.manual_seed(0)
+    cfg = load_config("demo")
+    model = build_model(cfg)
+    video = _video(B=4)
+    model(video, 0)["loss"].backward()       # warm-up (kernel choices, allocator)
+    times = []
+    for s in range(3):
+        t = time.perf_counter()
+        model(video, s + 1)["loss"].backward()
+        times.append(time.perf_counter() - t)
+    print(f"demo step (B=4, CPU): {min(times) * 1e3:.0f} ms")
+    assert min(times) < 2.0
