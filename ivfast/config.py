@@ -155,6 +155,7 @@ class DataConfig:
     no_flip_sources: list[str] = field(default_factory=lambda: ["ssv2"])  # list 'source' values never flipped
     prefetch: int = 2                   # batches decoded ahead of the training step
     decode_threads: int = 2             # DALI threads / PyAV decoder threads per worker
+    verify: Literal["auto", "first", "full"] = "auto"  # index probe decodes the first frame or all (auto: all with DALI, which can crash on corrupt files)
 
 
 @dataclass

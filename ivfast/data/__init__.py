@@ -11,10 +11,21 @@
 Synthetic clips: ``python -m ivfast.data.synth OUT --num N --codec vp9``.
 Inspection: ``python -m ivfast.data inspect LIST_OR_PATHS [--json]``.
 """
-from .index import BAD_REASONS, DataError, DatasetIndex, Entry, VideoInfo, build_index, probe, read_list
-from .loader import ClipDataset, ClipLoader, build_loader, normalize, shard_epoch
-from .sampling import ClipPlan, plan_clip
+from __future__ import annotations
 
-__all__ = ["BAD_REASONS", "DataError", "DatasetIndex", "Entry", "VideoInfo", "build_index", "probe",
-           "read_list", "ClipDataset", "ClipLoader", "build_loader", "normalize", "shard_epoch",
-           "ClipPlan", "plan_clip"]
+import importlib
+
+# Lazy: ``python -m ivfast.data.synth`` and ``inspect`` should not pay for importing torch.
+_EXPORTS = {
+    "index": ["BAD_REASONS", "DataError", "DatasetIndex", "Entry", "VideoInfo", "build_index", "probe", "read_list"],
+    "loader": ["ClipDataset", "ClipLoader", "build_loader", "normalize", "shard_epoch"],
+    "sampling": ["ClipPlan", "plan_clip"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'ivfast.data' has no attribute {name!r}")

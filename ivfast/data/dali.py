@@ -80,7 +80,9 @@ class DaliClipDecoder:
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
             roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-            video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames)  # F,H,W,C
+            # pad_mode "none": an index past the end must fail, not come back as black frames
+            video = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=frames,
+                                      pad_mode="none")  # F,H,W,C
             # crop + resize in one op: the ROI is the crop, in (y, x) source pixels
             video = fn.resize(video, roi_start=roi_start, roi_end=roi_end, size=[size, size],
                               interp_type=types.INTERP_LINEAR, antialias=True)

@@ -17,6 +17,7 @@ Blank lines and lines starting with ``#`` are skipped. Relative paths are joined
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -75,6 +76,7 @@ class VideoInfo:
     duration: float = 0.0
     error: str = ""
     detail: str = ""
+    verified: bool = False   # every frame was decoded once (probe(full=True))
 
     @property
     def ok(self) -> bool:
@@ -140,7 +142,7 @@ def read_list(list_path: str | Path, root: str = "") -> list[Entry]:
     if not lines:
         raise DataError(f"{list_path}: the list holds no entries")
     first = lines[0]
-    if "\t" in first or "," in first:
+    if "\t" in first or "," in first or first.strip().lower() == "path":
         return _read_delimited(lines, "\t" if "\t" in first else ",", root, list_path)
     return [_read_space_line(ln, root, list_path, i) for i, ln in enumerate(lines)]
 
@@ -201,12 +203,15 @@ def decoder_available(codec: str) -> bool:
         return False
 
 
-def probe(path: str) -> VideoInfo:
+def probe(path: str, full: bool = False) -> VideoInfo:
     """Open ``path`` once: codec, frame count, fps, size; decode the first frame to prove it decodes.
 
     The frame count comes from the container when it records one, else from counting the
-    stream's packets (demuxing only, no decoding). Never raises: a bad file comes back with
-    ``error`` set to one of :data:`BAD_REASONS` and ``detail`` saying what happened.
+    stream's packets (demuxing only, no decoding). With ``full`` every frame is decoded and
+    counted (slower, once per file; the index cache keeps it): this catches corrupt payloads
+    past the first frame, which DALI's decoder may crash on rather than report. Never raises:
+    a bad file comes back with ``error`` set to one of :data:`BAD_REASONS` and ``detail``
+    saying what happened.
     """
     import av
 
@@ -256,6 +261,17 @@ def probe(path: str) -> VideoInfo:
             except Exception as e:
                 info.error, info.detail = "truncated", f"demuxing failed: {type(e).__name__}: {e}"
                 return info
+        if full:
+            try:
+                container.seek(0)
+                decoded = sum(1 for _ in container.decode(stream))
+            except Exception as e:
+                info.error, info.detail = "decode_error", f"full decode: {type(e).__name__}: {e}"
+                return info
+            if decoded < n:
+                info.error, info.detail = "truncated", f"{decoded} frames decode, the container lists {n}"
+                return info
+            n, info.verified = decoded, True
         info.frames = int(n)
         # A container whose header promises clearly more than the packets hold was cut off
         # (e.g. a WebM whose download stopped): using it would shift every sampled frame.
@@ -315,8 +331,8 @@ def save_cache(cache_path: str, infos: Iterable[VideoInfo]) -> bool:
         return False
 
 
-def _cache_valid(rec: VideoInfo | None, path: str) -> bool:
-    if rec is None:
+def _cache_valid(rec: VideoInfo | None, path: str, full: bool = False) -> bool:
+    if rec is None or (full and rec.ok and not rec.verified):
         return False
     try:
         st = os.stat(path)
@@ -325,28 +341,33 @@ def _cache_valid(rec: VideoInfo | None, path: str) -> bool:
     return rec.error != "missing" and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns
 
 
-def probe_many(paths: list[str], workers: int = 0) -> list[VideoInfo]:
+def probe_many(paths: list[str], workers: int = 0, full: bool = False) -> list[VideoInfo]:
     """Probe ``paths`` in parallel processes (serially when few files or ``workers`` <= 1)."""
+    fn = functools.partial(probe, full=full)
     if workers <= 1 or len(paths) < 32:
-        return [probe(p) for p in paths]
+        return [fn(p) for p in paths]
     # fork is cheap and safe here (children only run PyAV); spawn elsewhere.
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-        return list(ex.map(probe, paths, chunksize=max(1, min(256, len(paths) // (4 * workers)))))
+        return list(ex.map(fn, paths, chunksize=max(1, min(256, len(paths) // (4 * workers)))))
 
 
 def build_index(list_path: str, root: str = "", cache_path: str = "", workers: int = 0,
-                use_cache: bool = True) -> DatasetIndex:
-    """Read the list and probe every file not already in the cache (by path, size and mtime)."""
+                use_cache: bool = True, full: bool = False) -> DatasetIndex:
+    """Read the list and probe every file not already in the cache (by path, size and mtime).
+
+    ``full``: decode every frame of each file once (see :func:`probe`); cached results of a
+    quick probe are redone.
+    """
     entries = read_list(list_path, root)
     cache_path = cache_path or default_cache_path(list_path)
     cached = load_cache(cache_path) if use_cache else {}
     paths = [os.path.abspath(e.path) for e in entries]
-    todo = sorted({p for p in paths if not _cache_valid(cached.get(p), p)})
+    todo = sorted({p for p in paths if not _cache_valid(cached.get(p), p, full)})
     if todo:
         log.info("probing %d of %d files (%d from cache %s)", len(todo), len(set(paths)),
                  len(set(paths)) - len(todo), cache_path)
-    fresh = dict(zip(todo, probe_many(todo, workers)))
+    fresh = dict(zip(todo, probe_many(todo, workers, full)))
     merged = {p: fresh.get(p) or cached[p] for p in set(paths)}
     if todo and use_cache:
         save_cache(cache_path, (merged[p] for p in sorted(merged)))

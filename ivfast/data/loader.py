@@ -111,10 +111,14 @@ class ClipDataset(torch.utils.data.Dataset):
                          train=self.train, rng=sample_rng(self.seed, epoch, sid, rep),
                          start_sec=e.start_sec, end_sec=e.end_sec)
 
-    def replacement(self, sid: int, epoch: int, rep: int, attempt: int) -> int:
-        """A deterministic stand-in for a sample whose file failed."""
+    def replacement(self, sid: int, epoch: int, rep: int, attempt: int, failed=()) -> int:
+        """A deterministic stand-in for a sample whose file failed (never one that failed in this slot)."""
         rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(sid), int(rep), 1_000_003 + attempt])
-        return int(self.usable[rng.integers(len(self.usable))])
+        for _ in range(64):
+            cand = int(self.usable[rng.integers(len(self.usable))])
+            if cand not in failed:
+                return cand
+        return cand
 
     def decode_one(self, sid: int, epoch: int, rep: int) -> torch.Tensor:
         plan = self.plan(sid, epoch, rep)
@@ -133,7 +137,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 except BadSample as e:
                     err = e
             bad.append((sid, err.path, err.reason, err.detail))
-            sid = self.replacement(orig, epoch, rep, attempt)
+            sid = self.replacement(orig, epoch, rep, attempt, failed={b[0] for b in bad})
         raise DataError(f"{MAX_ATTEMPTS} files in a row failed to decode while filling one slot "
                         f"(last: {bad[-1][1]}: {bad[-1][2]}: {bad[-1][3]}); the data set is badly damaged")
 
@@ -292,7 +296,9 @@ class ClipLoader:
         if self._dl is None:
             kw: dict[str, Any] = {}
             if self.num_workers > 0:
-                kw = {"persistent_workers": True, "prefetch_factor": self.prefetch}
+                # Fresh workers each epoch (~0.5 s to fork): persistent ones took ~5 s per worker
+                # to shut down when the loader was dropped (torch 2.13).
+                kw = {"persistent_workers": False, "prefetch_factor": self.prefetch}
             self._dl = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                 collate_fn=collate, pin_memory=self.device.type == "cuda", **kw)
@@ -412,9 +418,12 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
     """
     d = cfg.data
     device = torch.device(device)
+    backend = choose_backend(d.backend, device)
     if index is None:
         workers = max(1, min(d.num_workers, os.cpu_count() or 1))
-        index = build_index(d.train_list, d.root, d.index_cache, workers=workers)
+        # DALI can crash on a corrupt payload instead of raising: decode every file once first.
+        full = d.verify == "full" or (d.verify == "auto" and backend == "dali")
+        index = build_index(d.train_list, d.root, d.index_cache, workers=workers, full=full)
     usable, bad, bad_paths = split_usable(index, d.num_frames)
     for path, reason in list(bad_paths.items())[:20]:
         detail = next((i.detail for i in index.infos if i.path == path), "")
@@ -427,7 +436,6 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
                         f"> data.max_bad_fraction={d.max_bad_fraction}), e.g. {list(bad_paths.items())[:5]}. "
                         "Fix or remove them (python -m ivfast.data inspect LIST lists them) or raise "
                         "data.max_bad_fraction")
-    backend = choose_backend(d.backend, device)
     dataset = ClipDataset(index, usable, num_frames=d.num_frames, size=d.img_size, sampling=d.sampling,
                           stride=d.stride, scales=d.scales, flip=d.flip, no_flip_sources=d.no_flip_sources,
                           train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads)

@@ -5,11 +5,14 @@ config asks for it, and as the reference the DALI path is tested against.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .sampling import ClipPlan
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BadSample(Exception):
@@ -64,12 +67,15 @@ def decode_frames(path: str, indices, threads: int = 1) -> np.ndarray:
     return np.stack([got[int(i)] for i in idx])
 
 
-def crop_resize(frames: np.ndarray | torch.Tensor, plan: ClipPlan, size: int) -> torch.Tensor:
+def crop_resize(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) -> "torch.Tensor":
     """[T, H, W, 3] uint8 frames -> [3, T, size, size] uint8: crop, bilinear resize, flip.
 
     Bilinear with antialiasing when shrinking, rounded to uint8: the same operations the DALI
     graph applies (``fn.resize`` with a region of interest, linear, antialias on).
     """
+    import torch   # here, so that the inspect CLI and synth start without importing torch
+    import torch.nn.functional as F
+
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"frames must be [T, H, W, 3] uint8, got {tuple(x.shape)} {x.dtype}")

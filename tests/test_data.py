@@ -1,0 +1,331 @@
+"""Video input pipeline on small generated clips (PyAV path; DALI tests in test_data_dali.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from ivfast.config import load_config
+from ivfast.data import DataError, build_index, build_loader, normalize, read_list, shard_epoch
+from ivfast.data import index as index_mod
+from ivfast.data.loader import split_usable
+from ivfast.data.pyav import BadSample, crop_resize, decode_frames
+from ivfast.data.sampling import (ClipPlan, fixed_offsets, multiscale_crop, plan_clip, sample_rng,
+                                  segment_indices, stride_indices)
+from ivfast.data.synth import make_videos, read_frame_number
+
+W, H, FRAMES = 96, 80, 24
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    """Good clips of three codecs and one file of every bad kind, made once per session."""
+    root = tmp_path_factory.mktemp("clips")
+    good = root / "good"
+    vp9 = make_videos(good, 8, "vp9", frames=FRAMES, size=(W, H), seed=1)
+    h264 = make_videos(good, 3, "h264", frames=FRAMES, size=(W, H), seed=2)
+    mjpeg = make_videos(good, 3, "mjpeg", frames=FRAMES, size=(W, H), seed=3)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.webm").write_bytes(b"")
+    (bad / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    short = make_videos(bad, 1, "vp9", frames=3, size=(W, H), seed=4, prefix="short")[0]
+    data = vp9[0].read_bytes()
+    (bad / "truncated.webm").write_bytes(data[: len(data) // 2])
+    # MJPEG with a scrambled payload after the first frames: the quick probe passes, decoding fails
+    m = bytearray(mjpeg[0].read_bytes())
+    cut = slice(len(m) // 3, len(m) - 300)
+    m[cut] = np.random.default_rng(1).integers(0, 256, len(m[cut]), dtype=np.uint8).tobytes()
+    (bad / "corrupt.avi").write_bytes(bytes(m))
+    with av.open(str(bad / "audio.wav"), "w") as c:        # a file with no video stream
+        s = c.add_stream("pcm_s16le", rate=8000)
+        fr = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        fr.sample_rate = 8000
+        for p in list(s.encode(fr)) + list(s.encode()):
+            c.mux(p)
+    return {"root": root, "good": good, "vp9": vp9, "h264": h264, "mjpeg": mjpeg, "bad": bad,
+            "short": short, "corrupt": bad / "corrupt.avi"}
+
+
+def write_list(path: Path, files) -> str:
+    path.write_text("".join(f"{f}\n" for f in files))
+    return str(path)
+
+
+def make_cfg(train_list: str, tmp: Path, **data) -> object:
+    over = [f"data.train_list={train_list}", f"data.index_cache={tmp / 'idx.jsonl'}", "data.num_workers=0",
+            "data.backend=pyav", "optim.batch_per_gpu=3"]
+    over += [f"data.{k}={v}" for k, v in data.items()]
+    return load_config("demo", over)
+
+
+# --------------------------------------------------------------------------- synth + decode
+def test_synth_cli_and_exact_frames(tmp_path, clips):
+    out = subprocess.run([sys.executable, "-m", "ivfast.data.synth", str(tmp_path), "--num", "2", "--codec",
+                          "mjpeg", "--frames", "5", "--size", "96x80", "--list", str(tmp_path / "l.csv")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(list(tmp_path.glob("*.avi"))) == 2 and "wrote 2 mjpeg clips" in out.stdout
+    assert len(read_list(tmp_path / "l.csv")) == 2
+    for path in (clips["vp9"][0], clips["h264"][0], clips["mjpeg"][0]):
+        idx = [7, 0, 7, 23, 12]
+        frames = decode_frames(str(path), idx)
+        assert frames.shape == (5, H, W, 3) and frames.dtype == np.uint8
+        assert [read_frame_number(f) for f in frames] == idx, path.name
+    with pytest.raises(BadSample) as e:
+        decode_frames(str(clips["vp9"][1]), [3, FRAMES])       # one past the end
+    assert e.value.reason == "truncated"
+
+
+# --------------------------------------------------------------------------- list formats
+def test_read_list_formats(tmp_path):
+    (tmp_path / "a.csv").write_text("path,label,source\nx/a.mp4,3,k400\nb.mp4,,ssv2\n")
+    (tmp_path / "a.tsv").write_text("x/a.mp4\t3\n# comment\n\nb.mp4\t1\n")
+    (tmp_path / "rel.txt").write_text("ssv2 x/a.webm -1 -1 -1 5\nk400 b.mp4 10.0 2.0 4.5 7\n")
+    (tmp_path / "rel5.txt").write_text("x/a.webm 10 1 3 2\n")
+    (tmp_path / "plain.txt").write_text("x/a.webm 4\n/abs/b.mp4\n")
+    csv_ = read_list(tmp_path / "a.csv", root="/data")
+    assert [(e.path, e.label, e.source) for e in csv_] == [("/data/x/a.mp4", 3, "k400"), ("/data/b.mp4", -1, "ssv2")]
+    tsv = read_list(tmp_path / "a.tsv")
+    assert [(e.path, e.label) for e in tsv] == [("x/a.mp4", 3), ("b.mp4", 1)]
+    rel = read_list(tmp_path / "rel.txt", root="/r")
+    assert (rel[0].source, rel[0].path, rel[0].label, rel[0].start_sec) == ("ssv2", "/r/x/a.webm", 5, -1)
+    assert (rel[1].source, rel[1].start_sec, rel[1].end_sec, rel[1].label) == ("k400", 2.0, 4.5, 7)
+    r5 = read_list(tmp_path / "rel5.txt")[0]
+    assert (r5.path, r5.start_sec, r5.end_sec, r5.label, r5.source) == ("x/a.webm", 1.0, 3.0, 2, "")
+    assert [(e.path, e.label) for e in read_list(tmp_path / "plain.txt")] == [("x/a.webm", 4), ("/abs/b.mp4", -1)]
+    (tmp_path / "broken.txt").write_text("a b c\n")
+    with pytest.raises(DataError, match="line 1"):
+        read_list(tmp_path / "broken.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        read_list(tmp_path / "nope.csv")
+
+
+# --------------------------------------------------------------------------- sampling
+def test_segment_sampling():
+    n, t = 50, 16
+    for seed in range(20):
+        idx = segment_indices(0, n, t, np.random.default_rng(seed))
+        edges = np.arange(t + 1) * n / t
+        assert np.all(idx >= np.floor(edges[:-1])) and np.all(idx < np.maximum(np.floor(edges[1:]), np.floor(edges[:-1]) + 1))
+        assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n
+    centre = segment_indices(0, n, t, None)
+    np.testing.assert_array_equal(centre, np.floor((np.arange(t) + 0.5) * n / t).astype(int))
+    # a window inside the video, and fewer frames than T (frames repeat, never out of range)
+    win = segment_indices(30, 40, 4, np.random.default_rng(0))
+    assert win.min() >= 30 and win.max() < 40
+    short = segment_indices(0, 5, 16, np.random.default_rng(0))
+    assert short.min() >= 0 and short.max() <= 4 and len(short) == 16
+    st = stride_indices(0, 100, 8, 4, np.random.default_rng(0))
+    assert np.all(np.diff(st) == 4) and st.max() < 100
+    np.testing.assert_array_equal(stride_indices(0, 10, 4, 4, None), [0, 4, 8, 9])   # pads with the last
+
+
+def test_crop_and_plan_deterministic():
+    for seed in range(30):
+        x, y, w, h = multiscale_crop(340, 256, 224, [1.0, 0.875, 0.75, 0.66], np.random.default_rng(seed))
+        assert (x, y) in fixed_offsets(340, 256, w, h)
+        assert 0 <= x and x + w <= 340 and 0 <= y and y + h <= 256
+        allowed = {224 if abs(int(256 * s) - 224) < 3 else int(256 * s) for s in [1.0, 0.875, 0.75, 0.66]}
+        assert w in allowed and h in allowed
+    kw = dict(num_frames_video=300, fps=30.0, width=340, height=256, num=16, out_size=224)
+    a = plan_clip(**kw, rng=sample_rng(0, 1, 5))
+    b = plan_clip(**kw, rng=sample_rng(0, 1, 5))
+    c = plan_clip(**kw, rng=sample_rng(0, 2, 5))
+    assert np.array_equal(a.frames, b.frames) and a.crop == b.crop and a.flip == b.flip
+    assert not (np.array_equal(a.frames, c.frames) and a.crop == c.crop)
+    ev = plan_clip(**kw, train=False)
+    assert ev.crop == (42, 0, 256, 256) and not ev.flip
+    flips = {plan_clip(**kw, rng=sample_rng(0, 0, i), flip=False).flip for i in range(20)}
+    assert flips == {False}
+    win = plan_clip(**kw, rng=sample_rng(0, 0, 0), start_sec=2.0, end_sec=4.0)
+    assert win.frames.min() >= 60 and win.frames.max() < 120
+
+
+def test_crop_resize_matches_manual():
+    frames = torch.randint(0, 256, (2, 20, 30, 3), dtype=torch.uint8)
+    out = crop_resize(frames, ClipPlan(np.array([0, 1]), (5, 2, 12, 12), True), 12)   # no resize: crop + flip
+    assert out.shape == (3, 2, 12, 12)
+    assert torch.equal(out, frames[:, 2:14, 5:17].flip(2).permute(3, 0, 1, 2))
+
+
+# --------------------------------------------------------------------------- index + bad input
+def test_index_cache_reused_and_invalidated(tmp_path, clips):
+    files = [tmp_path / f"c{i}.webm" for i in range(3)]
+    for src, dst in zip(clips["vp9"], files):
+        dst.write_bytes(src.read_bytes())
+    lst = write_list(tmp_path / "list.txt", files)
+    first = build_index(lst)
+    assert first.probed == 3 and Path(first.cache_path).exists()
+    assert all(i.ok and i.frames == FRAMES and i.codec == "vp9" and (i.width, i.height) == (W, H)
+               and abs(i.fps - 25) < 1e-6 for i in first.infos)
+    again = build_index(lst)
+    assert again.probed == 0 and [i.frames for i in again.infos] == [FRAMES] * 3
+    make_videos(tmp_path / "new", 1, "vp9", frames=10, size=(W, H))      # replace one file: new size/mtime
+    (tmp_path / "new" / "clip_00000_vp9.webm").replace(files[1])
+    third = build_index(lst)
+    assert third.probed == 1 and third.infos[1].frames == 10 and third.infos[0].frames == FRAMES
+    full = build_index(lst, full=True)                      # a stricter probe redoes quick results
+    assert full.probed == 3 and all(i.verified for i in full.infos)
+    assert build_index(lst, full=True).probed == 0
+    Path(first.cache_path).write_text("not json\n")          # a damaged cache is ignored, not fatal
+    assert build_index(lst).probed == 3
+
+
+def test_every_bad_kind_is_classified(clips, monkeypatch):
+    b = clips["bad"]
+    reasons = {
+        "missing": index_mod.probe(str(b / "missing.mp4")).error,
+        "empty": index_mod.probe(str(b / "empty.webm")).error,
+        "unreadable": index_mod.probe(str(b / "garbage.mp4")).error,
+        "no_video_stream": index_mod.probe(str(b / "audio.wav")).error,
+        "truncated": index_mod.probe(str(b / "truncated.webm")).error,
+        "decode_error": index_mod.probe(str(clips["corrupt"]), full=True).error,
+    }
+    assert reasons == {k: k for k in reasons}
+    assert index_mod.probe(str(clips["corrupt"])).ok          # the quick probe cannot see it...
+    with pytest.raises(BadSample) as e:                       # ...decoding does
+        decode_frames(str(clips["corrupt"]), [FRAMES - 1])
+    assert e.value.reason == "decode_error"
+    short = index_mod.probe(str(clips["short"]))
+    assert short.ok and short.frames == 3
+    monkeypatch.setattr(index_mod, "decoder_available", lambda codec: codec != "vp9")
+    assert index_mod.probe(str(clips["vp9"][0])).error == "unsupported_codec"
+    assert set(index_mod.BAD_REASONS) == set(reasons) | {"too_few_frames", "unsupported_codec"}
+
+
+def test_index_time_bad_files_counted_and_threshold(tmp_path, clips):
+    b = clips["bad"]
+    bad = [b / "missing.mp4", b / "empty.webm", b / "garbage.mp4", b / "audio.wav", b / "truncated.webm",
+           clips["short"]]
+    lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:6]) + bad)
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        build_loader(make_cfg(lst, tmp_path))
+    loader = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.6))
+    s = loader.bad_summary()
+    assert s["index"] == {"missing": 1, "empty": 1, "unreadable": 1, "no_video_stream": 1, "truncated": 1,
+                          "too_few_frames": 1}
+    assert s["files"] == 12 and s["bad_files"] == 6 and s["samples"] == 6
+    seen = {i for batch in loader for i in batch["index"].tolist()}
+    assert seen == set(range(6))                               # only the good ones, all of them
+
+
+def test_decode_time_bad_file_replaced_and_counted(tmp_path, clips, caplog):
+    lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:5]) + [clips["corrupt"]])
+    cfg = make_cfg(lst, tmp_path, max_bad_fraction=0.5)
+    loader = build_loader(cfg)
+    assert len(loader) == 2 and loader.bad_summary()["samples"] == 6   # the quick probe passed it
+    batches = list(loader)
+    assert all(b["video"].shape == (3, 3, 4, 56, 56) for b in batches)
+    ids = [i for b in batches for i in b["index"].tolist()]
+    assert 5 not in ids and len(ids) == 6 and set(ids) <= set(range(5))
+    s = loader.bad_summary()
+    # one file, met once or more (a replacement drawn in another slot can meet it again)
+    assert list(s["decode"]) == ["decode_error"] and s["decode"]["decode_error"] >= 1 and s["decode_bad_files"] == 1
+    assert str(clips["corrupt"]) in s["examples"]["decode_error"]
+    assert any("corrupt.avi" in r.message for r in caplog.records)
+    strict = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.1))
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        list(strict)
+    # verify=full finds it while indexing instead
+    full = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.5, verify="full"))
+    assert full.bad_summary()["index"] == {"decode_error": 1} and full.bad_summary()["samples"] == 5
+
+
+# --------------------------------------------------------------------------- sharding, resume, output
+def test_sharding_covers_epoch_exactly():
+    ids = np.arange(100, 113)                                  # 13 samples, 3 ranks x batch 2
+    for drop_last in (False, True):
+        parts = [shard_epoch(ids, seed=3, epoch=1, rank=r, world_size=3, batch_size=2, drop_last=drop_last)
+                 for r in range(3)]
+        shapes = {p[0].shape for p in parts}
+        assert len(shapes) == 1                                # every rank runs the same number of steps
+        allids = np.concatenate([p[0].ravel() for p in parts])
+        if drop_last:
+            assert shapes == {(2, 2)} and len(set(allids)) == len(allids) == 12 and parts[0][2]["dropped"] == 1
+        else:
+            assert shapes == {(3, 2)} and set(allids) == set(ids) and parts[0][2]["padded"] == 5
+            reps = np.concatenate([p[1].ravel() for p in parts])
+            assert (reps > 0).sum() == 5                        # the repeats are marked (fresh augmentation)
+            firsts = allids[reps == 0]
+            assert sorted(firsts) == list(ids)                  # each sample exactly once as a first appearance
+    a = shard_epoch(ids, seed=3, epoch=1, rank=0, world_size=3, batch_size=2, drop_last=False)[0]
+    b = shard_epoch(ids, seed=3, epoch=1, rank=0, world_size=3, batch_size=2, drop_last=False)[0]
+    c = shard_epoch(ids, seed=3, epoch=2, rank=0, world_size=3, batch_size=2, drop_last=False)[0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_loader_ranks_resume_and_determinism(tmp_path, clips):
+    lst = write_list(tmp_path / "l.txt", clips["vp9"][:7])
+    cfg = make_cfg(lst, tmp_path)
+    ranks = [build_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    assert [len(r) for r in ranks] == [2, 2]
+    got = [[(b["index"].clone(), b["video"].clone()) for b in r] for r in ranks]
+    ids = [i for r in got for idx, _ in r for i in idx.tolist()]
+    assert set(ids) == set(range(7)) and len(ids) == 12        # 7 samples + 5 padding over 2 ranks x 2 x 3
+    for r in got:
+        for idx, video in r:
+            assert video.shape == (3, 3, 4, 56, 56) and video.dtype == torch.uint8 and idx.dtype == torch.int64
+    # resume in the middle of epoch 0 of rank 1 reproduces the same batch, pixels included
+    fresh = build_loader(cfg, rank=1, world_size=2)
+    it = iter(fresh)
+    next(it)
+    state = fresh.state_dict()
+    assert state["position"] == 1 and state["epoch"] == 0
+    resumed = build_loader(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)                                       # the training loop's call keeps the position
+    rest = list(resumed)
+    assert len(rest) == 1 and torch.equal(rest[0]["index"], got[1][1][0]) and torch.equal(rest[0]["video"], got[1][1][1])
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["position"] == 0
+    # the next epoch differs; another seed differs
+    nxt = [b["index"] for b in resumed]
+    assert not all(torch.equal(x, y[0]) for x, y in zip(nxt, got[1]))
+    other = build_loader(make_cfg(lst, tmp_path, **{}), rank=1, world_size=2)
+    other.seed = other.dataset.seed = 99
+    assert not torch.equal(next(iter(other))["video"], got[1][0][1])
+    bad_state = dict(state, world_size=4)
+    with pytest.raises(DataError, match="world_size"):
+        build_loader(cfg, rank=1, world_size=2).load_state_dict(bad_state)
+
+
+def test_workers_normalized_and_flip_source(tmp_path, clips):
+    lst = write_list(tmp_path / "l.txt", clips["vp9"][:6])
+    plain = [b for b in build_loader(make_cfg(lst, tmp_path))]
+    workers = [b for b in build_loader(make_cfg(lst, tmp_path, num_workers=2))]
+    for a, b in zip(plain, workers):                            # worker processes change nothing
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+    norm = list(build_loader(make_cfg(lst, tmp_path, output="normalized")))
+    assert norm[0]["video"].dtype == torch.float32
+    torch.testing.assert_close(norm[0]["video"], normalize(plain[0]["video"], torch.float32))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(norm[0]["video"] * std + mean, plain[0]["video"].float() / 255, atol=1e-5, rtol=0)
+    # the released list's 'ssv2' source is never flipped
+    rel = tmp_path / "rel.txt"
+    rel.write_text("".join(f"ssv2 {p} -1 -1 -1 0\n" for p in clips["vp9"][:6]))
+    loader = build_loader(make_cfg(str(rel), tmp_path, index_cache=tmp_path / "i2.jsonl"))
+    assert not any(loader.dataset.plan(i, 0, 0).flip for i in range(6))
+    assert any(build_loader(make_cfg(lst, tmp_path)).dataset.plan(i, 0, 0).flip for i in range(6))
+
+
+def test_inspect_cli(tmp_path, clips):
+    good = subprocess.run([sys.executable, "-m", "ivfast.data", "inspect", str(clips["vp9"][0]), str(clips["h264"][0])],
+                          capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert "2 files: 2 decode, 0 bad" in good.stdout and "vp9" in good.stdout and "96x80" in good.stdout
+    lst = write_list(tmp_path / "l.txt", [clips["vp9"][0], clips["corrupt"], clips["bad"] / "empty.webm"])
+    bad = subprocess.run([sys.executable, "-m", "ivfast.data", "inspect", lst, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1, bad.stderr
+    lines = [json.loads(ln) for ln in bad.stdout.splitlines()]
+    assert [r["decodes"] for r in lines[:3]] == [True, False, False]
+    assert lines[1]["error"] == "decode_error" and lines[2]["error"] == "empty"
+    assert lines[3]["totals"]["bad"] == 2 and lines[0]["frames"] == FRAMES
