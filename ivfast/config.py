@@ -70,6 +70,7 @@ class DecoderConfig:
     noise_schedule: Literal["cosine", "linear"] = "cosine"
     sample_steps: int = 100
     temperature: float = 1.0
+    sample_clip: float = 0.0            # sampler clamps predicted x0 to [-c, c]; 0 = off (released code)
     norm_pix: bool = False              # per-patch normalised targets (MAE norm_pix_loss)
     impl: KernelImpl = "triton"
 
