@@ -1,10 +1,453 @@
-"""``python -m ivfast.train --config NAME_OR_PATH [key.sub=value ...] [--print-config]``."""
+"""The training loop: ``python -m ivfast.train --config NAME_OR_PATH [key.sub=value ...]``.
+
+One page, top to bottom: set up (distributed, data, model, optimiser, schedule, resume), then
+steps of gradient accumulation -> clip -> optimiser, with metrics, checkpoints, an nsys/torch
+profiler window and pre-emption handling. ``--config demo`` (the default) generates a few dozen
+synthetic clips, runs stage 1 on a tiny model, then stage 2 initialised from it, on the CPU.
+
+Multi-GPU / multi-node: ``torchrun --nproc-per-node 8 -m ivfast.train --config stage1_vitb ...``
+(NCCL on GPUs, gloo on CPU).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import signal
 import sys
+import time
+from pathlib import Path
 
-from ivfast.config import ConfigError, dump, load_config, presets
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ivfast import checkpoint as ckpt
+from ivfast.config import BlockSpec, Config, ConfigError, MaskingConfig, dump, load_config, presets
+from ivfast.masking import stream_key
+from ivfast.metrics import MetricsLogger, PhaseTimer, device_peak_flops
+
+log = logging.getLogger("ivfast.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; one process when absent."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu or auto")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world, device
+
+
+def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
+    """Linear warm-up from 0, then cosine from ``peak`` down to ``floor`` at ``total``."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
+    from ivfast.models.epd import param_groups
+
+    o = cfg.optim
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, o.weight_decay)]
+    if o.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as e:
+            raise RuntimeError("optim.optimizer=apex needs NVIDIA apex (apex.optimizers.FusedAdam) "
+                               "importable; note PyPI's 'apex' is an unrelated package. Use adamw.") from e
+        return FusedAdam(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, world: int):
+    """torch.compile per trainable module (keys unchanged), then DDP or FSDP2 across ranks."""
+    trainable = [m for m in (getattr(model, n, None) for n in ("encoder", "predictor", "decoder")) if m is not None]
+    if cfg.runtime.compile:
+        for m in trainable:
+            m.compile()
+    if world == 1:
+        return model
+    if cfg.runtime.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard the trained parts block by block; the frozen teacher stays replicated.
+        for m in trainable:
+            for block in getattr(m, "blocks", getattr(m, "layers", [])):
+                fully_shard(block)
+            fully_shard(m)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=False)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Every random draw of a micro-step derives from this, so a resumed run repeats it exactly."""
+    return stream_key(stream_key(stream_key(seed, step), micro), rank) >> 1
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+
+class ProfileWindow:
+    """``runtime.profile_steps=A:B``: cudaProfilerStart/Stop for ``nsys --capture-range=cudaProfilerApi``
+    and, unless nsys is attached, a torch.profiler trace in OUTPUT/profile/."""
+
+    def __init__(self, spec: str, out_dir: Path, device: torch.device):
+        self.start, self.stop = (int(x) for x in spec.split(":")) if spec else (-1, -1)
+        self.out_dir, self.device, self.prof = out_dir, device, None
+        self.under_nsys = any(k.startswith("NSYS_") for k in os.environ)
+
+    def step(self, step: int) -> None:
+        if step == self.start:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStart()
+            if not self.under_nsys:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if self.device.type == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts, record_shapes=False)
+                self.prof.__enter__()
+        elif step == self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.start < 0:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.out_dir / f"trace_steps_{self.start}_{self.stop}.json"))
+            sort = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
+            (self.out_dir / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=sort, row_limit=30))
+            self.prof = None
+        self.start = -1
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Full (unsharded) state dict on every rank's CPU, for DDP, FSDP2 and plain modules alike."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = ""):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg)
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.runtime.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        torch.manual_seed(cfg.runtime.seed + self.rank)
+
+        from ivfast.data import build_loader
+        from ivfast.models.epd import build_model
+        from ivfast.models.flops import flops_per_clip
+
+        self.loader = build_loader(cfg, rank=self.rank, world_size=self.world, device=self.device)
+        self.model = build_model(cfg).to(self.device)
+        self.flops_per_clip = flops_per_clip(cfg)["total"]
+        self.model = wrap_model(cfg, self.model, self.device, self.world)
+        self.optimizer = build_optimizer(cfg, unwrap(self.model), self.device)
+
+        o = cfg.optim
+        per_micro = o.batch_per_gpu * self.world
+        self.accum = max(1, round(o.global_batch / per_micro))
+        self.global_batch = self.accum * per_micro
+        self.steps_per_epoch = len(self.loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"one optimiser step needs {self.accum} batches of {per_micro} clips per rank set, "
+                             f"but an epoch has only {len(self.loader)}: add data or lower optim.global_batch")
+        self.total_steps = int(o.epochs * self.steps_per_epoch)
+        if cfg.runtime.max_steps:
+            self.total_steps = min(self.total_steps, cfg.runtime.max_steps)
+        self.warmup = int(o.warmup_epochs * self.steps_per_epoch)
+        scale = self.global_batch / 256   # the recipe's lr is per 256 clips
+        self.peak_lr, self.min_lr = o.base_lr * scale, o.min_lr * scale
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.runtime.dtype)
+        if self.device.type != "cuda":
+            self.autocast_dtype = None   # CPU runs fp32
+
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self._reported_attention = False
+        if resume:
+            self._resume(resume)
+        self.metrics = MetricsLogger(self.out, enabled=self.is_main)
+        self.timer = PhaseTimer(self.device)
+        self.profile = ProfileWindow(cfg.runtime.profile_steps, self.out / "profile", self.device)
+        self.peak_flops = device_peak_flops(self.device)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump(cfg))
+            log.info("stage %d on %s x%d | %d steps (%d per epoch), global batch %d (%d per rank x %d accum) | "
+                     "lr %.3g -> %.3g, warm-up %d", cfg.stage, self.device.type, self.world,
+                     self.total_steps, self.steps_per_epoch, self.global_batch, o.batch_per_gpu, self.accum,
+                     self.peak_lr, self.min_lr, self.warmup)
+            if self.global_batch != o.global_batch:
+                log.warning("optim.global_batch=%d is not a multiple of batch_per_gpu x world = %d: "
+                            "using %d clips per step", o.global_batch, per_micro, self.global_batch)
+
+    # ---- checkpoints
+    def _resume(self, resume: str) -> None:
+        path = ckpt.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+            return
+        model_state, state = ckpt.load_checkpoint(path)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(unwrap(self.model), model_state, options=opts)
+        set_optimizer_state_dict(unwrap(self.model), self.optimizer, state["optimizer"], options=opts)
+        self.step = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.loader.load_state_dict(state["data"][self.rank] if isinstance(state["data"], list) else state["data"])
+        set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        model_state = full_model_state(self.model)
+        optim_state = get_optimizer_state_dict(unwrap(self.model), self.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        data_state, rng = self.loader.state_dict(), rng_state()
+        if self.world > 1:   # every rank's data position and RNG, saved by rank 0
+            data_all, rng_all = [None] * self.world, [None] * self.world
+            dist.all_gather_object(data_all, data_state)
+            dist.all_gather_object(rng_all, rng)
+            data_state, rng = data_all, rng_all
+        path = None
+        if self.is_main:
+            state = {"optimizer": optim_state, "step": self.step, "data": data_state, "rng": rng,
+                     "scheduler": {"step": self.step, "peak_lr": self.peak_lr, "min_lr": self.min_lr,
+                                   "warmup": self.warmup, "total": self.total_steps},
+                     "nonfinite_total": self.nonfinite_total}
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, state, self.cfg,
+                                        keep_last=self.cfg.runtime.keep_last)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    # ---- one optimiser step
+    def _next_batch(self):
+        try:
+            return next(self._it)
+        except (StopIteration, AttributeError):
+            self._it = iter(self.loader)     # the loader moves on to its next epoch by itself
+            return next(self._it)
+
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        lr = lr_at(self.step, self.peak_lr, self.min_lr, self.warmup, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(self.accum):
+            t0 = time.perf_counter()
+            with self.timer.phase("data"):
+                batch = self._next_batch()
+            self.timer.add("data_wait_host", time.perf_counter() - t0)
+            seed = step_seed(cfg.runtime.seed, self.step, micro, self.rank)
+            torch.manual_seed(seed)          # drop path, diffusion noise: a function of the step
+            last = micro == self.accum - 1
+            sync = model.no_sync() if (self.world > 1 and not last and hasattr(model, "no_sync")) \
+                else contextlib.nullcontext()
+            with sync:
+                with self.timer.phase("forward"), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                                                 enabled=self.autocast_dtype is not None):
+                    out = model(batch["video"], seed)
+                with self.timer.phase("backward"):
+                    (out["loss"] / self.accum).backward()
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    parts[k] = parts.get(k, 0.0) + v.detach().float() / self.accum
+        with self.timer.phase("optimizer"):
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e30)
+            # One host sync per step: a non-finite loss or gradient must skip the update.
+            finite = bool(torch.isfinite(grad_norm) & torch.isfinite(parts["loss"]))
+            if finite:
+                self.optimizer.step()
+                self.nonfinite_in_row = 0
+            else:
+                self.nonfinite_in_row += 1
+                self.nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped "
+                            "(%d in a row)", self.step, parts["loss"].item(), grad_norm.item(), self.nonfinite_in_row)
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_in_row >= cfg.runtime.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                f"stopping. Lower optim.base_lr, check the data (python -m ivfast.data inspect), or resume from "
+                f"the last checkpoint in {self.ckpt_dir} (runtime.max_nonfinite={cfg.runtime.max_nonfinite})")
+        return {"lr": lr, "grad_norm": grad_norm.detach(), "skipped": not finite, **parts}
+
+    # ---- the loop
+    def fit(self) -> Path:
+        cfg = self.cfg
+        stop = Preemption()
+        bar = None
+        if self.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
+                       dynamic_ncols=True, file=sys.stderr)
+        clips_per_step = self.global_batch / self.world
+        tokens_per_clip = math.prod(unwrap(self.model).grid)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        window_start, window_steps, last_path = time.perf_counter(), 0, None
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                self.profile.step(self.step)
+                res = self.train_step()
+                self.step += 1
+                window_steps += 1
+                if window_steps == 1 and self.is_main and not self._reported_attention:
+                    from ivfast.models.attention import used_backends
+
+                    log.info("attention backends used: %s", used_backends())
+                    self._reported_attention = True
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
+                    phases = self.timer.collect()
+                    dt = time.perf_counter() - window_start
+                    clips_s = clips_per_step * window_steps / dt
+                    rec = {k: (v.item() if torch.is_tensor(v) else v) for k, v in res.items()}
+                    rec.update({f"time/{k}": v / window_steps for k, v in phases.items()})
+                    rec.update({"epoch": self.step / self.steps_per_epoch, "step_time": dt / window_steps,
+                                "clips_per_s_per_gpu": clips_s, "tokens_per_s_per_gpu": clips_s * tokens_per_clip,
+                                "nonfinite_total": self.nonfinite_total})
+                    if self.peak_flops:
+                        rec["mfu"] = clips_s * self.flops_per_clip / self.peak_flops
+                    if self.device.type == "cuda":
+                        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.metrics.log(self.step, rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", clips_s=f"{clips_s:.1f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % cfg.runtime.ckpt_every == 0:
+                    last_path = self.save()
+                if stop.requested:
+                    log.warning("%s received: saving at step %d and exiting", stop.requested, self.step)
+                    break
+        finally:
+            self.profile.close()
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+        if last_path is None or not last_path.name.endswith(f"{self.step:08d}"):
+            last_path = self.save()
+        if self.is_main:
+            summary = self.loader.bad_summary()
+            if summary["bad_files"]:
+                log.warning("bad videos this run: %s", {k: summary[k] for k in ("index", "decode", "examples")})
+        self.preempted = stop.requested
+        return last_path
+
+
+# --------------------------------------------------------------------------- demo and CLI
+def demo_stage2_config(cfg1: Config, stage1_ckpt: Path) -> Config:
+    """Stage 2 of the demo: same tiny model, multi-block masks, initialised from stage 1."""
+    masking = MaskingConfig(kind="multiblock", blocks=[BlockSpec(4, [0.15, 0.15]), BlockSpec(1, [0.5, 0.5])],
+                            max_keep=0, trim="random")
+    return dataclasses.replace(
+        cfg1, stage=2, masking=masking,
+        model=dataclasses.replace(cfg1.model, init_from=str(stage1_ckpt)),
+        optim=dataclasses.replace(cfg1.optim, base_lr=cfg1.optim.base_lr / 10, warmup_epochs=0.0),
+        runtime=dataclasses.replace(cfg1.runtime, output_dir=str(Path(cfg1.runtime.output_dir) / "stage2")))
+
+
+def prepare_demo_data(cfg: Config) -> Config:
+    """Generate (once, cached) the demo's synthetic clips and point data.train_list at them."""
+    from ivfast.data.synth import make_videos
+
+    clip_dir = Path(cfg.runtime.output_dir).parent / "demo_clips"
+    listing = clip_dir / "train.csv"
+    if not listing.exists():
+        paths = make_videos(clip_dir, num=cfg.optim.batch_per_gpu * 10, codec="vp9",
+                            frames=max(16, 2 * cfg.data.num_frames), size=(96, 80), seed=cfg.runtime.seed)
+        tmp = listing.with_suffix(".tmp")
+        tmp.write_text("".join(f"{p.resolve()}\n" for p in paths))
+        os.replace(tmp, listing)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_list=str(listing)))
+
+
+def run(cfg: Config, resume: str = "") -> Path:
+    """Train ``cfg``; for the demo, stage 1 then stage 2 from its last checkpoint."""
+    if cfg.demo:
+        cfg = prepare_demo_data(cfg)
+        cfg1 = dataclasses.replace(cfg, runtime=dataclasses.replace(
+            cfg.runtime, output_dir=str(Path(cfg.runtime.output_dir) / "stage1")))
+        trainer = Trainer(cfg1, resume)
+        last1 = trainer.fit()
+        if trainer.preempted:
+            return last1
+        trainer2 = Trainer(demo_stage2_config(cfg1, last1), resume)
+        return trainer2.fit()
+    trainer = Trainer(cfg, resume)
+    return trainer.fit()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,9 +476,20 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump(cfg), end="")
         return 0
-    print("ivfast.train: the training loop is not available yet in this version; "
-          "use --print-config to inspect a configuration.", file=sys.stderr)
-    return 3
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        last = run(cfg, args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(cfg.runtime.output_dir).resolve()
+        print(f"ivfast.train: done. Output in {out} (checkpoints, metrics.jsonl, tensorboard/); "
+              f"last checkpoint {last}")
+    return 0
 
 
 if __name__ == "__main__":
