@@ -43,6 +43,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
     root = Path(ckpt_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
+    if final.exists() and is_valid(final):
+        # A step is saved once: replacing a directory cannot be atomic, and the state is the same.
+        return final
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -57,7 +60,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
         _fsync(tmp / name)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
     _fsync(tmp / MANIFEST)
-    if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
+    if final.exists():  # a damaged leftover of this step: nothing good is lost by replacing it
         shutil.rmtree(final)
     os.rename(tmp, final)
     dir_fd = os.open(root, os.O_RDONLY)
