@@ -102,61 +102,106 @@ def _gather_bwd_kernel(gout_ptr, inv_ptr, gx_ptr, gpos_ptr,
                  mask=m2)
 
 
-class GatherTokens(torch.autograd.Function):
-    """x [B, N, C], ids [B, K] (distinct per row), pos [N, C] or None -> [B, K, C]."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, ids: Tensor, pos: Optional[Tensor]):
-        B, N, C = x.shape
-        K = ids.shape[1]
-        x = _last_dim_contiguous(x)
-        ids = _last_dim_contiguous(ids)
-        has_pos = pos is not None
-        if has_pos:
-            pos = _last_dim_contiguous(pos)
-        out_dtype = torch.promote_types(x.dtype, pos.dtype) if has_pos else x.dtype
-        out = torch.empty((B, K, C), dtype=out_dtype, device=x.device)
-        need_x = ctx.needs_input_grad[0]
-        need_pos = has_pos and ctx.needs_input_grad[2]
-        write_inv = need_x or need_pos
-        inv = torch.full((B, N), -1, dtype=torch.int32, device=x.device) if write_inv else ids
+def _gather_launch(x: Tensor, ids: Tensor, pos: Optional[Tensor], write_inv: bool):
+    B, N, C = x.shape
+    K = ids.shape[1]
+    x, ids = _last_dim_contiguous(x), _last_dim_contiguous(ids)
+    has_pos = pos is not None
+    if has_pos:
+        pos = _last_dim_contiguous(pos)
+    out = torch.empty((B, K, C), dtype=_gather_out_dtype(x, pos), device=x.device)
+    inv = torch.full((B, N) if write_inv else (0,), -1, dtype=torch.int32, device=x.device)
+    if out.numel() > 0:
         BLOCK_R, BLOCK_C, warps = _row_settings(C)
-        if out.numel() > 0:
-            grid = (triton.cdiv(K, BLOCK_R), triton.cdiv(C, BLOCK_C), B)
-            _gather_fwd_kernel[grid](
-                x, pos if has_pos else x, ids, out, inv, N, K, C,
-                x.stride(0), x.stride(1), pos.stride(0) if has_pos else 0, ids.stride(0),
-                HAS_POS=has_pos, WRITE_INV=write_inv, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
-        ctx.save_for_backward(inv)
-        ctx.meta = (B, N, C, x.dtype, pos.dtype if has_pos else None, need_x, need_pos)
-        return out
+        grid = (triton.cdiv(K, BLOCK_R), triton.cdiv(C, BLOCK_C), B)
+        _gather_fwd_kernel[grid](
+            x, pos if has_pos else x, ids, out, inv, N, K, C,
+            x.stride(0), x.stride(1), pos.stride(0) if has_pos else 0, ids.stride(0),
+            HAS_POS=has_pos, WRITE_INV=write_inv, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+    return out, inv
 
-    @staticmethod
-    def backward(ctx, gout: Tensor):
-        (inv,) = ctx.saved_tensors
-        B, N, C, x_dtype, pos_dtype, need_x, need_pos = ctx.meta
-        if not (need_x or need_pos):
-            return None, None, None
-        gout = _last_dim_contiguous(gout)
-        gx = torch.empty((B, N, C), dtype=x_dtype, device=gout.device) if need_x else None
-        gpos = torch.empty((N, C), dtype=pos_dtype, device=gout.device) if need_pos else None
-        if B * N * C > 0:
-            BLOCK_R, BLOCK_C, warps = _row_settings(C)
-            # grad_pos sums over the batch in registers: one program walks all of B; otherwise
-            # one batch element per program for more parallelism
-            b_per_prog = B if need_pos else 1
-            grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C), triton.cdiv(B, b_per_prog))
-            _gather_bwd_kernel[grid](
-                gout, inv, gx if need_x else gout, gpos if need_pos else gout,
-                B, N, C, gout.stride(0), gout.stride(1), b_per_prog,
-                NEED_X=need_x, NEED_POS=need_pos, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
-        elif need_pos:
-            gpos.zero_()
-        return gx, None, gpos
+
+def _gather_out_dtype(x: Tensor, pos: Optional[Tensor]) -> torch.dtype:
+    return x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
+
+
+def _gather_backward_launch(gout: Tensor, inv: Tensor, x_dtype: torch.dtype, pos_dtype: torch.dtype,
+                            need_x: bool, need_pos: bool):
+    B, N = inv.shape
+    C = gout.shape[2]
+    dev = gout.device
+    gout = _last_dim_contiguous(gout)
+    runs = B * N * C > 0 and (need_x or need_pos)
+    gx = torch.empty((B, N, C) if need_x else (0,), dtype=x_dtype, device=dev)
+    # the kernel writes every element it owns; zeros only when it does not run (B == 0)
+    gpos = (torch.empty if runs else torch.zeros)((N, C) if need_pos else (0,), dtype=pos_dtype, device=dev)
+    if runs:
+        BLOCK_R, BLOCK_C, warps = _row_settings(C)
+        # grad_pos sums over the batch in registers, so one program walks all of B; without it,
+        # one batch element per program for more parallelism
+        b_per_prog = B if need_pos else 1
+        grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C), B // b_per_prog)
+        _gather_bwd_kernel[grid](
+            gout, inv, gx if need_x else gout, gpos if need_pos else gout,
+            B, N, C, gout.stride(0), gout.stride(1), b_per_prog,
+            NEED_X=need_x, NEED_POS=need_pos, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+    return gx, gpos
+
+
+# The launchers are wrapped as torch.library custom ops, so torch.compile treats them as opaque
+# ops (no graph break, no attempt to trace Triton launches) and autograd is registered on them.
+@torch.library.custom_op("ivfast::gather_tokens", mutates_args=())
+def _gather_op(x: Tensor, ids: Tensor, pos: Optional[Tensor], write_inv: bool) -> tuple[Tensor, Tensor]:
+    return _gather_launch(x, ids, pos, write_inv)
+
+
+@_gather_op.register_fake
+def _(x, ids, pos, write_inv):
+    B, N, C = x.shape
+    out = x.new_empty((B, ids.shape[1], C), dtype=_gather_out_dtype(x, pos))
+    return out, x.new_empty((B, N) if write_inv else (0,), dtype=torch.int32)
+
+
+@torch.library.custom_op("ivfast::gather_tokens_backward", mutates_args=())
+def _gather_backward_op(gout: Tensor, inv: Tensor, x_dtype: torch.dtype, pos_dtype: torch.dtype,
+                        need_x: bool, need_pos: bool) -> tuple[Tensor, Tensor]:
+    return _gather_backward_launch(gout, inv, x_dtype, pos_dtype, need_x, need_pos)
+
+
+@_gather_backward_op.register_fake
+def _(gout, inv, x_dtype, pos_dtype, need_x, need_pos):
+    B, N = inv.shape
+    C = gout.shape[2]
+    return (gout.new_empty((B, N, C) if need_x else (0,), dtype=x_dtype),
+            gout.new_empty((N, C) if need_pos else (0,), dtype=pos_dtype))
+
+
+def _gather_setup_context(ctx, inputs, output):
+    x, _, pos, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.dtypes = (x.dtype, pos.dtype if pos is not None else x.dtype)
+    ctx.has_pos = pos is not None
+
+
+def _gather_backward(ctx, gout, _ginv):
+    (inv,) = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_pos = ctx.has_pos and ctx.needs_input_grad[2]
+    if not (need_x or need_pos):
+        return None, None, None, None
+    if inv.dim() != 2:
+        raise RuntimeError("gather_tokens: the forward ran without grad mode, so its inverse map was not kept")
+    gx, gpos = _gather_backward_op(gout, inv, *ctx.dtypes, need_x, need_pos)
+    return gx if need_x else None, None, gpos if need_pos else None, None
+
+
+torch.library.register_autograd("ivfast::gather_tokens", _gather_backward, setup_context=_gather_setup_context)
 
 
 def gather_tokens_triton(x: Tensor, ids: Tensor, pos: Optional[Tensor] = None) -> Tensor:
-    return GatherTokens.apply(x, ids, pos)
+    """x [B, N, C], ids [B, K] (distinct per row), pos [N, C] or None -> [B, K, C]."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (pos is not None and pos.requires_grad))
+    return _gather_op(x, ids, pos, needs_grad)[0]
 
 
 # =========================================================================== 2. assemble
@@ -231,76 +276,120 @@ def _assemble_bwd_kernel(gout_ptr, inv_ptr, gvis_ptr, gpos_ptr, gmt_part_ptr,
         tl.store(gmt_part_ptr + part.to(tl.int64) * C + rc, acc_mt, mask=cmask)
 
 
-class AssembleSequence(torch.autograd.Function):
-    """visible [B, K, C], ids_keep [B, K], ids_mask [B, M], mask_token [C], pos [N, C] | None."""
+def _assemble_out_dtype(visible: Tensor, mask_token: Tensor, pos: Optional[Tensor]) -> torch.dtype:
+    dt = torch.promote_types(visible.dtype, mask_token.dtype)
+    return dt if pos is None else torch.promote_types(dt, pos.dtype)
 
-    @staticmethod
-    def forward(ctx, visible: Tensor, ids_keep: Tensor, ids_mask: Tensor, mask_token: Tensor,
-                pos: Optional[Tensor]):
-        B, K, C = visible.shape
-        M = ids_mask.shape[1]
-        N = K + M
-        visible = _last_dim_contiguous(visible)
-        ids_keep = _last_dim_contiguous(ids_keep)
-        ids_mask = _last_dim_contiguous(ids_mask)
-        mask_token = mask_token.contiguous()
-        has_pos = pos is not None
-        if has_pos:
-            pos = _last_dim_contiguous(pos)
-        out_dtype = torch.promote_types(visible.dtype, mask_token.dtype)
-        if has_pos:
-            out_dtype = torch.promote_types(out_dtype, pos.dtype)
-        out = torch.empty((B, N, C), dtype=out_dtype, device=visible.device)
-        need_vis, need_mt = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        need_pos = has_pos and ctx.needs_input_grad[4]
-        write_inv = need_vis or need_mt
-        inv = torch.empty((B, N), dtype=torch.int32, device=visible.device) if write_inv else ids_keep
-        BLOCK_R, BLOCK_C, warps = _row_settings(C)
-        if out.numel() > 0:
-            grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C), B)
-            _assemble_fwd_kernel[grid](
-                visible, ids_keep, ids_mask, mask_token, pos if has_pos else visible, out, inv,
-                N, K, M, C, visible.stride(0), visible.stride(1), ids_keep.stride(0), ids_mask.stride(0),
-                pos.stride(0) if has_pos else 0,
-                HAS_POS=has_pos, WRITE_INV=write_inv, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
-        ctx.save_for_backward(inv)
-        ctx.meta = (B, N, K, C, visible.dtype, mask_token.dtype, pos.dtype if has_pos else None,
-                    need_vis, need_mt, need_pos)
-        return out
 
-    @staticmethod
-    def backward(ctx, gout: Tensor):
-        (inv,) = ctx.saved_tensors
-        B, N, K, C, vis_dtype, mt_dtype, pos_dtype, need_vis, need_mt, need_pos = ctx.meta
-        if not (need_vis or need_mt or need_pos):
-            return None, None, None, None, None
-        dev = gout.device
-        gout = _last_dim_contiguous(gout)
-        gvis = torch.empty((B, K, C), dtype=vis_dtype, device=dev) if need_vis else None
-        gpos = torch.empty((N, C), dtype=pos_dtype, device=dev) if need_pos else None
-        gmt = None
+def _assemble_launch(visible: Tensor, ids_keep: Tensor, ids_mask: Tensor, mask_token: Tensor,
+                     pos: Optional[Tensor], write_inv: bool):
+    B, K, C = visible.shape
+    M = ids_mask.shape[1]
+    N = K + M
+    visible, ids_keep, ids_mask = (_last_dim_contiguous(t) for t in (visible, ids_keep, ids_mask))
+    mask_token = mask_token.contiguous()
+    has_pos = pos is not None
+    if has_pos:
+        pos = _last_dim_contiguous(pos)
+    out = torch.empty((B, N, C), dtype=_assemble_out_dtype(visible, mask_token, pos), device=visible.device)
+    # every position is either kept or masked, so the kernel writes all of inv
+    inv = torch.empty((B, N) if write_inv else (0,), dtype=torch.int32, device=visible.device)
+    if out.numel() > 0:
         BLOCK_R, BLOCK_C, warps = _row_settings(C)
-        b_per_prog = B if need_pos else 1
-        n_rblocks = triton.cdiv(N, BLOCK_R)
-        n_groups = triton.cdiv(B, b_per_prog) if B > 0 else 0
-        part = torch.zeros((max(n_groups * n_rblocks, 1), C), dtype=torch.float32, device=dev) if need_mt else None
-        if B * N * C > 0:
-            grid = (n_rblocks, triton.cdiv(C, BLOCK_C), n_groups)
-            _assemble_bwd_kernel[grid](
-                gout, inv, gvis if need_vis else gout, gpos if need_pos else gout,
-                part if need_mt else gout, B, N, K, C, gout.stride(0), gout.stride(1), b_per_prog,
-                NEED_VIS=need_vis, NEED_MT=need_mt, NEED_POS=need_pos,
-                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
-        elif need_pos:
-            gpos.zero_()
-        if need_mt:
-            gmt = part.sum(0).to(mt_dtype)    # fixed-order reduction of per-block partials
-        return gvis, None, None, gmt, gpos
+        grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C), B)
+        _assemble_fwd_kernel[grid](
+            visible, ids_keep, ids_mask, mask_token, pos if has_pos else visible, out, inv,
+            N, K, M, C, visible.stride(0), visible.stride(1), ids_keep.stride(0), ids_mask.stride(0),
+            pos.stride(0) if has_pos else 0,
+            HAS_POS=has_pos, WRITE_INV=write_inv, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+    return out, inv
+
+
+def _assemble_backward_launch(gout: Tensor, inv: Tensor, K: int, vis_dtype: torch.dtype, mt_dtype: torch.dtype,
+                              pos_dtype: torch.dtype, need_vis: bool, need_mt: bool, need_pos: bool):
+    B, N, C = gout.shape
+    dev = gout.device
+    gout = _last_dim_contiguous(gout)
+    runs = B * N * C > 0 and (need_vis or need_mt or need_pos)
+    alloc = torch.empty if runs else torch.zeros     # the kernel writes all it owns
+    gvis = torch.empty((B, K, C) if need_vis else (0,), dtype=vis_dtype, device=dev)
+    gpos = alloc((N, C) if need_pos else (0,), dtype=pos_dtype, device=dev)
+    BLOCK_R, BLOCK_C, warps = _row_settings(C)
+    b_per_prog = B if need_pos else 1
+    n_rblocks = triton.cdiv(N, BLOCK_R)
+    n_groups = B // b_per_prog if B > 0 else 0
+    part = alloc((max(n_groups * n_rblocks, 1), C) if need_mt else (0,), dtype=torch.float32, device=dev)
+    if runs:
+        grid = (n_rblocks, triton.cdiv(C, BLOCK_C), n_groups)
+        _assemble_bwd_kernel[grid](
+            gout, inv, gvis if need_vis else gout, gpos if need_pos else gout,
+            part if need_mt else gout, B, N, K, C, gout.stride(0), gout.stride(1), b_per_prog,
+            NEED_VIS=need_vis, NEED_MT=need_mt, NEED_POS=need_pos,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+    # fixed-order reduction of the per-block partial sums: deterministic
+    gmt = part.sum(0).to(mt_dtype) if need_mt else gout.new_empty((0,), dtype=mt_dtype)
+    return gvis, gmt, gpos
+
+
+@torch.library.custom_op("ivfast::assemble_sequence", mutates_args=())
+def _assemble_op(visible: Tensor, ids_keep: Tensor, ids_mask: Tensor, mask_token: Tensor,
+                 pos: Optional[Tensor], write_inv: bool) -> tuple[Tensor, Tensor]:
+    return _assemble_launch(visible, ids_keep, ids_mask, mask_token, pos, write_inv)
+
+
+@_assemble_op.register_fake
+def _(visible, ids_keep, ids_mask, mask_token, pos, write_inv):
+    B, K, C = visible.shape
+    N = K + ids_mask.shape[1]
+    out = visible.new_empty((B, N, C), dtype=_assemble_out_dtype(visible, mask_token, pos))
+    return out, visible.new_empty((B, N) if write_inv else (0,), dtype=torch.int32)
+
+
+@torch.library.custom_op("ivfast::assemble_sequence_backward", mutates_args=())
+def _assemble_backward_op(gout: Tensor, inv: Tensor, K: int, vis_dtype: torch.dtype, mt_dtype: torch.dtype,
+                          pos_dtype: torch.dtype, need_vis: bool, need_mt: bool,
+                          need_pos: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _assemble_backward_launch(gout, inv, K, vis_dtype, mt_dtype, pos_dtype, need_vis, need_mt, need_pos)
+
+
+@_assemble_backward_op.register_fake
+def _(gout, inv, K, vis_dtype, mt_dtype, pos_dtype, need_vis, need_mt, need_pos):
+    B, N, C = gout.shape
+    return (gout.new_empty((B, K, C) if need_vis else (0,), dtype=vis_dtype),
+            gout.new_empty((C,) if need_mt else (0,), dtype=mt_dtype),
+            gout.new_empty((N, C) if need_pos else (0,), dtype=pos_dtype))
+
+
+def _assemble_setup_context(ctx, inputs, output):
+    visible, _, _, mask_token, pos, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.K = visible.shape[1]
+    ctx.dtypes = (visible.dtype, mask_token.dtype, pos.dtype if pos is not None else visible.dtype)
+    ctx.has_pos = pos is not None
+
+
+def _assemble_backward(ctx, gout, _ginv):
+    (inv,) = ctx.saved_tensors
+    need_vis, need_mt = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    need_pos = ctx.has_pos and ctx.needs_input_grad[4]
+    if not (need_vis or need_mt or need_pos):
+        return None, None, None, None, None, None
+    if (need_vis or need_mt) and inv.dim() != 2:
+        raise RuntimeError("assemble_sequence: the forward ran without grad mode, so its inverse map was not kept")
+    gvis, gmt, gpos = _assemble_backward_op(gout, inv, ctx.K, *ctx.dtypes, need_vis, need_mt, need_pos)
+    return (gvis if need_vis else None, None, None, gmt if need_mt else None,
+            gpos if need_pos else None, None)
+
+
+torch.library.register_autograd("ivfast::assemble_sequence", _assemble_backward,
+                                setup_context=_assemble_setup_context)
 
 
 def assemble_sequence_triton(visible: Tensor, ids_keep: Tensor, ids_mask: Tensor, mask_token: Tensor,
                              pos: Optional[Tensor] = None) -> Tensor:
-    return AssembleSequence.apply(visible, ids_keep, ids_mask, mask_token, pos)
+    """visible [B, K, C] at ids_keep, mask_token [C] at ids_mask, + pos [N, C] -> [B, N, C]."""
+    needs_grad = torch.is_grad_enabled() and (visible.requires_grad or mask_token.requires_grad)
+    return _assemble_op(visible, ids_keep, ids_mask, mask_token, pos, needs_grad)[0]
 
 
 # =========================================================================== 3. patch targets
@@ -344,9 +433,9 @@ def _patch_targets_kernel(video_ptr, ids_ptr, out_ptr,
     tl.store(out_ptr + (b * M + rm[:, None]) * D + d[None, :], x, mask=m2)
 
 
-def patch_targets_triton(video: Tensor, ids: Tensor, patch: int, tubelet: int,
-                         scale: Sequence[float], shift: Sequence[float], norm_pix: bool, eps: float) -> Tensor:
-    """fp32 [B, M, 3*tubelet*patch*patch]; x -> x*scale[c] + shift[c], then per-patch norm."""
+@torch.library.custom_op("ivfast::patch_targets", mutates_args=())
+def _patch_targets_op(video: Tensor, ids: Tensor, patch: int, tubelet: int, scale: list[float],
+                      shift: list[float], norm_pix: bool, eps: float) -> Tensor:
     B, _, T, H, W = video.shape
     M = ids.shape[1]
     D = 3 * tubelet * patch * patch
@@ -355,6 +444,7 @@ def patch_targets_triton(video: Tensor, ids: Tensor, patch: int, tubelet: int,
     if out.numel() == 0:
         return out
     BLOCK_D = triton.next_power_of_2(D)
+    # several patches per program: neighbouring masked ids share memory sectors of the clip
     BLOCK_M = max(1, min(16 if _INTERPRET else 4, 4096 // BLOCK_D))
     grid = (triton.cdiv(M, BLOCK_M), B)
     _patch_targets_kernel[grid](
@@ -364,3 +454,15 @@ def patch_targets_triton(video: Tensor, ids: Tensor, patch: int, tubelet: int,
         P=patch, TUB=tubelet, NORM_PIX=bool(norm_pix), BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         num_warps=4 if BLOCK_D <= 1024 else 8)
     return out
+
+
+@_patch_targets_op.register_fake
+def _(video, ids, patch, tubelet, scale, shift, norm_pix, eps):
+    return video.new_empty((video.shape[0], ids.shape[1], 3 * tubelet * patch * patch), dtype=torch.float32)
+
+
+def patch_targets_triton(video: Tensor, ids: Tensor, patch: int, tubelet: int,
+                         scale: Sequence[float], shift: Sequence[float], norm_pix: bool, eps: float) -> Tensor:
+    """fp32 [B, M, 3*tubelet*patch*patch]; x -> x*scale[c] + shift[c], then per-patch norm. No grad."""
+    return _patch_targets_op(video.detach(), ids, int(patch), int(tubelet), [float(s) for s in scale],
+                             [float(s) for s in shift], bool(norm_pix), float(eps))

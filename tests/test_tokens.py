@@ -239,6 +239,27 @@ def test_compile_impl_matches_eager():
     torch.testing.assert_close(gp, rp)
 
 
+def test_triton_impl_traces_into_torch_compile_without_graph_breaks():
+    """The kernels are torch.library custom ops: a compiled model keeps them in one graph."""
+    B, N, K, C = 2, 13, 5, 6
+    keep, mask = _perm_ids(B, N, K, seed=23)
+    x, pos = _randn(B, N, C, seed=24, grad=True), _randn(N, C, seed=25, grad=True)
+    mt = _randn(C, seed=26, grad=True)
+    video = torch.randint(0, 256, (B, 3, 1, 14, 13 * 14), dtype=torch.uint8).to(DEV)
+
+    def step(x, pos, mt):
+        vis = ops.gather_tokens(x, keep, pos, impl="triton")
+        full = ops.assemble_sequence(vis * 2, keep, mask, mt, pos, impl="triton")
+        tgt = ops.patch_targets(video, mask, 14, 1, MEAN, STD, impl="triton")
+        return full.square().sum() + tgt.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, pos, mt), (x, pos, mt))
+    want = torch.autograd.grad(step(x, pos, mt), (x, pos, mt))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.skipif(DEV != "cpu", reason="tests the CPU fallback")
 def test_triton_impl_falls_back_to_reference_without_interpreter(monkeypatch):
     import ivfast.kernels.tokens as kt
