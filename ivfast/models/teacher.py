@@ -168,10 +168,10 @@ class SiglipTeacher(nn.Module):
         H, hd = self.heads, D // self.heads
         wq, wk, wv = mha.in_proj_weight.chunk(3)
         bq, bk, bv = mha.in_proj_bias.chunk(3)
-        q = F.linear(head.probe, wq, bq).reshape(1, H, hd)                   # same probe for every image
+        q = F.linear(head.probe.expand(B, 1, D), wq, bq).reshape(B, H, hd)   # same probe for every image
         k = F.linear(x, wk, bk).reshape(B, N, H, hd)
         v = F.linear(x, wv, bv).reshape(B, N, H, hd)
-        logits = torch.einsum("hd,bnhd->bhn", q[0].float(), k.float()) * hd ** -0.5
+        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * hd ** -0.5
         attn = logits.softmax(-1)                                            # [B, H, N]
         o = torch.einsum("bhn,bnhd->bhd", attn.to(v.dtype), v).reshape(B, 1, D)
         o = mha.out_proj(o)

@@ -1,0 +1,132 @@
+"""Analytic model FLOPs per clip, for MFU.
+
+Counted like ``torch.utils.flop_counter.FlopCounterMode`` counts (and tested against it on small
+configs): ``2*M*N*K`` for every GEMM / batched GEMM / convolution, attention as its two GEMMs
+(``4 * L_q * L_k * d`` forward), nothing for element-wise work (norms, activations, RoPE, softmax).
+Backward is what autograd runs: 2x the forward for a layer whose input needs a gradient, 1x (the
+weight gradient only) for a layer fed by data (the decoder's noisy-target and timestep layers; not
+the patch embedding, whose input is the output of a learnable RMSNorm). Frozen teachers run forward only.
+
+Local (sliding-window) attention counts only the (query, key) pairs inside the window, i.e. the
+useful work a windowed kernel (flash-attn) does; ``dense_local=True`` counts all pairs, which is
+what a dense masked kernel (SDPA with a band mask) executes and what FlopCounterMode reports there.
+
+Token counts per clip: stage 1 keeps ``n - int(ratio * n)`` tokens of every frame's ``n``; stage 2
+takes the visible count of each mask set from ``keep=`` or, by default, the mean over a batch of
+masks drawn by ``ivfast.masking.multiblock_masks`` with a fixed seed.
+"""
+from __future__ import annotations
+
+from .predictor import layer_is_global
+from .teacher import teacher_arch
+
+
+def _lin(rows: int, i: int, o: int) -> int:
+    return 2 * rows * i * o
+
+
+def attention_pairs(n: int, window: int | None) -> int:
+    """Number of (query, key) pairs attended in a length-``n`` sequence (``|i - j| <= window``)."""
+    if window is None or window >= n - 1:
+        return n * n
+    w = window
+    # every row has 2w+1 keys, minus what falls off the two ends: 2 * (w + (w-1) + ... + 1)
+    return n * (2 * w + 1) - w * (w + 1)
+
+
+def encoder_flops(ecfg, tokens: int) -> dict:
+    """Forward FLOPs of the ViT on ``tokens`` patch tokens (+ its cls tokens), one clip."""
+    d, L = ecfg.dim, ecfg.num_cls + tokens
+    hidden = int(d * ecfg.mlp_ratio)
+    patch = _lin(tokens, 3 * ecfg.tubelet * ecfg.patch_size ** 2, d)
+    per_block = (_lin(L, d, 3 * d) + 4 * L * L * d + _lin(L, d, d)
+                 + _lin(L, d, hidden) + _lin(L, hidden, d))
+    return dict(patch=patch, blocks=ecfg.depth * per_block)
+
+
+def predictor_flops(pcfg, enc_dim: int, seq: int, dense_local: bool = False) -> int:
+    """Forward FLOPs of the predictor (input MLP + ModernBERT layers) on a ``seq``-long sequence."""
+    D, h = pcfg.dim, pcfg.mlp_hidden
+    total = _lin(seq, enc_dim, enc_dim) + _lin(seq, enc_dim, D)
+    for j in range(pcfg.layers):
+        glob = layer_is_global(pcfg.first_layer_index + j, pcfg.global_every)
+        pairs = attention_pairs(seq, None if (glob or dense_local) else pcfg.local_window // 2)
+        total += _lin(seq, D, 3 * D) + 4 * pairs * D + _lin(seq, D, D) + _lin(seq, D, 2 * h) + _lin(seq, h, D)
+    return total
+
+
+def siglip_flops(arch: dict, frames: int, tokens: int, patch: int) -> int:
+    """Forward FLOPs of a SigLIP vision tower with its pooling head on ``frames`` images."""
+    D, m = arch["dim"], arch["mlp_hidden"]
+    n = tokens
+    per_image = _lin(n, 3 * patch * patch, D)
+    per_image += arch["depth"] * (4 * _lin(n, D, D) + 4 * n * n * D + _lin(n, D, m) + _lin(n, m, D))
+    # pooling head: probe q, k and v projections, 1 x n attention, out proj, MLP on the pooled vector
+    per_image += _lin(1, D, D) + 2 * _lin(n, D, D) + 4 * n * D + _lin(1, D, D) + _lin(1, D, m) + _lin(1, m, D)
+    return frames * per_image
+
+
+def _decoder(rows: int, cfg, target_dim: int, cond_dim: int) -> int:
+    """Decoder forward + backward: the layers fed by data (noisy target, timestep features) get 1x back."""
+    from .diffusion import FREQ_DIM, decoder_flops
+    fwd = decoder_flops(rows, cfg, target_dim, cond_dim)
+    data_fed = _lin(rows * cfg.batch_mul, target_dim, cfg.width) + _lin(rows * cfg.batch_mul, FREQ_DIM, cfg.width)
+    return 3 * fwd - data_fed
+
+
+def stage2_keep(cfg, batch: int = 16, seed: int = 0) -> list[float]:
+    """Mean visible tokens per clip of each stage-2 mask set (sampled with a fixed seed)."""
+    from ivfast.masking import multiblock_masks
+    m, e = cfg.model, cfg.model.encoder
+    grid = (m.num_frames // e.tubelet, m.img_size // e.patch_size, m.img_size // e.patch_size)
+    return [float(k.shape[1]) for k, _ in multiblock_masks(cfg.masking, batch, *grid, seed=seed)]
+
+
+def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = False) -> dict:
+    """Model FLOPs per clip (forward + backward; teachers forward only) of ``cfg.stage``.
+
+    Returns ``dict(encoder, predictor, decoder, heads, teacher, total)`` (floats) plus the token
+    counts used (``visible``, ``masked``: per clip, lists for stage 2's mask sets).
+    """
+    m, e, p = cfg.model, cfg.model.encoder, cfg.model.predictor
+    T, S = m.num_frames // e.tubelet, m.img_size // e.patch_size
+    n_frame = S * S
+    N = T * n_frame
+    d, C = e.dim, e.num_cls
+    seq = C + N
+    out = dict(encoder=0.0, predictor=0.0, decoder=0.0, heads=0.0, teacher=0.0)
+
+    def trained_encoder(tokens):
+        f = encoder_flops(e, tokens)
+        # the patch embedding's input carries a gradient too: it feeds the learnable patch RMSNorm
+        return 3 * (f["patch"] + f["blocks"])
+
+    if cfg.stage == 1:
+        per_frame_keep = n_frame - int(cfg.masking.ratio * n_frame)
+        K = T * per_frame_keep
+        M = N - K
+        out["encoder"] = trained_encoder(K)
+        out["predictor"] = 3 * predictor_flops(p, d, seq, dense_local)
+        out["decoder"] = _decoder(M, m.decoder, 3 * e.tubelet * e.patch_size ** 2, p.dim)
+        arch = teacher_arch(m.teacher, m.align_dim)
+        Dt, L = arch["dim"], C + K
+        heads = len(m.teacher.student_layers) * (_lin(K, d, d) + _lin(K, d, Dt))
+        heads += _lin(1, d, d) + 2 * _lin(L, d, d) + 4 * L * d + _lin(1, d, m.pool_dim)   # attention pool
+        heads += _lin(1, m.pool_dim, m.pool_dim) + _lin(1, m.pool_dim, Dt)                # final head
+        out["heads"] = 3 * heads
+        t_tokens = (m.teacher.img_size // m.teacher.patch_size) ** 2
+        out["teacher"] = siglip_flops(arch, m.num_frames, t_tokens, m.teacher.patch_size)
+        out.update(visible=K, masked=M)
+    elif cfg.stage == 2:
+        keeps = list(keep) if keep is not None else stage2_keep(cfg)
+        for K in keeps:
+            out["encoder"] += trained_encoder(K)
+            out["predictor"] += 3 * predictor_flops(p, d, seq, dense_local)
+            out["heads"] += 3 * _lin(N - K, p.dim, d)
+        f = encoder_flops(e, N)
+        out["teacher"] = f["patch"] + f["blocks"]
+        out.update(visible=keeps, masked=[N - k for k in keeps])
+    else:
+        raise ValueError(f"stage must be 1 or 2, got {cfg.stage!r}")
+    out["total"] = sum(out[k] for k in ("encoder", "predictor", "decoder", "heads", "teacher"))
+    return out
