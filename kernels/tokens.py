@@ -72,7 +72,7 @@ def _gather_fwd_kernel(x_ptr, pos_ptr, ids_ptr, out_ptr, inv_ptr,
 
 @triton.jit
 def _gather_bwd_kernel(gout_ptr, inv_ptr, gx_ptr, gpos_ptr,
-                       B, N, C, stride_gb, stride_gk, b_per_prog,
+                       N, C, stride_gb, stride_gk, b_per_prog,
                        NEED_X: tl.constexpr, NEED_POS: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -143,7 +143,7 @@ def _gather_backward_launch(gout: Tensor, inv: Tensor, x_dtype: torch.dtype, pos
         grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(C, BLOCK_C), B // b_per_prog)
         _gather_bwd_kernel[grid](
             gout, inv, gx if need_x else gout, gpos if need_pos else gout,
-            B, N, C, gout.stride(0), gout.stride(1), b_per_prog,
+            N, C, gout.stride(0), gout.stride(1), b_per_prog,
             NEED_X=need_x, NEED_POS=need_pos, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
     return gx, gpos
 
@@ -240,7 +240,7 @@ def _assemble_fwd_kernel(vis_ptr, keep_ptr, mid_ptr, mt_ptr, pos_ptr, out_ptr, i
 
 @triton.jit
 def _assemble_bwd_kernel(gout_ptr, inv_ptr, gvis_ptr, gpos_ptr, gmt_part_ptr,
-                         B, N, K, C, stride_gb, stride_gn, b_per_prog,
+                         N, K, C, stride_gb, stride_gn, b_per_prog,
                          NEED_VIS: tl.constexpr, NEED_MT: tl.constexpr, NEED_POS: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -323,7 +323,7 @@ def _assemble_backward_launch(gout: Tensor, inv: Tensor, K: int, vis_dtype: torc
         grid = (n_rblocks, triton.cdiv(C, BLOCK_C), n_groups)
         _assemble_bwd_kernel[grid](
             gout, inv, gvis if need_vis else gout, gpos if need_pos else gout,
-            part if need_mt else gout, B, N, K, C, gout.stride(0), gout.stride(1), b_per_prog,
+            part if need_mt else gout, N, K, C, gout.stride(0), gout.stride(1), b_per_prog,
             NEED_VIS=need_vis, NEED_MT=need_mt, NEED_POS=need_pos,
             BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
     # fixed-order reduction of the per-block partial sums: deterministic
