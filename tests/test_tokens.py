@@ -76,6 +76,7 @@ def test_references_match_loops():
     (3, 50, 17, 300, True, torch.int64),     # C over one 256-wide block, rows not a block multiple
     (1, 23, 23, 8, False, torch.int32),      # K = N (all picked), feature picking without pos
     (2, 40, 5, 33, False, torch.int64),
+    (1, 9, 4, 1536, True, torch.int32),      # the decoder / teacher width
 ])
 def test_gather_forward_backward(dtype, B, N, K, C, with_pos, id_dtype):
     ids, _ = _perm_ids(B, N, K, seed=B + N, dtype=id_dtype)
@@ -134,6 +135,7 @@ def test_gather_partial_grads(grad_x, grad_pos):
     (3, 45, 11, 300, True),
     (2, 30, 29, 16, False),     # a single masked position
     (1, 17, 1, 7, True),        # a single visible position
+    (2, 9, 4, 1536, True),      # the decoder / teacher width
 ])
 def test_assemble_forward_backward(dtype, B, N, K, C, with_pos):
     keep, mask = _perm_ids(B, N, K, seed=N + C)
