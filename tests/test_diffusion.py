@@ -133,3 +133,62 @@ def test_decoder_flops_counts_gemms():
         m(torch.randn(5, 12), torch.zeros(5, dtype=torch.long), torch.randn(5, 16))
     assert decoder_flops(5, cfg, 12, 16) == fc.get_total_flops()
     assert decoder_flops(5, DecoderConfig(depth=2, width=32, batch_mul=4), 12, 16) == 4 * fc.get_total_flops()
+
+
+def test_sampler_with_oracle_model_recovers_x0():
+    """A model that returns the exact noise (and the posterior variance) must lead the
+    ancestral sampler back to x0 from any x_T, for every respacing."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion.from_config("cosine", 1000)
+    x0 = torch.randn(8, 12)
+    ac = d.alphas_cumprod.float()
+
+    def oracle(x, t):
+        a = ac[t][:, None]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+    for steps in [10, 100]:
+        s = d.respace(steps).sample(oracle, torch.randn(8, 12))
+        assert (s - x0).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_train_decoder_until_sampler_reconstructs():
+    """Functional test: fit 24 fixed patches, each with its own condition z, then sample them back.
+
+    Threshold: normalised MSE = mean((sample - target)^2) / var(target). A decoder that ignores z
+    at best outputs the mean (nMSE 1) and sampling the marginal gives nMSE 2; we require 0.1, ten
+    times below anything z-blind. Runs here reach 0.005-0.03 (3 sampler seeds checked). The sampler
+    clamps x0 to the targets' range (sample_clip 2.5): without it the first cosine step
+    (t = 999, abar ~ 2e-9) amplifies this small model's eps error past recovery.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny GEMMs: a thread pool only adds sync cost on a busy 2-core CI box
+    try:
+        _train_and_reconstruct()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_reconstruct():
+    torch.manual_seed(0)
+    n, c, zd, steps = 24, 12, 8, 400
+    target = torch.randn(n, c).clamp(-2, 2)
+    z = torch.randn(n, zd)
+    cfg = DecoderConfig(depth=2, width=64, impl="eager", batch_mul=8, sample_steps=25, sample_clip=2.5)
+    m = DiffusionLoss(cfg, c, zd)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    first = None
+    for _ in range(steps):
+        out = m(target, z)
+        first = out["loss"].item() if first is None else first
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        sched.step()
+    assert out["loss"].item() < 0.1 * first
+    s = m.sample(z, generator=torch.Generator().manual_seed(0))
+    nmse = ((s - target) ** 2).mean() / target.var()
+    assert nmse.item() < 0.1, nmse.item()

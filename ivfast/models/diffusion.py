@@ -372,8 +372,14 @@ class GaussianDiffusion:
         return mean, self._at(tb["post_logvar"], t).expand_as(xt)
 
     # ------------------------------------------------------------------ reverse process
-    def p_mean_variance(self, model_out: Tensor, xt: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """Mean / log-variance of p(x_{t-1} | x_t) from the model output (fp32 maths)."""
+    def p_mean_variance(self, model_out: Tensor, xt: Tensor, t: Tensor, clip: float = 0.0) -> dict[str, Tensor]:
+        """Mean / log-variance of p(x_{t-1} | x_t) from the model output (fp32 maths).
+
+        ``clip > 0`` clamps the predicted x_0 to [-clip, clip] first (improved DDPM's
+        ``clip_denoised``). Near t = T of the cosine schedule x_0 = (x_t - sqrt(1 - abar) eps) /
+        sqrt(abar) multiplies eps errors by up to ~2e4, so a clamp to the data's known range keeps
+        an imperfect model's first steps in range; the released code samples without it.
+        """
         tb = self.tables(xt.device)
         model_out = model_out.float()
         c = xt.shape[1]
@@ -390,6 +396,8 @@ class GaussianDiffusion:
                 else tb["log_betas"]
             logvar = self._at(big, t).expand_as(xt)
         x0_pred = self._at(tb["sqrt_recip_ac"], t) * xt - self._at(tb["sqrt_recipm1_ac"], t) * eps
+        if clip > 0:
+            x0_pred = x0_pred.clamp(-clip, clip)
         mean, _ = self.q_posterior_mean_variance(x0_pred, xt, t)
         return dict(mean=mean, log_variance=logvar, pred_xstart=x0_pred, eps=eps)
 
@@ -425,16 +433,17 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     @torch.no_grad()
-    def sample(self, model: Callable[[Tensor, Tensor], Tensor], noise: Tensor,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, temperature: float = 1.0,
+               generator: torch.Generator | None = None, clip: float = 0.0) -> Tensor:
         """Ancestral sampling from ``noise`` (x_T) through all of this diffusion's steps;
-        the per-step noise is scaled by ``temperature`` (MAR). Returns x_0 (fp32)."""
+        the per-step noise is scaled by ``temperature`` (MAR); ``clip`` as in
+        :meth:`p_mean_variance`. Returns x_0 (fp32)."""
         tb = self.tables(noise.device)
         x = noise.float()
         n = x.shape[0]
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, device=x.device, dtype=torch.long)
-            out = self.p_mean_variance(model(x, tb["timestep_map"][t]), x, t)
+            out = self.p_mean_variance(model(x, tb["timestep_map"][t]), x, t, clip)
             if i > 0:
                 z = torch.randn(x.shape, device=x.device, generator=generator)
                 x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z * temperature
@@ -485,12 +494,14 @@ class DiffusionLoss(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: Tensor, steps: int | None = None, temperature: float | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, clip: float | None = None) -> Tensor:
         """Reconstruct ``[R, target_dim]`` patches from conditions ``z[R, cond_dim]`` with the
-        ancestral sampler over ``steps`` (default ``cfg.sample_steps``) respaced steps."""
+        ancestral sampler over ``steps`` (default ``cfg.sample_steps``) respaced steps;
+        ``temperature`` and ``clip`` default to ``cfg.temperature`` / ``cfg.sample_clip``."""
         if z.dim() != 2 or z.shape[1] != self.cond_dim:
             raise ValueError(f"DiffusionLoss.sample: z must be [rows, {self.cond_dim}], got {tuple(z.shape)}")
         steps = self.cfg.sample_steps if steps is None else steps
         temperature = self.cfg.temperature if temperature is None else temperature
+        clip = self.cfg.sample_clip if clip is None else clip
         noise = torch.randn(z.shape[0], self.target_dim, device=z.device, generator=generator)
-        return self.sampler(steps).sample(lambda x, t: self.net(x, t, z), noise, temperature, generator)
+        return self.sampler(steps).sample(lambda x, t: self.net(x, t, z), noise, temperature, generator, clip)
