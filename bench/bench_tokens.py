@@ -6,7 +6,8 @@
                                                    # the script runs; its timings mean nothing
 
 For each op, pass and implementation: median time, GB/s moved (the bytes the op must read and
-write at least: gathered rows, positions, outputs, gradients, ids) and the % of the device's
+write at least: gathered rows, outputs, gradients, ids, and the [N, C] position table counted
+once, although every batch element reads it: L2 serves the repeats) and the % of the device's
 copy bandwidth measured in the same run (a plain device-to-device ``copy_`` of 1 GiB).
 Targets (issue 5): >= 85 % of copy bandwidth for gather / assemble / patch targets, and faster
 than torch.compile. Also times ``semantic_mask`` (topk / sample) at the same shapes.
@@ -118,7 +119,7 @@ def cases():
         ids_bytes = B * K * 4
         yield dict(op="gather+pos", shape=tag, inputs=(x, pos),
                    fn=lambda impl, x=x, pos=pos, keep=keep: ops.gather_tokens(x, keep, pos, impl=impl),
-                   fwd_bytes=3 * B * K * C * s + ids_bytes,                      # x rows, pos rows, out
+                   fwd_bytes=2 * B * K * C * s + N * C * s + ids_bytes,          # x rows, out, pos table once
                    bwd_bytes=B * K * C * s + B * N * C * s + N * C * s + B * N * 4)  # gout, gx, gpos, inv
 
         feats = torch.randn(B, N, Df, device=DEV, dtype=DTYPE, requires_grad=True)
@@ -132,7 +133,7 @@ def cases():
         yield dict(op="assemble", shape=tag, inputs=(vis, mt, pos),
                    fn=lambda impl, v=vis, mt=mt, pos=pos, keep=keep, mask=mask:
                        ops.assemble_sequence(v, keep, mask, mt, pos, impl=impl),
-                   fwd_bytes=B * K * C * s + 2 * B * N * C * s + B * N * 4,          # vis, pos rows, out, ids
+                   fwd_bytes=B * K * C * s + B * N * C * s + N * C * s + B * N * 4,  # vis, out, pos table, ids
                    bwd_bytes=B * N * C * s + B * K * C * s + N * C * s + B * N * 4)  # gout, gvis, gpos, inv
 
         for vdtype in (torch.uint8, torch.float32):
