@@ -15,6 +15,10 @@ Backends, in the order ``"auto"`` tries them:
   The first kernel that accepts the call is *found by running it* (the real call, its output
   is used), cached per (device, dtype, head dim, windowed), pinned with ``sdpa_kernel`` for all
   later calls and logged once, so the report says what ran, not what should have run.
+* ``flex``: ``torch.nn.attention.flex_attention`` (compiled) with a sliding-window block mask, which
+  skips the key blocks outside the window instead of masking a dense score matrix. ``"auto"`` tries
+  it for windowed calls on CUDA when flash-attn is missing; if its first call fails it logs why and
+  pins ``sdpa`` instead. (PyTorch has no FlexAttention backward on CPU.)
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` when chosen explicitly and installed.
 * ``math``: the plain PyTorch reference below (``attention_reference``); also the test oracle.
 
@@ -32,8 +36,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger("ivfast.attention")
 
-Backend = Literal["auto", "flash_attn", "sdpa", "xformers", "math"]
-BACKENDS = ("auto", "flash_attn", "sdpa", "xformers", "math")
+Backend = Literal["auto", "flash_attn", "sdpa", "flex", "xformers", "math"]
+BACKENDS = ("auto", "flash_attn", "sdpa", "flex", "xformers", "math")
 
 _SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
@@ -42,6 +46,8 @@ _SDPA_ORDER_MASKED = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 _resolved: dict[tuple, str] = {}          # call kind -> backend name, for the report
 _sdpa_choice: dict[tuple, SDPBackend] = {}
+_flex_failed: dict[tuple, str] = {}        # call kind -> why flex could not run (auto then uses sdpa)
+_masks: dict[tuple, object] = {}           # cached band masks / flex block masks
 
 
 def _flash_attn_func():
@@ -96,6 +102,15 @@ def band_mask(nq: int, nk: int, window: int, device) -> torch.Tensor:
     return (i - j).abs() <= window
 
 
+def _cached_band_mask(nq, nk, window, device):
+    if torch.compiler.is_compiling():
+        return band_mask(nq, nk, window, device)
+    key = ("band", nq, nk, window, str(device))
+    if key not in _masks:
+        _masks[key] = band_mask(nq, nk, window, device)
+    return _masks[key]
+
+
 def _check(q, k, v, window):
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q [B, Nq, H, D] and k, v [B, Nk, H, D] with the same B, H, D; "
@@ -108,7 +123,7 @@ def _check(q, k, v, window):
 
 def _sdpa(q, k, v, window, key):
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    mask = band_mask(q.shape[1], k.shape[1], window, q.device) if window is not None else None
+    mask = _cached_band_mask(q.shape[1], k.shape[1], window, q.device) if window is not None else None
     if torch.compiler.is_compiling():
         # Inside a compiled graph the probing try/except cannot be traced: use the choice made
         # by an eager call if there was one, otherwise let the compiler pick its kernel.
@@ -135,6 +150,36 @@ def _sdpa(q, k, v, window, key):
     raise RuntimeError("no scaled_dot_product_attention kernel accepted the call:\n  " + "\n  ".join(errors))
 
 
+_flex_compiled = None
+
+
+def _flex(q, k, v, window, key):
+    """FlexAttention with a sliding-window block mask (all keys when ``window`` is None)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    nq, nk = q.shape[1], k.shape[1]
+    w = nk if window is None else window
+
+    def window_mod(b, h, qi, ki):
+        return (qi - ki).abs() <= w
+
+    mkey = ("flex", nq, nk, w, str(q.device))
+    block_mask = None if torch.compiler.is_compiling() else _masks.get(mkey)
+    if block_mask is None:
+        block_mask = create_block_mask(window_mod, None, None, nq, nk, device=q.device)
+        if not torch.compiler.is_compiling():
+            _masks[mkey] = block_mask
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():   # eager flex is a slow reference: compile it once
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        fn = _flex_compiled
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    if not torch.compiler.is_compiling():
+        _record(key, "flex")
+    return out.transpose(1, 2)
+
+
 def _xformers(q, k, v, window, key):
     xops = _xformers_ops()
     if xops is None:
@@ -156,6 +201,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int 
     if backend == "auto":
         if _FLASH is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             backend = "flash_attn"
+        elif window is not None and q.is_cuda and key not in _flex_failed:
+            if torch.compiler.is_compiling() or _resolved.get(key) == "flex":
+                return _flex(q, k, v, window, key)
+            try:   # first windowed call: prove flex works here, else fall back for good
+                return _flex(q, k, v, window, key)
+            except Exception as e:
+                _flex_failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("flex attention unavailable for %s (%s); using sdpa with a band mask",
+                            _key_name(key), _flex_failed[key])
+            backend = "sdpa"
         else:
             backend = "sdpa"
     if backend == "flash_attn":
@@ -168,6 +223,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int 
         return _FLASH(q, k, v, window_size=ws)
     if backend == "sdpa":
         return _sdpa(q, k, v, window, key)
+    if backend == "flex":
+        return _flex(q, k, v, window, key)
     if backend == "xformers":
         return _xformers(q, k, v, window, key)
     if backend == "math":
