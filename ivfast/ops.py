@@ -73,7 +73,9 @@ def _triton_runs_on(t: Tensor) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=False)
+    # default (automatic) dynamic shapes: K changes from batch to batch with multi-block masks,
+    # and a static-shape compile would recompile until dynamo's limit and then run eager
+    return torch.compile(fn)
 
 
 # --------------------------------------------------------------------------- 1. gather (+ positions)
