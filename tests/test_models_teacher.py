@@ -62,3 +62,13 @@ def test_teacher_checks():
     assert not t.training          # frozen teacher stays in eval mode
     with pytest.raises(ValueError, match="init_from is empty"):
         build_hf_vision_model(TeacherConfig(tiny=False), 16)
+
+
+def test_random_teacher_has_configured_architecture():
+    tcfg = TeacherConfig(init_from="random", img_size=32, patch_size=8, middle_layers=[1],
+                         dim=24, depth=2, heads=3, mlp_hidden=40)
+    t = build_teacher(tcfg, align_dim=24)
+    conf = t.hf.config
+    assert (conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads, conf.intermediate_size) == (24, 2, 3, 40)
+    out = t(torch.rand(1, 3, 2, 32, 32))
+    assert out.tokens.shape == (1, 2 * 16, 24)

@@ -51,10 +51,13 @@ def teacher_arch(tcfg, align_dim: int) -> dict:
 
 
 def build_hf_vision_model(tcfg, align_dim: int, dtype=torch.float32, seed: int = 0):
-    """The transformers vision model: a tiny random one (``tcfg.tiny``) or ``tcfg.init_from``."""
+    """The transformers vision model: a tiny random one (``tcfg.tiny``), ``tcfg.init_from`` (a local
+    directory or hub id), or ``init_from="random"``: random weights of the configured architecture."""
     import transformers
-    if tcfg.tiny:
-        a = tiny_teacher_arch(align_dim, tcfg.middle_layers)
+    if tcfg.tiny or tcfg.init_from == "random":
+        # tiny: the demo/test teacher; "random": the configured architecture with random weights
+        # (benchmarks and FLOP checks on machines without the checkpoint; never for training)
+        a = teacher_arch(tcfg, align_dim)
         common = dict(hidden_size=a["dim"], intermediate_size=a["mlp_hidden"], num_hidden_layers=a["depth"],
                       num_attention_heads=a["heads"], patch_size=tcfg.patch_size)
         with torch.random.fork_rng(devices=[]):
