@@ -1,1 +1,21 @@
-"""Model building blocks: encoder, predictor, diffusion decoder, teacher."""
+"""Model building blocks: encoder, predictor, diffusion decoder, teacher.
+
+The composed models and helpers the training loop calls are importable from here (lazily, so
+``import ivfast.models`` stays cheap): ``build_model``, ``Stage1Model``, ``Stage2Model``,
+``load_stage1_weights``, ``param_groups`` (``ivfast.models.epd``), ``flops_per_clip``
+(``ivfast.models.flops``) and ``attention``, ``used_backends`` (``ivfast.models.attention``).
+"""
+import importlib
+
+_EXPORTS = {
+    "build_model": "epd", "Stage1Model": "epd", "Stage2Model": "epd", "load_stage1_weights": "epd",
+    "param_groups": "epd", "flops_per_clip": "flops", "used_backends": "attention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
