@@ -128,13 +128,18 @@ def set_rng_state(s: dict) -> None:
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
 
     def _handler(self, signum, frame):
         self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class ProfileWindow:
@@ -393,6 +398,7 @@ class Trainer:
                     log.warning("%s received: saving at step %d and exiting", stop.requested, self.step)
                     break
         finally:
+            stop.restore()
             self.profile.close()
             if bar is not None:
                 bar.close()
@@ -416,7 +422,7 @@ def demo_stage2_config(cfg1: Config, stage1_ckpt: Path) -> Config:
         cfg1, stage=2, masking=masking,
         model=dataclasses.replace(cfg1.model, init_from=str(stage1_ckpt)),
         optim=dataclasses.replace(cfg1.optim, base_lr=cfg1.optim.base_lr / 10, warmup_epochs=0.0),
-        runtime=dataclasses.replace(cfg1.runtime, output_dir=str(Path(cfg1.runtime.output_dir) / "stage2")))
+        runtime=dataclasses.replace(cfg1.runtime, output_dir=str(Path(cfg1.runtime.output_dir).parent / "stage2")))
 
 
 def prepare_demo_data(cfg: Config) -> Config:

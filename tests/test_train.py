@@ -1,0 +1,150 @@
+"""The training loop end to end on CPU: demo, exact resume, two ranks, pre-emption, guards."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ivfast import checkpoint as ckpt
+from ivfast.config import load_config
+from ivfast.train import NonFiniteLossError, Trainer, lr_at
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def clip_list(tmp_path_factory):
+    from ivfast.data.synth import make_videos
+
+    d = tmp_path_factory.mktemp("clips")
+    paths = make_videos(d, num=8, codec="vp9", frames=16, size=(96, 80), seed=1)
+    listing = d / "train.csv"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    return listing
+
+
+def tiny_cfg(clip_list, out, *extra):
+    return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
+                                "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1",
+                                "optim.warmup_epochs=0.5", "runtime.log_every=1", *extra])
+
+
+def test_lr_schedule_shape():
+    lrs = [lr_at(s, 1.0, 0.1, 5, 20) for s in range(21)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1)
+    assert all(a <= b for a, b in zip(lrs[:5], lrs[1:6])) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_resume_matches_uninterrupted_run(clip_list, tmp_path):
+    full = tiny_cfg(clip_list, tmp_path / "full", "runtime.ckpt_every=2", "runtime.keep_last=5")
+    Trainer(full).fit()
+    steps = [p.name for p in ckpt.list_checkpoints(tmp_path / "full" / "checkpoints")]
+    assert steps == ["step_00000002", "step_00000004"]
+    # A run stopped at step 2 leaves exactly this checkpoint; resume it elsewhere and go on to 4.
+    resumed = tiny_cfg(clip_list, tmp_path / "resumed", "runtime.ckpt_every=2", "runtime.keep_last=5")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000002")
+    trainer = Trainer(resumed, resume="auto")
+    assert trainer.step == 2 and trainer.loader.state_dict()["position"] == 2
+    trainer.fit()
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000004" / ckpt.MODEL_FILE))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_00000004" / ckpt.MODEL_FILE))
+    assert a.keys() == b.keys()
+    start = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000002" / ckpt.MODEL_FILE))
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training must change the weights"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "clips_per_s_per_gpu", "tokens_per_s_per_gpu", "time/forward",
+                "time/backward", "time/optimizer", "time/data"):
+        assert key in lines[-1], key
+    assert any(k.startswith("loss_") or k in ("diffusion", "middle", "final") for k in lines[-1]), lines[-1].keys()
+    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_nonfinite_loss_skips_update_and_stops(clip_list, tmp_path):
+    cfg = tiny_cfg(clip_list, tmp_path, "runtime.max_nonfinite=2")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_forward = trainer.model.forward
+
+    def poisoned(video, seed):
+        out = real_forward(video, seed)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        trainer.fit()
+    assert trainer.nonfinite_total == 2
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although every update was skipped"
+
+
+def test_bad_setups_fail_clearly(clip_list, tmp_path):
+    with pytest.raises(Exception, match="model.init_from"):
+        Trainer(tiny_cfg(clip_list, tmp_path, "stage=2", "masking.kind=multiblock"))
+    with pytest.raises(Exception, match="nowhere.csv"):
+        Trainer(tiny_cfg(tmp_path / "nowhere.csv", tmp_path))
+    with pytest.raises(Exception, match="global_batch"):
+        Trainer(tiny_cfg(clip_list, tmp_path, "optim.global_batch=64"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
+    cmd = [sys.executable, "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}",
+           "demo=false", f"runtime.output_dir={tmp_path}", "optim.batch_per_gpu=2", "optim.global_batch=2",
+           "optim.epochs=50", "runtime.log_every=1"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM received" in out
+    latest = ckpt.find_latest(tmp_path / "checkpoints")
+    _, state = ckpt.load_checkpoint(latest)
+    assert 1 <= state["step"] < 50 * 4
+
+
+@pytest.mark.slow
+def test_two_ranks_with_gloo(clip_list, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}", "demo=false",
+           f"runtime.output_dir={tmp_path}", "optim.batch_per_gpu=2", "optim.global_batch=4",
+           "optim.epochs=1", "runtime.log_every=1"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _, state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "checkpoints"))
+    assert state["step"] == 2, "8 clips / (2 ranks x 2 per rank) = 2 steps per epoch"
+    assert isinstance(state["data"], list) and len(state["data"]) == 2, "every rank's data position is saved"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2, "only rank 0 writes metrics"
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end(tmp_path):
+    """The README's first command, reduced: generated clips, stage 1, then stage 2 from it."""
+    out = tmp_path / "demo"
+    res = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "demo", f"runtime.output_dir={out}",
+                          "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1"],
+                         env=ENV, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "done. Output in" in res.stdout
+    s1 = ckpt.find_latest(out / "stage1" / "checkpoints")
+    s2 = ckpt.find_latest(out / "stage2" / "checkpoints")
+    assert s1 is not None and s2 is not None
+    assert load_config(str(s2 / "config.yaml")).model.init_from == str(s1)
+    for stage in ("stage1", "stage2"):
+        assert (out / stage / "metrics.jsonl").read_text().strip()
+        assert list((out / stage / "tensorboard").glob("events.out.tfevents.*"))
