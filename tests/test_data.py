@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 from ivfast.config import load_config
 from ivfast.data import DataError, build_index, build_loader, normalize, read_list, shard_epoch
 from ivfast.data import index as index_mod
-from ivfast.data.loader import split_usable
 from ivfast.data.pyav import BadSample, crop_resize, decode_frames
 from ivfast.data.sampling import (ClipPlan, fixed_offsets, multiscale_crop, plan_clip, sample_rng,
                                   segment_indices, stride_indices)
@@ -82,6 +80,21 @@ def test_synth_cli_and_exact_frames(tmp_path, clips):
     with pytest.raises(BadSample) as e:
         decode_frames(str(clips["vp9"][1]), [3, FRAMES])       # one past the end
     assert e.value.reason == "truncated"
+
+
+def test_seeking_decode_gives_sequential_frame_numbers(tmp_path, monkeypatch):
+    from ivfast.data import pyav as pyav_mod
+    calls = []
+    real = pyav_mod.decode_frames
+    monkeypatch.setattr(pyav_mod, "decode_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for codec in ("vp9", "h264", "mjpeg"):
+        path = make_videos(tmp_path, 1, codec, frames=60, size=(W, H), gop=10)[0]
+        for idx in ([0, 5, 30, 59, 2, 45], [50, 59], [11, 12, 40, 40]):
+            calls.clear()
+            frames = pyav_mod.decode_frames(str(path), idx, seek_gap=3)      # seeks for every jump > 3
+            assert [read_frame_number(f) for f in frames] == idx, (codec, idx)
+            assert len(calls) == 1                                            # no fall-back restart
+            np.testing.assert_array_equal(frames, real(str(path), idx, seek_gap=0))
 
 
 # --------------------------------------------------------------------------- list formats
@@ -177,6 +190,9 @@ def test_index_cache_reused_and_invalidated(tmp_path, clips):
     assert build_index(lst, full=True).probed == 0
     Path(first.cache_path).write_text("not json\n")          # a damaged cache is ignored, not fatal
     assert build_index(lst).probed == 3
+    # the parallel probe (processes) agrees with the serial one
+    many = [str(f) for f in files] * 11
+    assert index_mod.probe_many(many, workers=2) == [index_mod.probe(p) for p in many]
 
 
 def test_every_bad_kind_is_classified(clips, monkeypatch):
@@ -314,6 +330,17 @@ def test_workers_normalized_and_flip_source(tmp_path, clips):
     loader = build_loader(make_cfg(str(rel), tmp_path, index_cache=tmp_path / "i2.jsonl"))
     assert not any(loader.dataset.plan(i, 0, 0).flip for i in range(6))
     assert any(build_loader(make_cfg(lst, tmp_path)).dataset.plan(i, 0, 0).flip for i in range(6))
+
+
+def test_eval_loader_is_centred_and_seed_free(tmp_path, clips):
+    lst = write_list(tmp_path / "l.txt", clips["vp9"][:3])
+    a = build_loader(make_cfg(lst, tmp_path), train=False)
+    b = build_loader(make_cfg(lst, tmp_path, **{}), train=False)
+    b.dataset.seed = 123
+    for i in range(3):
+        pa, pb = a.dataset.plan(i, 0, 0), b.dataset.plan(i, 5, 0)
+        assert np.array_equal(pa.frames, pb.frames) and pa.crop == pb.crop == (8, 0, 80, 80) and not pa.flip
+        np.testing.assert_array_equal(pa.frames, [3, 9, 15, 21])
 
 
 def test_inspect_cli(tmp_path, clips):

@@ -142,3 +142,20 @@ def test_backend_choice():
     assert choose_backend("auto", torch.device("cpu")) == "pyav"         # DALI on CPU only when asked
     assert choose_backend("dali", torch.device("cpu")) == "dali"
     assert choose_backend("pyav", torch.device("cuda")) == "pyav"
+
+
+def test_dali_early_stop_and_resume(tmp_path, vids):
+    import threading
+    lst = tmp_path / "l.txt"
+    lst.write_text("".join(f"{f}\n" for f in vids["vp9"] + vids["h264"]))
+    cfg = cfg_for(lst, tmp_path, "dali")
+    full = [b["index"] for b in build_loader(cfg)]
+    loader = build_loader(cfg)
+    it = iter(loader)
+    first = next(it)
+    it.close()                                                            # the consumer stops early
+    assert not any(t.name == "ivfast-dali-producer" for t in threading.enumerate())
+    assert torch.equal(first["index"], full[0]) and loader.state_dict()["position"] == 1
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(loader.state_dict())
+    assert [b["index"].tolist() for b in resumed] == [x.tolist() for x in full[1:]]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import dali as dali_mod
-from .index import BAD_REASONS, DataError, DatasetIndex, build_index
+from .index import DataError, DatasetIndex, build_index
 from .pyav import BadSample, crop_resize, decode_frames
 from .sampling import ClipPlan, plan_clip, sample_rng
 
@@ -281,14 +281,20 @@ class ClipLoader:
     # ---- iteration
     def __iter__(self) -> Iterator[dict]:
         source = self._iter_dali() if self.backend == "dali" else self._iter_pyav()
-        for batch in source:
-            self._account(batch["bad"])
-            out = self._finish(batch)
-            self.position += 1
-            yield out
+        try:
+            for batch in source:
+                self._account(batch["bad"])
+                out = self._finish(batch)
+                self.position += 1      # counted as consumed once handed over: state_dict() resumes after it
+                yield out
+        finally:                        # a consumer that stops early also stops the producer
+            source.close()
         if self.epoch_bad:
             log.warning("epoch %d: %d decode failures %s (replaced); totals: %s", self.epoch,
                         sum(self.epoch_bad.values()), dict(self.epoch_bad), self.bad_summary())
+        else:
+            log.info("epoch %d done: %d batches, no decode failures; index-time bad files: %s",
+                     self.epoch, self.position, dict(self.index_bad) or "none")
         self.epoch, self.position = self.epoch + 1, 0     # a following plain iteration runs the next epoch
         self.epoch_bad.clear()
 

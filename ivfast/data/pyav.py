@@ -23,22 +23,26 @@ class BadSample(Exception):
         self.reason, self.path, self.detail = reason, path, detail
 
 
-def decode_frames(path: str, indices, threads: int = 1) -> np.ndarray:
+SEEK_GAP = 120   # frames: a longer jump forward seeks to a keyframe instead of decoding through
+
+
+def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP) -> np.ndarray:
     """Decode the frames at ``indices`` (display order, repeats allowed) -> [T, H, W, 3] uint8 RGB.
 
-    Decodes sequentially from the start up to the largest index, keeping only the frames
-    asked for; this counts frames exactly like the index's probe and DALI's frame numbering
-    (frame k = k-th decoded frame), which a timestamp seek cannot promise on every container.
-    Raises :class:`BadSample` ('truncated' when the stream ends early, 'decode_error' on a
-    corrupt payload, 'unreadable' when the container cannot be opened).
+    Frame k is the k-th frame the decoder outputs, as in the index's frame count and DALI's
+    ``frames`` argument. Short jumps are decoded through; a jump of more than ``seek_gap``
+    frames seeks to the keyframe before the target and numbers frames by timestamp from
+    there (k = (pts - pts of frame 0) x fps). A seek that lands past the target, or frames
+    without timestamps, fall back to decoding from the start, so the result is always the
+    sequential numbering. Raises :class:`BadSample` ('truncated' when the stream ends early,
+    'decode_error' on a corrupt payload, 'unreadable' when the container cannot be opened).
     """
     import av
 
     idx = np.asarray(indices, dtype=np.int64)
     if idx.ndim != 1 or idx.size == 0 or idx.min() < 0:
         raise ValueError(f"indices must be a non-empty 1-D list of frame numbers >= 0, got {idx}")
-    wanted = np.unique(idx)
-    need = int(wanted[-1])
+    wanted = [int(w) for w in np.unique(idx)]
     got: dict[int, np.ndarray] = {}
     try:
         container = av.open(path)
@@ -50,21 +54,55 @@ def decode_frames(path: str, indices, threads: int = 1) -> np.ndarray:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO" if threads > 1 else "SLICE"
         stream.thread_count = max(1, threads)
-        k = 0
-        pos = 0
+        rate = stream.average_rate or stream.guessed_rate
+        tb = stream.time_base
+        can_seek = seek_gap > 0 and bool(rate) and bool(tb)
+        k = -1            # number of the last frame decoded
+        pts0 = None       # timestamp of frame 0 (from a decode that started at the beginning)
+        frames_iter = container.decode(stream)
+        by_pts = False    # after a seek, frames are numbered by timestamp
         try:
-            for frame in container.decode(stream):
-                if k == wanted[pos]:
-                    got[k] = frame.to_ndarray(format="rgb24")
-                    pos += 1
-                    if pos == len(wanted):
+            for w in wanted:
+                if w <= k:                               # asked twice (unique() prevents) or passed
+                    continue
+                if can_seek and pts0 is not None and w - k > seek_gap:
+                    container.seek(int(pts0 + (w / float(rate)) / float(tb)), stream=stream, backward=True)
+                    frames_iter, by_pts = container.decode(stream), True
+                    k = -1
+                while k < w:
+                    frame = next(frames_iter, None)
+                    if frame is None:
                         break
-                k += 1
+                    if pts0 is None:
+                        pts0 = frame.pts
+                    if by_pts:
+                        if frame.pts is None:
+                            raise _Restart
+                        n = int(round((frame.pts - pts0) * float(tb) * float(rate)))
+                        if k == -1 and n > w:            # the seek overshot the target
+                            raise _Restart
+                        k = n
+                    else:
+                        k += 1
+                    if k in got or k not in wanted:
+                        continue
+                    got[k] = frame.to_ndarray(format="rgb24")
+                if w not in got:
+                    if by_pts and k > w:                 # timestamps skipped this number
+                        raise _Restart
+                    break                                # the stream ended first
+        except _Restart:
+            return decode_frames(path, indices, threads, seek_gap=0)
         except Exception as e:
-            raise BadSample("decode_error", path, f"frame {k}: {type(e).__name__}: {e}") from e
-    if len(got) < len(wanted):
-        raise BadSample("truncated", path, f"stream ended after {k} frames, frame {need} was asked for")
+            raise BadSample("decode_error", path, f"near frame {k}: {type(e).__name__}: {e}") from e
+    missing = [w for w in wanted if w not in got]
+    if missing:
+        raise BadSample("truncated", path, f"stream ended after frame {k}; frames {missing[:4]} were asked for")
     return np.stack([got[int(i)] for i in idx])
+
+
+class _Restart(Exception):
+    """Timestamps cannot be trusted for this file: decode it from the start."""
 
 
 def crop_resize(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) -> "torch.Tensor":

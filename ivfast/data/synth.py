@@ -60,8 +60,10 @@ def read_frame_number(frame: np.ndarray) -> int:
     return n
 
 
-def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: int = 25) -> Path:
-    """Encode ``frames`` ([T, H, W, 3] uint8 RGB; H and W even) to ``path`` with PyAV."""
+def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: int = 25, gop: int = 0) -> Path:
+    """Encode ``frames`` ([T, H, W, 3] uint8 RGB; H and W even) to ``path`` with PyAV.
+
+    ``gop``: keyframe interval (0 = the encoder's default)."""
     import av
 
     if codec not in CODECS:
@@ -77,6 +79,8 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
     with av.open(str(path), "w") as out:
         stream = out.add_stream(enc, rate=fps, options=dict(options))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if gop:
+            stream.gop_size = gop
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
@@ -87,7 +91,7 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
 
 def make_videos(out_dir: str | Path, num: int, codec: str = "vp9", frames: int = 24,
                 size: tuple[int, int] = (96, 80), fps: int = 25, seed: int = 0,
-                prefix: str = "clip") -> list[Path]:
+                prefix: str = "clip", gop: int = 0) -> list[Path]:
     """Write ``num`` moving-pattern clips of ``frames`` frames at ``size`` = (width, height).
 
     Files are named ``{prefix}_{i:05d}_{codec}.{ext}``; the same seed gives the same pixels.
@@ -112,7 +116,7 @@ def make_videos(out_dir: str | Path, num: int, codec: str = "vp9", frames: int =
             "square": rng.uniform(0, 255, 3),
         }
         clip = np.stack([_frame(i, h, w, p) for i in range(frames)])
-        paths.append(write_video(out_dir / f"{prefix}_{k:05d}_{codec}.{ext}", clip, codec, fps))
+        paths.append(write_video(out_dir / f"{prefix}_{k:05d}_{codec}.{ext}", clip, codec, fps, gop))
     return paths
 
 
@@ -133,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=_parse_size, default=(96, 80), help="WIDTHxHEIGHT, even numbers")
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gop", type=int, default=0, help="keyframe interval (0 = encoder default)")
     ap.add_argument("--list", default="", help="also write a CSV list (path) of the clips here")
     args = ap.parse_args(argv)
-    paths = make_videos(args.out_dir, args.num, args.codec, args.frames, args.size, args.fps, args.seed)
+    paths = make_videos(args.out_dir, args.num, args.codec, args.frames, args.size, args.fps, args.seed,
+                        gop=args.gop)
     if args.list:
         Path(args.list).write_text("path\n" + "".join(f"{p}\n" for p in paths))
     print(f"wrote {len(paths)} {args.codec} clips of {args.frames} frames at "
