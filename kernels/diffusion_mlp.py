@@ -42,7 +42,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # =========================================================================== GEMM
 def _mm_configs() -> list:
     if _INTERPRET:      # the interpreter cannot autotune over several configs; big tiles = few programs
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
     cfgs = []
     for bm, bn, bk, st, wp in [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8),
@@ -199,55 +199,59 @@ def ln_modulate_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 @triton.jit
 def _ln_mod_fwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
-                       W, s_x, s_shift, s_scale, s_h, eps,
-                       AFFINE: tl.constexpr, BLOCK_W: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_W)
-    mask = cols < W
-    x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / W
+                       M, W, s_x, s_shift, s_scale, s_h, eps,
+                       AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """BLOCK_R whole rows per program: h = LN(x) [* w + b] * (1 + scale) + shift."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_W)[None, :]
+    mask = (rows < M) & (cols < W)
+    x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1)[:, None] / W
     xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / W + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1)[:, None] / W + eps)
     h = xc * rstd
     if AFFINE:
-        h = h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) \
-            + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(scale_ptr + row * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
-    sh = tl.load(shift_ptr + row * s_shift + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row * s_h + cols, (h * (1.0 + sc) + sh).to(h_ptr.dtype.element_ty), mask=mask)
+        h = h * tl.load(w_ptr + cols, mask=cols < W, other=0.0).to(tl.float32) \
+            + tl.load(b_ptr + cols, mask=cols < W, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + rows * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + rows * s_shift + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + rows * s_h + cols, (h * (1.0 + sc) + sh).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr, dshift_ptr, dscale_ptr,
                        dw_ptr, db_ptr, M, W, rows_per_prog,
                        s_dh, s_x, s_scale, s_dres, s_dx, s_dshift, s_dscale, eps,
-                       AFFINE: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Rows [pid*rows_per_prog, ...): dx (+ dres), d(shift), d(scale); partial LN dw/db per program."""
+                       AFFINE: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
+    """Rows [pid*rows_per_prog, ...) in chunks of BLOCK_R: dx (+ dres), d(shift) = dh,
+    d(scale) = dh * LN(x); partial LN dw/db of this program's rows (summed by the caller)."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_W)
-    mask = cols < W
+    cols = tl.arange(0, BLOCK_W)[None, :]
+    cmask = cols < W
     if AFFINE:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_W], dtype=tl.float32)
-    db = tl.zeros([BLOCK_W], dtype=tl.float32)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    db = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    for r in range(start, end):
-        row = tl.cast(r, tl.int64)
-        x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(dh_ptr + row * s_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + row * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / W
+    for r0 in range(start, end, BLOCK_R):
+        rows = (tl.cast(r0, tl.int64) + tl.arange(0, BLOCK_R).to(tl.int64))[:, None]
+        mask = (rows < end) & cmask
+        x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + rows * s_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + rows * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1)[:, None] / W
         xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / W + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1)[:, None] / W + eps)
         n = xc * rstd
         if AFFINE:
             ln = n * w + b
         else:
             ln = n
-        tl.store(dshift_ptr + row * s_dshift + cols, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
-        tl.store(dscale_ptr + row * s_dscale + cols, (dh * ln).to(dscale_ptr.dtype.element_ty), mask=mask)
+        tl.store(dshift_ptr + rows * s_dshift + cols, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
+        tl.store(dscale_ptr + rows * s_dscale + cols, (dh * ln).to(dscale_ptr.dtype.element_ty), mask=mask)
         dl = dh * (1.0 + sc)
         if AFFINE:
             dw += dl * n
@@ -255,20 +259,24 @@ def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr,
             dn = dl * w
         else:
             dn = dl
-        c1 = tl.sum(dn, axis=0) / W
-        c2 = tl.sum(dn * n, axis=0) / W
+        c1 = tl.sum(dn, axis=1)[:, None] / W
+        c2 = tl.sum(dn * n, axis=1)[:, None] / W
         dx = (dn - c1 - n * c2) * rstd
         if HAS_DRES:
-            dx += tl.load(dres_ptr + row * s_dres + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * s_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx += tl.load(dres_ptr + rows * s_dres + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows * s_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if AFFINE:
-        tl.store(dw_ptr + pid * W + cols, dw, mask=mask)
-        tl.store(db_ptr + pid * W + cols, db, mask=mask)
+        out = pid * W + tl.arange(0, BLOCK_W)
+        tl.store(dw_ptr + out, tl.sum(dw, axis=0), mask=tl.arange(0, BLOCK_W) < W)
+        tl.store(db_ptr + out, tl.sum(db, axis=0), mask=tl.arange(0, BLOCK_W) < W)
 
 
-def _row_settings(W: int) -> tuple[int, int]:
+def _row_settings(W: int) -> tuple[int, int, int]:
+    """(BLOCK_W, BLOCK_R, num_warps): whole rows in registers, ~4K values per program on a GPU;
+    the interpreter takes 16 rows at once because each program costs milliseconds there."""
     block = triton.next_power_of_2(W)
-    return block, (4 if block <= 1024 else 8 if block <= 4096 else 16)
+    rows = 16 if _INTERPRET else max(1, min(16, 4096 // block))
+    return block, rows, (4 if block * rows <= 2048 else 8 if block * rows <= 8192 else 16)
 
 
 def _check_rows(name: str, t: Tensor, M: int, W: int) -> None:
@@ -289,17 +297,22 @@ def ln_modulate(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Te
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     if M == 0:
         return h
-    block, warps = _row_settings(W)
-    _ln_mod_fwd_kernel[(M,)](x, weight if weight is not None else x, bias if bias is not None else x,
-                             shift, scale, h, W, x.stride(0), shift.stride(0), scale.stride(0), h.stride(0),
-                             eps, AFFINE=weight is not None, BLOCK_W=block, num_warps=warps)
+    block, rows, warps = _row_settings(W)
+    _ln_mod_fwd_kernel[(triton.cdiv(M, rows),)](
+        x, weight if weight is not None else x, bias if bias is not None else x, shift, scale, h,
+        M, W, x.stride(0), shift.stride(0), scale.stride(0), h.stride(0), eps,
+        AFFINE=weight is not None, BLOCK_R=rows, BLOCK_W=block, num_warps=warps)
     return h
 
 
-def _num_row_programs(M: int, device: torch.device) -> int:
+def _num_row_programs(M: int, rows: int, device: torch.device) -> int:
+    """Programs of the LN backward: enough to fill the GPU, few enough that the fp32 dw/db
+    partials ([programs, W]) stay small. Multiples of ``rows`` rows each."""
     if _INTERPRET or device.type != "cuda":
-        return max(1, min(M, 4))
-    return max(1, min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        target = 2
+    else:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(target, triton.cdiv(M, rows)))
 
 
 def ln_modulate_backward(dh: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor,
@@ -312,18 +325,20 @@ def ln_modulate_backward(dh: Tensor, x: Tensor, weight: Tensor | None, bias: Ten
     if dres is not None:
         _check_rows("ln_modulate_backward: dres", dres, M, W)
     dx = torch.empty((M, W), device=x.device, dtype=x.dtype)
-    G = _num_row_programs(M, x.device)
+    block, rows, warps = _row_settings(W)
+    G = _num_row_programs(M, rows, x.device)
+    per_prog = triton.cdiv(triton.cdiv(M, G), rows) * rows
+    G = triton.cdiv(M, per_prog) if M > 0 else 1
     affine = weight is not None
     part = torch.empty((2, G, W), device=x.device, dtype=torch.float32) if affine else None
     if M > 0:
-        block, warps = _row_settings(W)
         _ln_mod_bwd_kernel[(G,)](
             dh, x, weight if affine else x, bias if affine else x, scale,
             dres if dres is not None else dh, dx, dshift, dscale,
-            part[0] if affine else dx, part[1] if affine else dx, M, W, triton.cdiv(M, G),
+            part[0] if affine else dx, part[1] if affine else dx, M, W, per_prog,
             dh.stride(0), x.stride(0), scale.stride(0), dres.stride(0) if dres is not None else 0,
             dx.stride(0), dshift.stride(0), dscale.stride(0), eps,
-            AFFINE=affine, HAS_DRES=dres is not None, BLOCK_W=block, num_warps=warps)
+            AFFINE=affine, HAS_DRES=dres is not None, BLOCK_R=rows, BLOCK_W=block, num_warps=warps)
     if not affine:
         return dx, None, None
     if M == 0:

@@ -1,0 +1,341 @@
+"""Fused diffusion-MLP kernels against plain PyTorch references, forward and backward.
+
+Rule (flash-attention's): the kernel's error against an fp64 reference must be at most 2x the
+error of the same computation done by PyTorch in the kernel's dtype, plus a small atol.
+CPU runs the kernels under the Triton interpreter in fp32/fp16 with small odd shapes;
+bf16 and the > 2^31-element offsets are GPU tests.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivfast.kernels import diffusion_mlp as K
+from ivfast.models.diffusion import DiffusionDecoder
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = [torch.float32, torch.float16]
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}   # relative to max |ref|
+
+
+def check(out, ref64, lowp, name=""):
+    """|out - ref64| <= 2 |lowp - ref64| + atol * max|ref64| (elementwise max norms)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    scale = ref64.abs().max().item() or 1.0
+    err = (out.double() - ref64).abs().max().item()
+    base = (lowp.double() - ref64).abs().max().item()
+    tol = 2 * base + ATOL[out.dtype] * scale
+    assert err <= tol, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} + atol (max|ref| {scale:.3g})"
+
+
+def rnd(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ GEMM
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("mode", ["bias", "a_silu", "dw_b_silu", "silu_pre", "gate_res_pre", "dsilu", "res"])
+def test_matmul_prologues_epilogues(dtype, mode):
+    torch.manual_seed(0)
+    M, Kd, N = 37, 45, 70                       # none a multiple of the tiles
+    a, w, bias = rnd(M, Kd, dtype=dtype), rnd(N, Kd, dtype=dtype, scale=0.2), rnd(N, dtype=dtype)
+    aux, gate, res = rnd(M, N, dtype=dtype), rnd(M, N, dtype=dtype), rnd(M, N, dtype=dtype)
+
+    def run(a, w, bias, aux, gate, res, kernel):
+        """The same maths via the kernel (kernel=True) or PyTorch (in the inputs' dtype)."""
+        if mode == "bias":
+            return K.matmul(a, w.t(), bias) if kernel else a @ w.t() + bias
+        if mode == "a_silu":
+            return K.matmul(a, w.t(), bias, a_silu=True) if kernel else F.silu(a) @ w.t() + bias
+        if mode == "dw_b_silu":                 # weight-gradient form: (aux^T)[N, M] @ SiLU(a)[M, K]
+            return K.matmul(aux.t(), a, b_silu=True) if kernel else aux.t() @ F.silu(a)
+        if mode == "silu_pre":
+            if kernel:
+                return torch.cat(K.matmul(a, w.t(), bias, act="silu", store_pre=True), 1)
+            u = a @ w.t() + bias
+            return torch.cat([F.silu(u), u], 1)
+        if mode == "gate_res_pre":
+            if kernel:
+                return torch.cat(K.matmul(a, w.t(), bias, gate=gate, res=res, store_pre=True), 1)
+            h2 = a @ w.t() + bias
+            return torch.cat([res + gate * h2, h2], 1)
+        if mode == "dsilu":
+            if kernel:
+                return K.matmul(a, w.t(), act="dsilu", aux=aux)
+            s = torch.sigmoid(aux)
+            return (a @ w.t()) * s * (1 + aux * (1 - s))
+        if mode == "res":
+            return K.matmul(a, w.t(), bias, res=res) if kernel else res + a @ w.t() + bias
+
+    args = (a, w, bias, aux, gate, res)
+    out = run(*args, kernel=True)
+    ref = run(*[t.double() for t in args], kernel=False)
+    check(out, ref, run(*args, kernel=False), mode)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_matmul_long_k_transposed_operands(dtype):
+    torch.manual_seed(1)
+    a = rnd(1536, 5, dtype=dtype).t()           # [5, 1536], column-major view
+    b = rnd(1536, 19, dtype=dtype, scale=0.05)
+    check(K.matmul(a, b), a.double() @ b.double(), a @ b, "K=1536")
+
+
+def test_matmul_rejects_bad_inputs():
+    a = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match="do not chain"):
+        K.matmul(a, torch.randn(7, 3, device=DEV))
+    with pytest.raises(ValueError, match="share dtype"):
+        K.matmul(a, torch.randn(8, 3, device=DEV, dtype=torch.float16))
+    with pytest.raises(ValueError, match="gate must be"):
+        K.matmul(a, torch.randn(8, 3, device=DEV), gate=torch.randn(4, 2, device=DEV))
+    with pytest.raises(ValueError, match="needs aux"):
+        K.matmul(a, torch.randn(8, 3, device=DEV), act="dsilu")
+
+
+# ------------------------------------------------------------------------------------ LN + modulate
+def _ln_mod_torch(x, w, b, shift, scale, eps=1e-6):
+    """PyTorch in the inputs' dtype (the 'same computation in low precision' baseline)."""
+    return F.layer_norm(x, x.shape[-1:], w, b, eps) * (1 + scale) + shift
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("W", [37, 48, 1536])
+@pytest.mark.parametrize("affine", [True, False])
+def test_ln_modulate_forward(dtype, W, affine):
+    torch.manual_seed(0)
+    M = 19
+    x = rnd(M, W, dtype=dtype, scale=3.0) + 1.0
+    ada = rnd(M, 3 * W, dtype=dtype, scale=0.5)            # shift/scale are slices, as in the trunk
+    shift, scale = ada[:, W:2 * W], ada[:, 2 * W:]
+    w, b = (rnd(W, dtype=dtype), rnd(W, dtype=dtype)) if affine else (None, None)
+    out = K.ln_modulate(x, w, b, shift, scale, 1e-6)
+    d = lambda t: None if t is None else t.double()
+    f = lambda t: None if t is None else t.float()    # fp32 maths rounded to dtype = the kernel's recipe
+    ref = _ln_mod_torch(d(x), d(w), d(b), d(shift), d(scale))
+    check(out, ref, _ln_mod_torch(f(x), f(w), f(b), f(shift), f(scale)).to(dtype), "ln_modulate")
+    torch.testing.assert_close(K.ln_modulate_reference(x, w, b, shift, scale).double(), ref,
+                               atol=ATOL[dtype] * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("W", [37, 1536])
+@pytest.mark.parametrize("affine,dres", [(True, True), (False, False)])
+def test_ln_modulate_backward(dtype, W, affine, dres):
+    torch.manual_seed(0)
+    M = 37
+    x = rnd(M, W, dtype=dtype, scale=2.0)
+    ada = rnd(M, 2 * W, dtype=dtype, scale=0.5)
+    shift, scale = ada[:, :W], ada[:, W:]
+    w, b = (rnd(W, dtype=dtype), rnd(W, dtype=dtype)) if affine else (None, None)
+    dh = rnd(M, W, dtype=dtype)
+    dr = rnd(M, W, dtype=dtype) if dres else None
+
+    dada = torch.full((M, 3 * W), float("nan"), device=DEV, dtype=dtype)   # slices written in place
+    dx, dw, db = K.ln_modulate_backward(dh, x, w, b, scale, dada[:, :W], dada[:, 2 * W:], 1e-6, dres=dr)
+
+    def grads(cast):
+        leaves = [cast(t).requires_grad_() if t is not None else None for t in (x, w, b, shift, scale)]
+        out = _ln_mod_torch(*leaves)
+        out.backward(cast(dh))
+        g = [t.grad if t is not None else None for t in leaves]
+        if dr is not None:
+            g[0] = g[0] + cast(dr)
+        return g
+
+    ref = grads(lambda t: t.double())
+    low = grads(lambda t: t.clone())
+    check(dx, ref[0], low[0].to(dtype), "dx")
+    check(dada[:, :W], ref[3], low[3].to(dtype), "dshift")
+    check(dada[:, 2 * W:], ref[4], low[4].to(dtype), "dscale")
+    assert torch.isnan(dada[:, W:2 * W]).all(), "wrote outside its slices"
+    if affine:
+        check(dw.to(dtype), ref[1], low[1].to(dtype), "dweight")
+        check(db.to(dtype), ref[2], low[2].to(dtype), "dbias")
+    else:
+        assert dw is None and db is None
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_gate_backward(dtype):
+    torch.manual_seed(0)
+    M, W = 37, 70
+    dy, h2, gate = rnd(M, W, dtype=dtype), rnd(M, W, dtype=dtype), rnd(M, W, dtype=dtype)
+    dada = torch.zeros(M, 3 * W, device=DEV, dtype=dtype)
+    dh2 = K.gate_backward(dy, h2, gate, dada[:, 2 * W:])
+    check(dh2, dy.double() * gate.double(), dy * gate, "dh2")
+    check(dada[:, 2 * W:], dy.double() * h2.double(), dy * h2, "dgate")
+    assert dada[:, :2 * W].abs().max().item() == 0
+
+
+def test_ln_modulate_rejects_bad_inputs():
+    x = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match="shift must be"):
+        K.ln_modulate(x, None, None, torch.randn(4, 7, device=DEV), x)
+    with pytest.raises(ValueError, match="both LN weight and bias"):
+        K.ln_modulate(x, torch.ones(8, device=DEV), None, x, x)
+
+
+# ------------------------------------------------------------------------------------ autograd Functions
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_linear_fn_forward_backward(dtype, act):
+    torch.manual_seed(0)
+    M, Kd, N = 37, 23, 50
+    x, w, b, g = rnd(M, Kd, dtype=dtype), rnd(N, Kd, dtype=dtype, scale=0.3), rnd(N, dtype=dtype), rnd(M, N, dtype=dtype)
+
+    def run(cast, fn):
+        leaves = [cast(t).requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        y.backward(cast(g))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    torch_fn = lambda x, w, b: F.silu(F.linear(x, w, b)) if act else F.linear(x, w, b)
+    out = run(lambda t: t.clone(), lambda x, w, b: K.linear(x, w, b, act))
+    ref = run(lambda t: t.double(), torch_fn)
+    low = run(lambda t: t.clone(), torch_fn)
+    for name, o, r, lo in zip(["y", "dx", "dw", "db"], out, ref, low):
+        check(o, r, lo, name)
+
+
+def _trunk_inputs(M, W, D, O, dtype):
+    g = lambda *s, sc=1.0: rnd(*s, dtype=dtype, scale=sc)
+    blocks = [(1 + g(W, sc=0.1), g(W, sc=0.1), g(W, W, sc=W ** -0.5), g(W, sc=0.1), g(W, W, sc=W ** -0.5),
+               g(W, sc=0.1)) for _ in range(D)]
+    return dict(x=g(M, W), c=g(M, W), ada_w=g((3 * D + 2) * W, W, sc=0.3 * W ** -0.5),
+                ada_b=g((3 * D + 2) * W, sc=0.1), blocks=blocks, final_w=g(O, W, sc=W ** -0.5), final_b=g(O, sc=0.1))
+
+
+def _trunk_grads(inp, cast, fn):
+    leaves = {k: cast(v).requires_grad_() for k, v in inp.items() if k != "blocks"}
+    blocks = [tuple(cast(p).requires_grad_() for p in blk) for blk in inp["blocks"]]
+    out = fn(leaves["x"], leaves["c"], leaves["ada_w"], leaves["ada_b"], blocks, leaves["final_w"], leaves["final_b"])
+    torch.manual_seed(123)
+    out.backward(cast(torch.randn(out.shape, device=out.device)))
+    res = {"out": out.detach(), **{f"d{k}": v.grad for k, v in leaves.items()}}
+    for i, blk in enumerate(blocks):
+        for name, p in zip(["ln_w", "ln_b", "w1", "b1", "w2", "b2"], blk):
+            res[f"block{i}.{name}"] = p.grad
+    return res
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_adaln_trunk_forward_backward(dtype):
+    torch.manual_seed(0)
+    inp = _trunk_inputs(M=37, W=40, D=2, O=26, dtype=dtype)
+    out = _trunk_grads(inp, lambda t: t.clone(), K.adaln_trunk)
+    ref = _trunk_grads(inp, lambda t: t.double(), K.adaln_trunk_reference)
+    low = _trunk_grads(inp, lambda t: t.clone(), K.adaln_trunk_reference)
+    for k in ref:
+        check(out[k], ref[k], low[k].to(dtype), k)
+
+
+def test_adaln_trunk_rejects_mixed_dtypes():
+    inp = _trunk_inputs(M=5, W=16, D=1, O=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one dtype"):
+        K.adaln_trunk(inp["x"].half(), inp["c"], inp["ada_w"], inp["ada_b"], inp["blocks"], inp["final_w"],
+                      inp["final_b"])
+    with pytest.raises(ValueError, match="ada_w/ada_b"):
+        K.adaln_trunk(inp["x"], inp["c"], inp["ada_w"][:-1], inp["ada_b"], inp["blocks"], inp["final_w"],
+                      inp["final_b"])
+
+
+# ------------------------------------------------------------------------------------ whole module
+def _module_grads(net, x, t, z, g):
+    x, z = x.clone().requires_grad_(), z.clone().requires_grad_()
+    out = net(x, t, z)
+    out.backward(g.to(out.dtype))
+    res = {"out": out.detach(), "dx": x.grad, "dz": z.grad}
+    res.update({n: p.grad for n, p in net.named_parameters()})
+    return res
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_fused_module_matches_reference(dtype):
+    """Same weights, impl='triton' vs eager: outputs, input grads and ALL parameter grads."""
+    torch.manual_seed(0)
+    base = DiffusionDecoder(target_dim=12, cond_dim=20, width=40, depth=2, learn_sigma=True).to(DEV)
+    with torch.no_grad():
+        for p in base.parameters():   # leave the zero init: every path must carry signal
+            p.normal_(0, 0.2)
+    M = 37
+    x, z = torch.randn(M, 12, device=DEV), torch.randn(M, 20, device=DEV)
+    t = torch.randint(0, 1000, (M,), device=DEV)
+    g = torch.randn(M, 24, device=DEV)
+
+    fused = copy.deepcopy(base).to(dtype)
+    fused.impl = "triton"
+    assert fused.state_dict().keys() == base.state_dict().keys()
+    out = _module_grads(fused, x.to(dtype), t, z.to(dtype), g)
+    ref = _module_grads(copy.deepcopy(base).double(), x.double(), t, z.double(), g.double())
+    low = _module_grads(copy.deepcopy(base).to(dtype), x.to(dtype), t, z.to(dtype), g)
+    assert set(out) == set(ref)
+    for k in ref:
+        check(out[k], ref[k], low[k].to(dtype), k)
+
+
+def test_triton_impl_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
+    import ivfast.models.diffusion as D
+    monkeypatch.setattr(D, "_triton_runnable", lambda device: (False, "no GPU and no interpreter"))
+    net = DiffusionDecoder(target_dim=6, cond_dim=4, width=16, depth=1, impl="triton")
+    with pytest.warns(UserWarning, match="falls back to eager PyTorch: no GPU"):
+        net(torch.randn(3, 6), torch.zeros(3, dtype=torch.long), torch.randn(3, 4))
+
+
+# ------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+def test_fused_module_bf16_autocast_matches_reference():
+    torch.manual_seed(0)
+    base = DiffusionDecoder(target_dim=588, cond_dim=1024, width=1536, depth=2).cuda()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.02)
+    M = 1000
+    x, z = torch.randn(M, 588, device="cuda"), torch.randn(M, 1024, device="cuda")
+    t = torch.randint(0, 1000, (M,), device="cuda")
+    g = torch.randn(M, 1176, device="cuda")
+    fused = copy.deepcopy(base)
+    fused.impl = "triton"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = _module_grads(fused, x, t, z, g)
+        low = _module_grads(copy.deepcopy(base), x, t, z, g)
+    ref = _module_grads(copy.deepcopy(base).double(), x.double(), t, z.double(), g.double())
+    for k in ref:
+        o, lo = out[k], low[k]
+        check(o.to(torch.bfloat16) if o.dtype == torch.float32 else o, ref[k],
+              lo.to(torch.bfloat16) if lo.dtype == torch.float32 else lo, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [1536, 2000])
+def test_bf16_trunk_matches_reference(W):
+    torch.manual_seed(0)
+    inp = _trunk_inputs(M=3000, W=W, D=2, O=1176, dtype=torch.bfloat16)
+    out = _trunk_grads(inp, lambda t: t.clone(), K.adaln_trunk)
+    ref = _trunk_grads(inp, lambda t: t.double(), K.adaln_trunk_reference)
+    low = _trunk_grads(inp, lambda t: t.clone(), K.adaln_trunk_reference)
+    for k in ref:
+        check(out[k], ref[k], low[k], k)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_int64_offsets_past_2_31_elements():
+    """rows x width > 2^31: int32 offsets would wrap and touch the wrong rows."""
+    W = 1536
+    M = (2 ** 31) // W + 77
+    x = torch.randn(M, W, device="cuda", dtype=torch.bfloat16)
+    ss = torch.randn(M, 2 * W, device="cuda", dtype=torch.bfloat16)
+    h = K.ln_modulate(x, None, None, ss[:, :W], ss[:, W:])
+    tail = slice(M - 100, M)
+    check(h[tail], _ln_mod_torch(x[tail].double(), None, None, ss[tail, :W].double(), ss[tail, W:].double()),
+          _ln_mod_torch(x[tail], None, None, ss[tail, :W], ss[tail, W:]), "ln tail rows")
+    del ss, h
+    w = torch.randn(64, W, device="cuda", dtype=torch.bfloat16) * W ** -0.5
+    y = K.matmul(x, w.t())
+    check(y[tail], x[tail].double() @ w.t().double(), x[tail] @ w.t(), "matmul tail rows")
+    dw = K.matmul(y.t(), x)          # K = M > 2^31 / W: the reduction walks int64 row offsets
+    ref = y.t().double() @ x.double()
+    check(dw, ref, (y.t().float() @ x.float()).to(torch.bfloat16), "dW over all rows")
