@@ -445,8 +445,16 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
     dataset = ClipDataset(index, usable, num_frames=d.num_frames, size=d.img_size, sampling=d.sampling,
                           stride=d.stride, scales=d.scales, flip=d.flip, no_flip_sources=d.no_flip_sources,
                           train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads)
-    return ClipLoader(dataset, batch_size=cfg.optim.batch_per_gpu, rank=rank, world_size=world_size,
-                      seed=cfg.runtime.seed, device=device, output=d.output, norm_dtype=d.norm_dtype,
-                      backend=backend, num_workers=d.num_workers, drop_last=d.drop_last,
-                      max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch, decode_threads=d.decode_threads,
-                      index_bad=bad, index_bad_paths=bad_paths)
+    kw = dict(batch_size=cfg.optim.batch_per_gpu, rank=rank, world_size=world_size, seed=cfg.runtime.seed,
+              device=device, output=d.output, norm_dtype=d.norm_dtype, num_workers=d.num_workers,
+              drop_last=d.drop_last, max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
+              decode_threads=d.decode_threads, index_bad=bad, index_bad_paths=bad_paths)
+    try:
+        return ClipLoader(dataset, backend=backend, **kw)
+    except Exception as e:
+        if not (backend == "dali" and d.backend == "auto"):
+            raise
+        # DALI imports but cannot build (e.g. its CUDA libraries do not match the driver)
+        log.warning("DALI pipeline could not be built (%s: %s); decoding with PyAV instead",
+                    type(e).__name__, e)
+        return ClipLoader(dataset, backend="pyav", **kw)
