@@ -162,3 +162,35 @@ def test_demo_step_time():
         times.append(time.perf_counter() - t)
     print(f"demo step (B=4, CPU): {min(times) * 1e3:.0f} ms")
     assert min(times) < 2.0
+
+
+def _autocast_run(device, tmp_path):
+    torch.manual_seed(0)
+    cfg = load_config("demo", ["model.teacher.dtype=bf16", f"runtime.device={device}"])
+    s1 = build_model(cfg).to(device)
+    video = _video().to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = s1(video, 0)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is not None for p in s1.trainable_parameters())
+    (tmp_path / "s1").mkdir()
+    save_file({k: v.contiguous().cpu() for k, v in s1.state_dict().items()}, str(tmp_path / "s1" / "model.safetensors"))
+    cfg2 = load_config("demo", ["stage=2", "masking.kind=multiblock", f"model.init_from={tmp_path / 's1'}",
+                                "model.teacher.dtype=bf16", f"runtime.device={device}"])
+    s2 = build_model(cfg2).to(device)
+    assert next(s2.teacher.parameters()).dtype == torch.bfloat16
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out2 = s2(video, 1)
+    out2["loss"].backward()
+    assert torch.isfinite(out2["loss"])
+
+
+def test_bf16_autocast_cpu(tmp_path):
+    """Mixed precision wiring (bf16 teacher weights, autocast): dtypes stay consistent end to end."""
+    _autocast_run("cpu", tmp_path)
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_cuda(tmp_path):
+    _autocast_run("cuda", tmp_path)

@@ -99,3 +99,15 @@ def test_forward_assembles_visible_and_mask_tokens():
     out.square().mean().backward()
     assert x.grad is not None and pred.mask_token.grad is not None and pred.pos_embed.grad is not None
     assert all(p.grad is not None for p in pred.layers.parameters())
+
+
+def test_predictor_no_graph_breaks():
+    pred = Predictor(_pcfg(2, 0), enc_dim=16, num_cls=4, grid=(2, 2, 3), attn_backend="sdpa").eval()
+    ids_keep = torch.tensor([[1, 5, 7], [0, 2, 11]])
+    ids_mask = torch.stack([torch.tensor([i for i in range(12) if i not in r]) for r in ids_keep.tolist()])
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        pred(x, ids_keep, ids_mask)          # eager call pins the SDPA kernels first
+    torch._dynamo.reset()
+    exp = torch._dynamo.explain(pred)(x, ids_keep, ids_mask)
+    assert exp.graph_break_count == 0, exp.break_reasons

@@ -174,8 +174,9 @@ class SiglipTeacher(nn.Module):
         q = F.linear(head.probe.expand(B, 1, D), wq, bq).reshape(B, H, hd)   # same probe for every image
         k = F.linear(x, wk, bk).reshape(B, N, H, hd)
         v = F.linear(x, wv, bv).reshape(B, N, H, hd)
-        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * hd ** -0.5
-        attn = logits.softmax(-1)                                            # [B, H, N]
+        with torch.autocast(x.device.type, enabled=False):   # the masking scores: fp32 logits
+            logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * hd ** -0.5
+            attn = logits.softmax(-1)                                        # [B, H, N]
         o = torch.einsum("bhn,bnhd->bhd", attn.to(v.dtype), v).reshape(B, 1, D)
         o = mha.out_proj(o)
         o = o + head.mlp(head.layernorm(o))

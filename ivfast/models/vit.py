@@ -83,6 +83,15 @@ def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- layers
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose output keeps the input's dtype: the weight is cast to it, so under bf16 autocast
+    the fused kernel runs (fp32 accumulation inside) instead of a mixed-dtype composite."""
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
@@ -108,8 +117,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = nn.RMSNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -135,10 +144,10 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool, ls_init: float,
                  drop_path: float, backend: str = "auto"):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim, eps=1e-6)
+        self.norm1 = RMSNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm, backend)
         self.ls1 = LayerScale(dim, ls_init) if ls_init > 0 else nn.Identity()
-        self.norm2 = nn.RMSNorm(dim, eps=1e-6)
+        self.norm2 = RMSNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, ls_init) if ls_init > 0 else nn.Identity()
         self.drop_path = drop_path
@@ -167,9 +176,9 @@ class VisionTransformer(nn.Module):
         self.patch_dim = 3 * tub * p * p
         self.num_cls, self.dim = cfg.num_cls, cfg.dim
         d = cfg.dim
-        self.patch_norm = nn.RMSNorm(self.patch_dim, eps=1e-6)
+        self.patch_norm = RMSNorm(self.patch_dim, eps=1e-6)
         self.patch_embed = nn.Linear(self.patch_dim, d)
-        self.embed_norm = nn.RMSNorm(d, eps=1e-6)
+        self.embed_norm = RMSNorm(d, eps=1e-6)
         self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls, d))
         self.pos_embed = nn.Parameter(sincos_3d(d, *self.grid, num_cls=cfg.num_cls))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()   # rising linearly with depth
