@@ -10,8 +10,8 @@ Backends, in the order ``"auto"`` tries them:
 * ``flash_attn``: ``flash_attn.flash_attn_func`` when the package is installed and the inputs are
   fp16/bf16 on CUDA (it does the sliding window natively with ``window_size=(w, w)``).
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with its own kernels tried in
-  the order flash -> cuDNN -> memory-efficient -> math (a banded mask for the sliding window,
-  which the flash kernel cannot take, so windowed calls start at cuDNN / memory-efficient).
+  the order flash -> memory-efficient -> cuDNN -> math (a banded mask for the sliding window,
+  which the flash kernel cannot take, so windowed calls start at memory-efficient).
   The first kernel that accepts the call is *found by running it* (the real call, its output
   is used), cached per (device, dtype, head dim, windowed), pinned with ``sdpa_kernel`` for all
   later calls and logged once, so the report says what ran, not what should have run.
@@ -39,10 +39,12 @@ log = logging.getLogger("ivfast.attention")
 Backend = Literal["auto", "flash_attn", "sdpa", "flex", "xformers", "math"]
 BACKENDS = ("auto", "flash_attn", "sdpa", "flex", "xformers", "math")
 
-_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+# Memory-efficient before cuDNN: PyTorch itself moved cuDNN attention down its default order after
+# correctness reports (2.5.1); both beat math, and flash (FA2) is first whenever it applies.
+_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
 # The flash kernel of SDPA takes no attn_mask, so a banded (windowed) call skips it.
-_SDPA_ORDER_MASKED = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+_SDPA_ORDER_MASKED = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
 
 _resolved: dict[tuple, str] = {}          # call kind -> backend name, for the report
 _sdpa_choice: dict[tuple, SDPBackend] = {}

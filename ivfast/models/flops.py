@@ -11,6 +11,9 @@ Local (sliding-window) attention counts only the (query, key) pairs inside the w
 useful work a windowed kernel (flash-attn) does; ``dense_local=True`` counts all pairs, which is
 what a dense masked kernel (SDPA with a band mask) executes and what FlopCounterMode reports there.
 
+These are MODEL FLOPs: recomputation (activation checkpointing, flash attention's backward) is
+not added, as usual for MFU.
+
 Token counts per clip: stage 1 keeps ``n - int(ratio * n)`` tokens of every frame's ``n``; stage 2
 takes the visible count of each mask set from ``keep=`` or, by default, the mean over a batch of
 masks drawn by ``ivfast.masking.multiblock_masks`` with a fixed seed.
