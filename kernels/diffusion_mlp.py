@@ -9,9 +9,9 @@ The decoder block (see ``ivfast.models.diffusion.ResBlock``) is::
 
 What is fused and why:
 * one generic tiled GEMM (``_mm_kernel``, fp32 accumulation, int64 offsets, any strides so
-  transposed operands cost nothing) with an optional SiLU applied while loading A or B (so SiLU(c)
-  and SiLU(u) are never stored for the adaLN GEMMs / weight gradients) and epilogues for bias,
-  SiLU, the SiLU derivative, gate and residual: every memory-bound op next to a GEMM rides on it;
+  transposed operands cost nothing) with epilogues for bias, SiLU, the SiLU derivative (which
+  also re-emits SiLU(u) for the weight gradient), gate and residual, and the bias gradient summed
+  from the A tiles of the weight-gradient GEMM: every memory-bound op next to a GEMM rides on it;
 * LayerNorm + affine + modulate is one row kernel; its backward is one row kernel that also
   produces d(shift), d(scale) straight into the adaLN gradient buffer and partial LN dw/db;
 * backward recomputes h = LN-modulate(x) (cheap) instead of storing it. Saved per block: the
@@ -25,7 +25,6 @@ definitions the tests compare against. Kernels know nothing of modules:
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -33,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["matmul", "ln_modulate", "ln_modulate_backward", "gate_backward", "linear",
+__all__ = ["matmul", "weight_grad", "ln_modulate", "ln_modulate_backward", "gate_backward", "linear",
            "adaln_trunk", "LinearFn", "AdaLNTrunkFn", "ln_modulate_reference", "adaln_trunk_reference"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -59,20 +58,23 @@ def _silu_f32(v):
 
 
 @triton.autotune(configs=_mm_configs(),
-                 key=["M_BUCKET", "N", "K", "A_SILU", "B_SILU", "ACT", "HAS_GATE", "HAS_RES", "STORE_PRE"])
+                 key=["M_BUCKET", "N", "K", "ACT", "HAS_GATE", "HAS_RES", "STORE_PRE", "STORE_ACT", "ROWSUM_A"])
 @triton.jit
-def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr,
+def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr, act_ptr, rowsum_ptr,
                M, N, K, M_BUCKET,
-               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_aux, s_gate, s_res,
-               A_SILU: tl.constexpr, B_SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-               ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-               STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
+               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_aux, s_gate, s_res, s_act,
+               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+               STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, ROWSUM_A: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = epilogue(prologue(A) @ prologue(B)).
+    """C = epilogue(A @ B), fp32 accumulation.
 
     pre = acc + bias;  out = pre | SiLU(pre) (ACT=1) | pre * SiLU'(aux) (ACT=2);
-    out = out * gate (HAS_GATE); out = out + res (HAS_RES); aux = pre (STORE_PRE).
-    aux, gate and res are [M, N] with unit column stride.
+    out = out * gate (HAS_GATE); out = out + res (HAS_RES); aux = pre (STORE_PRE);
+    act = SiLU(aux) (STORE_ACT, with ACT=2: the activation the weight gradient needs, written
+    once per element here instead of recomputed in the next GEMM's mainloop);
+    rowsum[m] = sum_k A[m, k] in fp32 (ROWSUM_A: the bias gradient of a weight-gradient GEMM
+    dW = dY^T X, taken from the dY tiles already in registers, by the pid_n == 0 programs).
+    aux, gate, res and act are [M, N] with unit column stride.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -92,20 +94,24 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr,
     a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
     b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ROWSUM_A:
+        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (rk + k0) < K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-        if A_SILU:
-            a = _silu_f32(a.to(tl.float32)).to(b_ptr.dtype.element_ty)
-        if B_SILU:
-            b = _silu_f32(b.to(tl.float32)).to(a_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+        if ROWSUM_A:
+            if pid_n == 0:
+                rsum += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
+    if ROWSUM_A:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + rm, rsum, mask=mask_m)
 
     mask = mask_m[:, None] & mask_n[None, :]
     pre = acc
@@ -120,6 +126,8 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr,
         u = tl.load(aux_ptr + rm[:, None] * s_aux + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         sg = 1.0 / (1.0 + tl.exp(-u))
         out = pre * sg * (1.0 + u * (1.0 - sg))
+        if STORE_ACT:
+            tl.store(act_ptr + rm[:, None] * s_act + rn[None, :], (u * sg).to(act_ptr.dtype.element_ty), mask=mask)
     if HAS_GATE:
         out = out * tl.load(gate_ptr + rm[:, None] * s_gate + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
@@ -135,14 +143,15 @@ def _unit_col(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
                          f"got {list(t.shape)} strides {t.stride()} (pass a row-sliced view or .contiguous())")
 
 
-def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, a_silu: bool = False, b_silu: bool = False,
-           act: str | None = None, aux: Tensor | None = None, gate: Tensor | None = None,
-           res: Tensor | None = None, store_pre: bool = False, out: Tensor | None = None):
-    """``a[M, K] @ b[K, N]`` (+ bias[N]) with fused prologue/epilogue (see ``_mm_kernel``).
+def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None = None,
+           aux: Tensor | None = None, gate: Tensor | None = None, res: Tensor | None = None,
+           store_pre: bool = False, store_act: bool = False, rowsum_a: bool = False):
+    """``a[M, K] @ b[K, N]`` (+ bias[N]) with the fused epilogues of ``_mm_kernel``.
 
     ``act``: None, ``'silu'`` or ``'dsilu'`` (multiply by SiLU'(aux), aux = stored pre-activation).
-    ``store_pre``: also return the pre-activation/pre-gate value (written to a new tensor).
-    Returns ``out`` or ``(out, pre)``. Any strides for a and b (transposes are free).
+    Extra outputs, in this order after ``out``: ``pre`` (store_pre: the pre-activation/pre-gate
+    value), ``act`` (store_act, with dsilu: SiLU(aux)), ``rowsum`` (rowsum_a: fp32 row sums of a).
+    Any strides for a and b (transposed views cost nothing).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: shapes {list(a.shape)} @ {list(b.shape)} do not chain")
@@ -155,37 +164,51 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, a_silu: bool = F
     N = b.shape[1]
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"matmul: bias must be [{N}], got {list(bias.shape)}")
-    if out is None:
-        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    pre = torch.empty((M, N), device=a.device, dtype=a.dtype) if store_pre else None
+    new = lambda: torch.empty((M, N), device=a.device, dtype=a.dtype)
+    out = new()
+    pre = new() if store_pre else None
+    act_out = new() if store_act else None
+    rowsum = torch.zeros((M,), device=a.device, dtype=torch.float32) if rowsum_a else None
     if act == "dsilu":
         if store_pre:
             raise ValueError("matmul: act='dsilu' reads aux; it cannot also store_pre")
-        _unit_col(aux, "aux", (M, N))
         if aux is None:
             raise ValueError("matmul: act='dsilu' needs aux = the pre-activation u")
+        _unit_col(aux, "aux", (M, N))
         aux_t = aux
     else:
+        if store_act:
+            raise ValueError("matmul: store_act needs act='dsilu' (it writes SiLU(aux))")
         aux_t = pre
     _unit_col(gate, "gate", (M, N))
     _unit_col(res, "res", (M, N))
-    if M == 0 or N == 0:
-        return (out, pre) if store_pre else out
-    dummy = out
-    ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _mm_kernel[grid](
-        a, b, out, bias if bias is not None else dummy, aux_t if aux_t is not None else dummy,
-        gate if gate is not None else dummy, res if res is not None else dummy,
-        M, N, K, max(M, 1).bit_length(),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        aux_t.stride(0) if aux_t is not None else 0, gate.stride(0) if gate is not None else 0,
-        res.stride(0) if res is not None else 0,
-        A_SILU=a_silu, B_SILU=b_silu, HAS_BIAS=bias is not None,
-        ACT={None: 0, "silu": 1, "dsilu": 2}[act], HAS_GATE=gate is not None, HAS_RES=res is not None,
-        STORE_PRE=store_pre, IEEE=ieee,
-    )
-    return (out, pre) if store_pre else out
+    extra = [t for t in (pre, act_out, rowsum) if t is not None]
+    if M > 0 and N > 0:
+        dummy = out
+        ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _mm_kernel[grid](
+            a, b, out, bias if bias is not None else dummy, aux_t if aux_t is not None else dummy,
+            gate if gate is not None else dummy, res if res is not None else dummy,
+            act_out if act_out is not None else dummy, rowsum if rowsum is not None else dummy,
+            M, N, K, max(M, 1).bit_length(),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            aux_t.stride(0) if aux_t is not None else 0, gate.stride(0) if gate is not None else 0,
+            res.stride(0) if res is not None else 0, act_out.stride(0) if act_out is not None else 0,
+            HAS_BIAS=bias is not None, ACT={None: 0, "silu": 1, "dsilu": 2}[act],
+            HAS_GATE=gate is not None, HAS_RES=res is not None, STORE_PRE=store_pre,
+            STORE_ACT=store_act, ROWSUM_A=rowsum_a, IEEE=ieee,
+        )
+    return (out, *extra) if extra else out
+
+
+def weight_grad(dy: Tensor, x: Tensor, with_bias: bool = True) -> tuple[Tensor, Tensor | None]:
+    """For ``y = x @ w^T + b``: ``dw = dy^T @ x`` and ``db = column sums of dy`` (fp32, fused
+    into the same GEMM), cast to dy's dtype."""
+    if not with_bias:
+        return matmul(dy.t(), x), None
+    dw, db = matmul(dy.t(), x, rowsum_a=True)
+    return dw, db.to(dy.dtype)
 
 
 # =========================================================================== LN + modulate
@@ -376,11 +399,6 @@ def gate_backward(dy: Tensor, h2: Tensor, gate: Tensor, dgate: Tensor) -> Tensor
     return dh2
 
 
-def _colsum(t: Tensor) -> Tensor:
-    """Bias gradient: column sums accumulated in fp32 (no fp32 copy of t)."""
-    return torch.sum(t, dim=0, dtype=torch.float32)
-
-
 # =========================================================================== Linear (+SiLU)
 class LinearFn(torch.autograd.Function):
     """``y = act(x @ w^T + b)``, act None or SiLU, on the fused GEMM. All inputs share one dtype."""
@@ -404,8 +422,7 @@ class LinearFn(torch.autograd.Function):
             s = torch.sigmoid(u.float())
             dy = (dy.float() * s * (1 + u.float() * (1 - s))).to(x.dtype)
         dx = matmul(dy, w) if ctx.needs_input_grad[0] else None
-        dw = matmul(dy.t(), x) if ctx.needs_input_grad[1] else None
-        db = _colsum(dy).to(w.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dw, db = weight_grad(dy, x, ctx.has_bias)
         return dx, dw, db, None
 
 
@@ -444,7 +461,8 @@ class AdaLNTrunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c, ada_w, ada_b, final_w, final_b, eps, depth, *block_params):
         M, W = x.shape
-        ada = matmul(c, ada_w.t(), ada_b, a_silu=True)          # [M, (3D+2)W], SiLU(c) never stored
+        # [M, (3D+2)W]; SiLU(c) is a transient (a SiLU prologue would redo it for every N tile)
+        ada = matmul(torch.nn.functional.silu(c), ada_w.t(), ada_b)
         saved = []
         for i in range(depth):
             ln_w, ln_b, w1, b1, w2, b2 = block_params[6 * i: 6 * i + 6]
@@ -474,9 +492,8 @@ class AdaLNTrunkFn(torch.autograd.Function):
         # final layer
         shift, scale = ada[:, 3 * D * W: (3 * D + 1) * W], ada[:, (3 * D + 1) * W:]
         hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
-        dfinal_w = matmul(dout.t(), hf)
+        dfinal_w, dfinal_b = weight_grad(dout, hf)
         del hf
-        dfinal_b = _colsum(dout).to(final_w.dtype)
         dhf = matmul(dout, final_w)
         dx, _, _ = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
                                         dshift=dada[:, 3 * D * W: (3 * D + 1) * W],
@@ -490,14 +507,12 @@ class AdaLNTrunkFn(torch.autograd.Function):
             shift, scale, gate = ada[:, col(0)], ada[:, col(1)], ada[:, col(2)]
             # y = x + gate * h2
             dh2 = gate_backward(dx, h2, gate, dada[:, col(2)])
-            dw2 = matmul(dh2.t(), u, b_silu=True)                      # a = SiLU(u) recomputed on load
-            db2 = _colsum(dh2).to(b2.dtype)
-            du = matmul(dh2, w2, act="dsilu", aux=u)                   # (dh2 @ W2) * SiLU'(u)
-            del dh2
+            du, a = matmul(dh2, w2, act="dsilu", aux=u, store_act=True)   # (dh2 W2) SiLU'(u); a = SiLU(u)
+            dw2, db2 = weight_grad(dh2, a)
+            del dh2, a
             h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)          # recompute, not stored
-            dw1 = matmul(du.t(), h)
+            dw1, db1 = weight_grad(du, h)
             del h
-            db1 = _colsum(du).to(b1.dtype)
             dh = matmul(du, w1)
             del du
             dx, dln_w, dln_b = ln_modulate_backward(dh, x, ln_w, ln_b, scale, eps=eps, dres=dx,
@@ -505,8 +520,7 @@ class AdaLNTrunkFn(torch.autograd.Function):
             del dh
             dparams[6 * i: 6 * i + 6] = [dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw1, db1, dw2, db2]
         # adaLN of all blocks: ada = SiLU(c) @ ada_w^T + ada_b
-        dada_w = matmul(dada.t(), c, b_silu=True)
-        dada_b = _colsum(dada).to(ada_w.dtype)
+        dada_w, dada_b = weight_grad(dada, torch.nn.functional.silu(c))
         dc = matmul(dada, ada_w, act="dsilu", aux=c)
         return (dx, dc, dada_w, dada_b, dfinal_w, dfinal_b, None, None, *dparams)
 

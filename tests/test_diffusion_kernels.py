@@ -36,7 +36,7 @@ def rnd(*shape, dtype=torch.float32, scale=1.0):
 
 # ------------------------------------------------------------------------------------ GEMM
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("mode", ["bias", "a_silu", "dw_b_silu", "silu_pre", "gate_res_pre", "dsilu", "res"])
+@pytest.mark.parametrize("mode", ["bias", "dw_rowsum", "silu_pre", "gate_res_pre", "dsilu_act", "res"])
 def test_matmul_prologues_epilogues(dtype, mode):
     torch.manual_seed(0)
     M, Kd, N = 37, 45, 70                       # none a multiple of the tiles
@@ -47,10 +47,11 @@ def test_matmul_prologues_epilogues(dtype, mode):
         """The same maths via the kernel (kernel=True) or PyTorch (in the inputs' dtype)."""
         if mode == "bias":
             return K.matmul(a, w.t(), bias) if kernel else a @ w.t() + bias
-        if mode == "a_silu":
-            return K.matmul(a, w.t(), bias, a_silu=True) if kernel else F.silu(a) @ w.t() + bias
-        if mode == "dw_b_silu":                 # weight-gradient form: (aux^T)[N, M] @ SiLU(a)[M, K]
-            return K.matmul(aux.t(), a, b_silu=True) if kernel else aux.t() @ F.silu(a)
+        if mode == "dw_rowsum":                 # weight-gradient form: aux^T [N, M] @ a [M, K], + bias grad
+            if kernel:
+                dw, db = K.weight_grad(aux, a)
+                return torch.cat([dw, db[:, None]], 1)
+            return torch.cat([aux.t() @ a, aux.sum(0)[:, None]], 1)
         if mode == "silu_pre":
             if kernel:
                 return torch.cat(K.matmul(a, w.t(), bias, act="silu", store_pre=True), 1)
@@ -61,11 +62,11 @@ def test_matmul_prologues_epilogues(dtype, mode):
                 return torch.cat(K.matmul(a, w.t(), bias, gate=gate, res=res, store_pre=True), 1)
             h2 = a @ w.t() + bias
             return torch.cat([res + gate * h2, h2], 1)
-        if mode == "dsilu":
+        if mode == "dsilu_act":
             if kernel:
-                return K.matmul(a, w.t(), act="dsilu", aux=aux)
+                return torch.cat(K.matmul(a, w.t(), act="dsilu", aux=aux, store_act=True), 1)
             s = torch.sigmoid(aux)
-            return (a @ w.t()) * s * (1 + aux * (1 - s))
+            return torch.cat([(a @ w.t()) * s * (1 + aux * (1 - s)), F.silu(aux)], 1)
         if mode == "res":
             return K.matmul(a, w.t(), bias, res=res) if kernel else res + a @ w.t() + bias
 
@@ -93,6 +94,8 @@ def test_matmul_rejects_bad_inputs():
         K.matmul(a, torch.randn(8, 3, device=DEV), gate=torch.randn(4, 2, device=DEV))
     with pytest.raises(ValueError, match="needs aux"):
         K.matmul(a, torch.randn(8, 3, device=DEV), act="dsilu")
+    with pytest.raises(ValueError, match="store_act needs"):
+        K.matmul(a, torch.randn(8, 3, device=DEV), store_act=True)
 
 
 # ------------------------------------------------------------------------------------ LN + modulate
