@@ -10,6 +10,10 @@ inputs. Writes JSON and CSV to ``bench/results/``.
     python bench/bench_diffusion_mlp.py                       # full grid (a few minutes, mostly compile)
     python bench/bench_diffusion_mlp.py --rows 13107 --shapes 6x1536 --impls eager,triton
 
+GPU check in one go (bf16 correctness, > 2^31-element offsets, then this benchmark):
+
+    pytest tests/test_diffusion_kernels.py -q -m gpu && python bench/bench_diffusion_mlp.py
+
 Targets on an H100 (issue 4): fwd+bwd at D6W1536 >= 1.5x faster than torch.compile and 2.5x
 faster than eager, >= 60 % of the bf16 peak, peak memory no higher than eager.
 """

@@ -192,3 +192,24 @@ def _train_and_reconstruct():
     s = m.sample(z, generator=torch.Generator().manual_seed(0))
     nmse = ((s - target) ** 2).mean() / target.var()
     assert nmse.item() < 0.1, nmse.item()
+
+
+def test_compile_impl_routes_through_torch_compile(monkeypatch):
+    """impl='compile' compiles forward_reference once (a real CPU compile takes a minute, so the
+    compiler is replaced by a recorder; the GPU benchmark runs the real one)."""
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    net = DiffusionDecoder(target_dim=6, cond_dim=4, width=16, depth=1, impl="compile")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    x, t, z = torch.randn(3, 6), torch.tensor([0, 10, 999]), torch.randn(3, 4)
+    out = net(x, t, z)
+    net(x, t, z)
+    assert len(calls) == 1 and calls[0] == net.forward_reference
+    torch.testing.assert_close(out, net.forward_reference(x, t, z))

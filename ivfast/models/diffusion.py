@@ -173,6 +173,7 @@ class DiffusionDecoder(nn.Module):
             h = blk(h, c)
         return self.final_layer(h, c)
 
+    @torch.compiler.disable   # a compiled model graph-breaks here and runs the kernels as they are
     def forward_triton(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """Same maths on the fused kernels of ``ivfast.kernels.diffusion_mlp`` (same parameters).
 
