@@ -93,11 +93,13 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, world:
     if cfg.runtime.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # Shard the trained parts block by block; the frozen teacher stays replicated.
+        # Shard the trained parts block by block, then the root (heads, tables) so that every
+        # trainable parameter is managed; the frozen teacher stays replicated, outside FSDP.
         for m in trainable:
             for block in getattr(m, "blocks", getattr(m, "layers", [])):
                 fully_shard(block)
             fully_shard(m)
+        fully_shard(model, ignored_params={p for p in model.parameters() if not p.requires_grad})
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

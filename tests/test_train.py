@@ -118,11 +118,12 @@ def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_with_gloo(clip_list, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+@pytest.mark.parametrize("strategy, port", [("ddp", 29533), ("fsdp", 29534)])
+def test_two_ranks_with_gloo(clip_list, tmp_path, strategy, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}", "demo=false",
            f"runtime.output_dir={tmp_path}", "optim.batch_per_gpu=2", "optim.global_batch=4",
-           "optim.epochs=1", "runtime.log_every=1"]
+           "optim.epochs=1", "runtime.log_every=1", f"runtime.distributed={strategy}"]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _, state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "checkpoints"))
@@ -130,6 +131,12 @@ def test_two_ranks_with_gloo(clip_list, tmp_path):
     assert isinstance(state["data"], list) and len(state["data"]) == 2, "every rank's data position is saved"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2, "only rank 0 writes metrics"
+    # The checkpoint holds full, unsharded tensors of the plain model's shapes (FSDP2 included).
+    from ivfast.models.epd import build_model
+
+    saved = load_file(str(ckpt.find_latest(tmp_path / "checkpoints") / ckpt.MODEL_FILE))
+    plain = build_model(load_config(str(tmp_path / "config.yaml"))).state_dict()
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in plain.items()}
 
 
 @pytest.mark.slow
