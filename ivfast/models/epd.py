@@ -82,7 +82,7 @@ class _Base(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _seeded_ids(self, pairs, device):
+    def _ids_to_device(self, pairs, device):
         out = []
         for keep, mask in pairs:
             out.append((torch.from_numpy(np.ascontiguousarray(keep)).to(device, non_blocking=True),
@@ -120,11 +120,10 @@ class Stage1Model(_Base):
         self.middle_heads = nn.ModuleList(MLPHead(enc.dim, Dt) for _ in self.student_layers)
         self.pool = AttentionPool(enc.dim, m.pool_heads, m.pool_dim, m.attn_backend)
         self.final_head = MLPHead(m.pool_dim, Dt)
-        for mod in (self.pool,):
-            for lin in mod.modules():
-                if isinstance(lin, nn.Linear):
-                    nn.init.trunc_normal_(lin.weight, std=0.02)
-                    nn.init.zeros_(lin.bias)
+        for lin in self.pool.modules():      # the encoder's init (trunc-normal 0.02) for the pool head
+            if isinstance(lin, nn.Linear):
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
         # The frozen SigLIP teacher is rebuilt from model.teacher.init_from; keep it out of checkpoints.
         self.register_state_dict_post_hook(_drop_teacher_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
@@ -141,7 +140,7 @@ class Stage1Model(_Base):
                                  generator=gen, frames=Tg)
         if mc.kind == "tube":
             from ivfast.masking import tube_mask
-            return self._seeded_ids([tube_mask(B, Tg, Hg, Wg, mc.ratio, int(step_seed))], device)[0]
+            return self._ids_to_device([tube_mask(B, Tg, Hg, Wg, mc.ratio, int(step_seed))], device)[0]
         raise ValueError(f"stage 1 masks with masking.kind 'semantic' or 'tube', got {mc.kind!r}")
 
     def forward(self, video: torch.Tensor, step_seed: int) -> dict:
@@ -250,7 +249,7 @@ class Stage2Model(_Base):
         if mc.kind != "multiblock":
             raise ValueError(f"stage 2 uses masking.kind 'multiblock', got {mc.kind!r}")
         from ivfast.masking import multiblock_masks
-        sets = self._seeded_ids(multiblock_masks(mc, B, *self.grid, seed=int(step_seed)), dev)
+        sets = self._ids_to_device(multiblock_masks(mc, B, *self.grid, seed=int(step_seed)), dev)
 
         with torch.no_grad():
             all_ids = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N)
