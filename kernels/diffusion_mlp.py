@@ -450,6 +450,32 @@ def adaln_trunk_reference(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, bl
     return F.linear(F.layer_norm(x, (W,), None, None, eps) * (1 + scale) + shift, final_w, final_b)
 
 
+def _trunk_forward(x, c, ada_w, ada_b, final_w, final_b, eps, depth, block_params, keep: bool):
+    """Forward of the trunk; with ``keep`` also returns what backward needs (x, u, h2 per block)."""
+    M, W = x.shape
+    # [M, (3D+2)W]; SiLU(c) is a transient (a SiLU prologue would redo it for every N tile)
+    ada = matmul(torch.nn.functional.silu(c), ada_w.t(), ada_b)
+    saved = []
+    for i in range(depth):
+        ln_w, ln_b, w1, b1, w2, b2 = block_params[6 * i: 6 * i + 6]
+        shift, scale, gate = (ada[:, (3 * i + j) * W: (3 * i + j + 1) * W] for j in range(3))
+        h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)
+        if keep:
+            a, u = matmul(h, w1.t(), b1, act="silu", store_pre=True)
+            del h
+            y, h2 = matmul(a, w2.t(), b2, gate=gate, res=x, store_pre=True)
+            saved += [x, u, h2]
+        else:       # inference (the sampler): no pre-activations written
+            a = matmul(h, w1.t(), b1, act="silu")
+            del h
+            y = matmul(a, w2.t(), b2, gate=gate, res=x)
+        del a
+        x = y
+    shift, scale = ada[:, 3 * depth * W: (3 * depth + 1) * W], ada[:, (3 * depth + 1) * W:]
+    out = matmul(ln_modulate(x, None, None, shift, scale, eps), final_w.t(), final_b)
+    return out, ada, saved, x
+
+
 class AdaLNTrunkFn(torch.autograd.Function):
     """All residual blocks + the final layer of the decoder in one Function.
 
@@ -460,24 +486,9 @@ class AdaLNTrunkFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c, ada_w, ada_b, final_w, final_b, eps, depth, *block_params):
-        M, W = x.shape
-        # [M, (3D+2)W]; SiLU(c) is a transient (a SiLU prologue would redo it for every N tile)
-        ada = matmul(torch.nn.functional.silu(c), ada_w.t(), ada_b)
-        saved = []
-        for i in range(depth):
-            ln_w, ln_b, w1, b1, w2, b2 = block_params[6 * i: 6 * i + 6]
-            shift, scale, gate = (ada[:, (3 * i + j) * W: (3 * i + j + 1) * W] for j in range(3))
-            h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)
-            a, u = matmul(h, w1.t(), b1, act="silu", store_pre=True)
-            del h
-            y, h2 = matmul(a, w2.t(), b2, gate=gate, res=x, store_pre=True)
-            del a
-            saved += [x, u, h2]
-            x = y
-        shift, scale = ada[:, 3 * depth * W: (3 * depth + 1) * W], ada[:, (3 * depth + 1) * W:]
-        hf = ln_modulate(x, None, None, shift, scale, eps)
-        out = matmul(hf, final_w.t(), final_b)
-        ctx.save_for_backward(c, ada, ada_w, final_w, x, *saved, *block_params)
+        out, ada, saved, x_last = _trunk_forward(x, c, ada_w, ada_b, final_w, final_b, eps, depth,
+                                                 block_params, keep=True)
+        ctx.save_for_backward(c, ada, ada_w, final_w, x_last, *saved, *block_params)
         ctx.eps, ctx.depth = eps, depth
         return out
 
@@ -541,5 +552,9 @@ def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list
     if len(dtypes) != 1:
         raise ValueError(f"adaln_trunk: all inputs must share one dtype, got {sorted(map(str, dtypes))}; "
                          "cast the parameters to the activation dtype first")
-    return AdaLNTrunkFn.apply(x.contiguous(), c.contiguous(), ada_w.contiguous(), ada_b, final_w.contiguous(),
-                              final_b, float(eps), D, *[p.contiguous() for p in flat])
+    args = (x.contiguous(), c.contiguous(), ada_w.contiguous(), ada_b, final_w.contiguous(), final_b,
+            float(eps), D)
+    flat = [p.contiguous() for p in flat]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _trunk_forward(*args, flat, keep=False)[0]
+    return AdaLNTrunkFn.apply(*args, *flat)
