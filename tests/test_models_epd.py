@@ -194,3 +194,11 @@ def test_bf16_autocast_cpu(tmp_path):
 @pytest.mark.gpu
 def test_bf16_autocast_cuda(tmp_path):
     _autocast_run("cuda", tmp_path)
+
+
+def test_stage1_tube_masking():
+    torch.manual_seed(0)
+    cfg = load_config("demo", ["masking.kind=tube", "masking.ratio=0.5"])
+    model = build_model(cfg)
+    out = model(_video(), step_seed=2)
+    assert out["visible"] == 4 * 8 and torch.isfinite(out["loss"])

@@ -111,3 +111,16 @@ def test_predictor_no_graph_breaks():
     torch._dynamo.reset()
     exp = torch._dynamo.explain(pred)(x, ids_keep, ids_mask)
     assert exp.graph_break_count == 0, exp.break_reasons
+
+
+def test_loads_masked_lm_checkpoint(tmp_path):
+    """Hub checkpoints are ModernBertForMaskedLM: keys carry a 'model.' prefix."""
+    conf = transformers.ModernBertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+        local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    torch.manual_seed(0)
+    mlm = transformers.ModernBertForMaskedLM(conf)
+    mlm.save_pretrained(tmp_path)
+    pred = Predictor(_pcfg(2, 2, init_from=str(tmp_path)), enc_dim=16, num_cls=4, grid=(1, 2, 2))
+    torch.testing.assert_close(pred.layers[1].attn.Wqkv.weight, mlm.model.layers[3].attn.Wqkv.weight)
+    torch.testing.assert_close(pred.layers[0].attn_norm.weight, mlm.model.layers[2].attn_norm.weight)
