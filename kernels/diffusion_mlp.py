@@ -13,13 +13,14 @@ What is fused and why:
   also re-emits SiLU(u) for the weight gradient), gate and residual, and the bias gradient summed
   from the A tiles of the weight-gradient GEMM: every memory-bound op next to a GEMM rides on it;
 * LayerNorm + affine + modulate is one row kernel; its backward is one row kernel that also
-  produces d(shift), d(scale) straight into the adaLN gradient buffer and partial LN dw/db;
+  writes d(shift), d(scale) straight into the block's adaLN gradient and partial LN dw/db;
 * backward recomputes h = LN-modulate(x) (cheap) instead of storing it. Saved per block: the
   block input x, u and h2 (+ the shared adaLN output), less than eager autograd keeps.
 
 Autograd Functions: :class:`LinearFn` (Linear with optional SiLU, for the small input/time/cond
 layers) and :class:`AdaLNTrunkFn` (all residual blocks + the final layer, with a hand-written
-backward that fills one adaLN gradient buffer). ``*_reference`` functions are the plain PyTorch
+backward that takes the adaLN gradient block by block: only a [rows, 3W] slice of it is alive
+at a time, and d(c) accumulates in fp32 through the GEMM's residual epilogue). ``*_reference`` functions are the plain PyTorch
 definitions the tests compare against. Kernels know nothing of modules:
 ``ivfast.models.diffusion`` wires parameters in.
 """
@@ -145,13 +146,15 @@ def _unit_col(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
 
 def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None = None,
            aux: Tensor | None = None, gate: Tensor | None = None, res: Tensor | None = None,
-           store_pre: bool = False, store_act: bool = False, rowsum_a: bool = False):
+           store_pre: bool = False, store_act: bool = False, rowsum_a: bool = False,
+           out_dtype: torch.dtype | None = None):
     """``a[M, K] @ b[K, N]`` (+ bias[N]) with the fused epilogues of ``_mm_kernel``.
 
     ``act``: None, ``'silu'`` or ``'dsilu'`` (multiply by SiLU'(aux), aux = stored pre-activation).
     Extra outputs, in this order after ``out``: ``pre`` (store_pre: the pre-activation/pre-gate
     value), ``act`` (store_act, with dsilu: SiLU(aux)), ``rowsum`` (rowsum_a: fp32 row sums of a).
-    Any strides for a and b (transposed views cost nothing).
+    Any strides for a and b (transposed views cost nothing). ``out_dtype`` (default a's) is the
+    dtype of ``out`` only, e.g. fp32 to accumulate a gradient through ``res`` over several calls.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: shapes {list(a.shape)} @ {list(b.shape)} do not chain")
@@ -165,7 +168,7 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None 
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"matmul: bias must be [{N}], got {list(bias.shape)}")
     new = lambda: torch.empty((M, N), device=a.device, dtype=a.dtype)
-    out = new()
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
     pre = new() if store_pre else None
     act_out = new() if store_act else None
     rowsum = torch.zeros((M,), device=a.device, dtype=torch.float32) if rowsum_a else None
@@ -499,25 +502,40 @@ class AdaLNTrunkFn(torch.autograd.Function):
         saved, params = rest[:3 * D], rest[3 * D:]
         M, W = x_last.shape
         dout = dout.contiguous()
-        dada = torch.empty_like(ada)
+        # adaLN (ada = SiLU(c) @ ada_w^T + ada_b) is backpropagated one block at a time, so only a
+        # [M, 3W] slice of its gradient is alive at once (not [M, (3D+2)W]); dc accumulates in fp32.
+        sc = torch.nn.functional.silu(c)
+        dc = None
+        dada_w: list = [None] * (D + 1)
+        dada_b: list = [None] * (D + 1)
+
+        def ada_backward(k: int, lo: int, dada_k: Tensor) -> None:
+            nonlocal dc
+            dada_w[k], dada_b[k] = weight_grad(dada_k, sc)
+            dc = matmul(dada_k, ada_w[lo: lo + dada_k.shape[1]], act="dsilu", aux=c, res=dc,
+                        out_dtype=torch.float32)
+
         # final layer
-        shift, scale = ada[:, 3 * D * W: (3 * D + 1) * W], ada[:, (3 * D + 1) * W:]
+        lo = 3 * D * W
+        shift, scale = ada[:, lo: lo + W], ada[:, lo + W:]
         hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
         dfinal_w, dfinal_b = weight_grad(dout, hf)
         del hf
         dhf = matmul(dout, final_w)
+        dada_k = torch.empty((M, 2 * W), device=c.device, dtype=c.dtype)
         dx, _, _ = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
-                                        dshift=dada[:, 3 * D * W: (3 * D + 1) * W],
-                                        dscale=dada[:, (3 * D + 1) * W:])
+                                        dshift=dada_k[:, :W], dscale=dada_k[:, W:])
         del dhf
+        ada_backward(D, lo, dada_k)
         dparams: list = [None] * (6 * D)
         for i in reversed(range(D)):
             x, u, h2 = saved[3 * i: 3 * i + 3]
             ln_w, ln_b, w1, b1, w2, b2 = params[6 * i: 6 * i + 6]
-            col = lambda j: slice((3 * i + j) * W, (3 * i + j + 1) * W)
-            shift, scale, gate = ada[:, col(0)], ada[:, col(1)], ada[:, col(2)]
+            lo = 3 * i * W
+            shift, scale, gate = ada[:, lo: lo + W], ada[:, lo + W: lo + 2 * W], ada[:, lo + 2 * W: lo + 3 * W]
+            dada_k = torch.empty((M, 3 * W), device=c.device, dtype=c.dtype)
             # y = x + gate * h2
-            dh2 = gate_backward(dx, h2, gate, dada[:, col(2)])
+            dh2 = gate_backward(dx, h2, gate, dada_k[:, 2 * W:])
             du, a = matmul(dh2, w2, act="dsilu", aux=u, store_act=True)   # (dh2 W2) SiLU'(u); a = SiLU(u)
             dw2, db2 = weight_grad(dh2, a)
             del dh2, a
@@ -527,13 +545,13 @@ class AdaLNTrunkFn(torch.autograd.Function):
             dh = matmul(du, w1)
             del du
             dx, dln_w, dln_b = ln_modulate_backward(dh, x, ln_w, ln_b, scale, eps=eps, dres=dx,
-                                                    dshift=dada[:, col(0)], dscale=dada[:, col(1)])
+                                                    dshift=dada_k[:, :W], dscale=dada_k[:, W:2 * W])
             del dh
+            ada_backward(i, lo, dada_k)
+            del dada_k
             dparams[6 * i: 6 * i + 6] = [dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw1, db1, dw2, db2]
-        # adaLN of all blocks: ada = SiLU(c) @ ada_w^T + ada_b
-        dada_w, dada_b = weight_grad(dada, torch.nn.functional.silu(c))
-        dc = matmul(dada, ada_w, act="dsilu", aux=c)
-        return (dx, dc, dada_w, dada_b, dfinal_w, dfinal_b, None, None, *dparams)
+        return (dx, dc.to(c.dtype), torch.cat(dada_w), torch.cat(dada_b), dfinal_w, dfinal_b, None, None,
+                *dparams)
 
 
 def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
