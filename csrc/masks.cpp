@@ -45,13 +45,23 @@ inline int64_t randint(uint64_t key, uint64_t counter, int64_t lo, int64_t hi) {
 }
 
 // Selection sampling (Knuth's algorithm S): walking items 0..n-1 in order, item j is taken
-// with probability (k - taken) / (n - j), using draw `base + j`. Exactly k of n are taken,
-// every k-subset equally likely, in one pass and already in ascending order.
+// with probability (k - taken) / (n - j). Exactly k of n are taken, every k-subset equally
+// likely, in one pass and already in ascending order. Item j uses a 32-bit half of draw
+// base + j/2 (high half for even j) and an exact integer test u32 * (n - j) < (k - taken) << 32,
+// which needs n < 2^31 (checked with the grid).
 struct SelectionSampler {
   uint64_t key, base;
   int64_t n, k, seen = 0, taken = 0;
+  uint64_t draw = 0;
   bool next() {
-    const bool take = uniform(key, base + seen) * static_cast<double>(n - seen) < static_cast<double>(k - taken);
+    uint64_t u32;
+    if ((seen & 1) == 0) {
+      draw = rand_u64(key, base + static_cast<uint64_t>(seen >> 1));
+      u32 = draw >> 32;
+    } else {
+      u32 = draw & 0xFFFFFFFFULL;
+    }
+    const bool take = u32 * static_cast<uint64_t>(n - seen) < (static_cast<uint64_t>(k - taken) << 32);
     ++seen;
     taken += take;
     return take;
@@ -141,14 +151,17 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
   const int64_t tt = std::min<int64_t>(T, t);
 
   if (threads <= 0) threads = default_threads(B);
-  // Per sample: the masked volume (1 = inside a block) and its visible count.
-  std::vector<char> masked(B * N);  // written in full by each sample's first attempt
+  // Blocks spanning every frame (V-JEPA's default) mask the same spatial set in each frame:
+  // then only the H x W plane is stored and counted. Otherwise the whole T x H x W volume.
+  const bool plane = tt == T;
+  const int64_t S = H * W, V = plane ? S : N;
+  std::vector<char> masked(B * V);  // per sample: 1 = inside a block; written in full below
   std::vector<int64_t> visible(B, 0);
   std::vector<char> failed(B, 0);
   {
     py::gil_scoped_release nogil;
     parallel_for(B, threads, [&](int64_t b) {
-      char* vol = masked.data() + b * N;
+      char* vol = masked.data() + b * V;
       const uint64_t key = stream_key(seed, b);
       uint64_t c = 0;
       for (int64_t attempt = 0;; ++attempt) {
@@ -156,18 +169,18 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
           failed[b] = 1;
           return;
         }
-        std::fill_n(vol, N, 0);
+        std::fill_n(vol, V, 0);
         for (int64_t k = 0; k < num_blocks; ++k) {
           const int64_t top = randint(key, c++, 0, H - h + 1);
           const int64_t left = randint(key, c++, 0, W - w + 1);
           const int64_t start = randint(key, c++, 0, T - tt + 1);
-          for (int64_t ti = start; ti < start + tt; ++ti)
+          for (int64_t ti = plane ? 0 : start; ti < (plane ? 1 : start + tt); ++ti)
             for (int64_t hi = top; hi < top + h; ++hi) std::fill_n(vol + (ti * H + hi) * W + left, w, 1);
         }
         int64_t n = 0;
-        for (int64_t i = 0; i < N; ++i) n += !vol[i];
-        visible[b] = n;
-        if (n >= min_keep) return;
+        for (int64_t i = 0; i < V; ++i) n += !vol[i];
+        visible[b] = plane ? n * T : n;
+        if (visible[b] >= min_keep) return;
       }
     });
   }
@@ -187,35 +200,29 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
   {
     py::gil_scoped_release nogil;
     parallel_for(B, threads, [&](int64_t b) {
-      const char* vol = masked.data() + b * N;
+      const char* vol = masked.data() + b * V;
       const int64_t n = visible[b];
-      // Branch-free split: every id is written to both scratch rows, the counters decide
-      // which write survives (the keep/mask pattern is random, so branches mispredict).
-      thread_local std::vector<int32_t> ks, ms;  // reused across samples and calls
-      ks.resize(K + 1);
-      ms.resize(M + 1);
-      int64_t nk = 0, nm = 0;
-      if (lowest || n == K) {
-        int64_t j = 0;  // visible ids seen so far
-        for (int64_t i = 0; i < N; ++i) {
-          const bool vis = !vol[i];
-          const bool kept = vis & (j < K);
-          j += vis;
-          ks[nk] = ms[nm] = static_cast<int32_t>(i);
-          nk += kept;
-          nm += !kept;
-        }
-      } else {
-        SelectionSampler pick{stream_key(seed, b), kTrimCounter, n, K};
-        for (int64_t i = 0; i < N; ++i) {
-          const bool kept = !vol[i] && pick.next();
-          ks[nk] = ms[nm] = static_cast<int32_t>(i);
-          nk += kept;
-          nm += !kept;
+      const bool all_visible_kept = lowest || n == K;
+      SelectionSampler pick{stream_key(seed, b), kTrimCounter, n, K};
+      int32_t* kp = keep + b * K;
+      int32_t* mp = mask + b * M;
+      int64_t j = 0;  // visible ids seen so far
+      for (int64_t t = 0; t < T; ++t) {
+        const char* row = plane ? vol : vol + t * S;
+        for (int64_t s = 0; s < S; ++s) {
+          const bool vis = !row[s];
+          bool kept;
+          if (all_visible_kept) {
+            kept = vis & (j < K);
+            j += vis;
+          } else {
+            kept = vis && pick.next();
+          }
+          // Pointer select instead of a branch: the keep/mask pattern is random.
+          int32_t*& dst = kept ? kp : mp;
+          *dst++ = static_cast<int32_t>(t * S + s);
         }
       }
-      std::copy_n(ks.data(), K, keep + b * K);
-      std::copy_n(ms.data(), M, mask + b * M);
     });
   }
   return py::make_tuple(keep_arr, mask_arr);

@@ -103,7 +103,7 @@ class ModelConfig:
     token_impl: KernelImpl = "triton"   # masked-token gather/scatter/targets kernels
     align_dim: int = 1536
     stage2_loss: Literal["cosine", "l1", "mse"] = "cosine"
-    attn_backend: Literal["auto", "flash_attn", "sdpa", "xformers", "math"] = "auto"
+    attn_backend: Literal["auto", "flash_attn", "sdpa", "flex", "xformers", "math"] = "auto"
     pool_dim: int = 768                 # attention-pool head output (released clip_embed_dim, all sizes)
     pool_heads: int = 16
     middle_loss_weight: float = 1.0     # stage-1 loss = w_mid * middle + w_final * final + diffusion

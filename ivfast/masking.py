@@ -64,13 +64,16 @@ def _randint(key: int, counter: int, lo: int, hi: int) -> int:
 def _select(key: int, base: int, n: int, k: int) -> np.ndarray:
     """Boolean mask of k of n items by selection sampling (Knuth's algorithm S).
 
-    Item j is taken with probability (k - taken) / (n - j), from draw ``base + j``: exactly
-    k taken, every k-subset equally likely. Sequential by nature, so a Python loop here.
+    Item j is taken with probability (k - taken) / (n - j): exactly k taken, every k-subset
+    equally likely. Item j uses a 32-bit half of draw ``base + j // 2`` (the high half for even
+    j) in the exact integer test ``u32 * (n - j) < (k - taken) << 32``, as the C++ does.
+    Sequential by nature, so a Python loop here.
     """
-    u = uniform(key, np.arange(base, base + n, dtype=np.uint64)).tolist()
+    draws = rand_u64(key, np.arange(base, base + (n + 1) // 2, dtype=np.uint64))
+    halves = np.stack([draws >> _U64(32), draws & _U64(0xFFFFFFFF)], axis=1).ravel()[:n].tolist()
     taken, out = 0, np.zeros(n, bool)
     for j in range(n):
-        if u[j] * float(n - j) < float(k - taken):
+        if halves[j] * (n - j) < (k - taken) << 32:
             out[j] = True
             taken += 1
     return out
