@@ -52,3 +52,14 @@ def test_build_requirements_exclude_torch():
     deps = meta["project"]["dependencies"]
     assert any(d.replace(" ", "").startswith("torch>=") for d in deps), "torch must be a range, not a pin"
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+
+
+def test_missing_cmake_is_a_clear_error(tmp_path):
+    """Without cmake on PATH the build stops with a message saying what to install."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    res = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "t"),
+                          "--build-lib", str(tmp_path / "l")], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": str(empty), "HOME": str(tmp_path)})
+    assert res.returncode != 0
+    assert "needs cmake" in res.stderr + res.stdout and "pip install cmake" in res.stderr + res.stdout
