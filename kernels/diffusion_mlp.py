@@ -45,9 +45,12 @@ def _mm_configs() -> list:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
     cfgs = []
-    for bm, bn, bk, st, wp in [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8),
-                               (128, 128, 64, 3, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                               (128, 128, 32, 4, 4), (64, 64, 64, 4, 4)]:
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Checked by compiling for sm_90 without a GPU
+    # (ptxas resource usage): 128x128x64/8 warps keeps every epilogue spill-free or nearly; the
+    # 256-wide tiles spill in the gate/residual epilogue but can still win on plain GEMMs.
+    for bm, bn, bk, st, wp in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
+                               (128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                               (64, 64, 64, 4, 4)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_stages=st, num_warps=wp))
     return cfgs
@@ -87,18 +90,24 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr, act_pt
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    mask_m = rm < M
-    mask_n = rn < N
-    a_ptrs = a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak
-    b_ptrs = b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn
+    # 64-bit scalar tile origins + 32-bit in-tile offsets: safe past 2^31 elements without
+    # 64-bit offset tensors (which cost registers and spill in the epilogue)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    m0_64 = tl.cast(m0, tl.int64)
+    n0_64 = tl.cast(n0, tl.int64)
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    lk = tl.arange(0, BLOCK_K)
+    mask_m = lm < M - m0
+    mask_n = ln < N - n0
+    a_ptrs = a_ptr + m0_64 * s_am + (lm[:, None] * s_am + lk[None, :] * s_ak)
+    b_ptrs = b_ptr + n0_64 * s_bn + (lk[:, None] * s_bk + ln[None, :] * s_bn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ROWSUM_A:
         rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (rk + k0) < K
+        k_ok = lk < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
         if IEEE:
@@ -112,28 +121,35 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr, act_pt
         b_ptrs += BLOCK_K * s_bk
     if ROWSUM_A:
         if pid_n == 0:
-            tl.store(rowsum_ptr + rm, rsum, mask=mask_m)
+            tl.store(rowsum_ptr + m0_64 + lm, rsum, mask=mask_m)
 
     mask = mask_m[:, None] & mask_n[None, :]
+    tile = lm[:, None] * 0 + ln[None, :]          # column offsets, broadcast to the tile
     pre = acc
     if HAS_BIAS:
-        pre += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        pre += tl.load(bias_ptr + n0_64 + ln, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
-        tl.store(aux_ptr + rm[:, None] * s_aux + rn[None, :], pre.to(aux_ptr.dtype.element_ty), mask=mask)
+        tl.store(aux_ptr + (m0_64 * s_aux + n0_64) + (lm[:, None] * s_aux + tile),
+                 pre.to(aux_ptr.dtype.element_ty), mask=mask)
     out = pre
     if ACT == 1:
         out = _silu_f32(pre)
     if ACT == 2:       # chain rule through SiLU of the stored pre-activation u
-        u = tl.load(aux_ptr + rm[:, None] * s_aux + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(aux_ptr + (m0_64 * s_aux + n0_64) + (lm[:, None] * s_aux + tile),
+                    mask=mask, other=0.0).to(tl.float32)
         sg = 1.0 / (1.0 + tl.exp(-u))
         out = pre * sg * (1.0 + u * (1.0 - sg))
         if STORE_ACT:
-            tl.store(act_ptr + rm[:, None] * s_act + rn[None, :], (u * sg).to(act_ptr.dtype.element_ty), mask=mask)
+            tl.store(act_ptr + (m0_64 * s_act + n0_64) + (lm[:, None] * s_act + tile),
+                     (u * sg).to(act_ptr.dtype.element_ty), mask=mask)
     if HAS_GATE:
-        out = out * tl.load(gate_ptr + rm[:, None] * s_gate + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + (m0_64 * s_gate + n0_64) + (lm[:, None] * s_gate + tile), mask=mask, other=0.0)
+        out = out * g.to(tl.float32)
     if HAS_RES:
-        out = out + tl.load(res_ptr + rm[:, None] * s_res + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, out.to(c_ptr.dtype.element_ty), mask=mask)
+        r = tl.load(res_ptr + (m0_64 * s_res + n0_64) + (lm[:, None] * s_res + tile), mask=mask, other=0.0)
+        out = out + r.to(tl.float32)
+    tl.store(c_ptr + (m0_64 * s_cm + n0_64 * s_cn) + (lm[:, None] * s_cm + ln[None, :] * s_cn),
+             out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def _unit_col(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
@@ -186,6 +202,11 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None 
     _unit_col(gate, "gate", (M, N))
     _unit_col(res, "res", (M, N))
     extra = [t for t in (pre, act_out, rowsum) if t is not None]
+    strides = [a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0)] + \
+        [t.stride(0) for t in (aux_t, gate, res) if t is not None]
+    if max(strides) * 256 >= 2 ** 31:   # in-tile offsets are 32-bit (tile origins are 64-bit)
+        raise ValueError(f"matmul: a stride of {max(strides)} elements is too large for 32-bit in-tile "
+                         "offsets; pass .contiguous() operands")
     if M > 0 and N > 0:
         dummy = out
         ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
