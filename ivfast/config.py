@@ -109,6 +109,9 @@ class ModelConfig:
     middle_loss_weight: float = 1.0     # stage-1 loss = w_mid * middle + w_final * final + diffusion
     final_loss_weight: float = 1.0
     diffusion_loss_weight: float = 1.0
+    # stage-1 final target = mean over frames of the L2-normalised pooled teacher vectors, NOT
+    # re-normalised (released code); true: re-normalise that mean (a plain cosine distance)
+    final_target_renorm: bool = False
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from ivfast.config import load_config
 from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, build_model,
-                               load_stage1_weights, param_groups)
+                               final_alignment_loss, load_stage1_weights, param_groups)
 
 
 def _video(B=2, T=4, S=56, seed=0):
@@ -55,6 +55,43 @@ def test_stage1_forward_backward(stage1):
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="model.num_frames"):
         model(_video(T=2), 0)
+
+
+def test_final_alignment_loss_by_hand():
+    # teacher frames along e1 and 3*e2: normalised per frame, mean (0.5, 0.5), NOT re-normalised
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])
+    student = torch.tensor([[2.0, 0.0]])
+    torch.testing.assert_close(final_alignment_loss(student, teacher), torch.tensor(2 - 2 * 0.5))
+    torch.testing.assert_close(final_alignment_loss(student, teacher, renorm=True), torch.tensor(2 - 2 ** 0.5))
+    with pytest.raises(ValueError, match="teacher \\[B, T, D\\]"):
+        final_alignment_loss(student, teacher[0])
+
+
+def test_stage1_final_loss_on_model(stage1):
+    """loss_final of a forward = 2 - 2 <normalize(student pooled), mean_t normalize(teacher pooled_t)>."""
+    cfg, model = stage1
+    seen = {}
+    hooks = [model.final_head.register_forward_hook(lambda mod, i, o: seen.__setitem__("s", o.detach())),
+             model.teacher.register_forward_hook(lambda mod, i, o: seen.__setitem__("t", o.pooled.detach()))]
+
+    def run():
+        out = model(_video(), step_seed=5)
+        s, t = seen["s"].double(), seen["t"].double()
+        return out["loss_final"].double(), s / s.norm(dim=-1, keepdim=True), (t / t.norm(dim=-1, keepdim=True)).mean(1)
+
+    try:
+        with torch.no_grad():
+            got, s, target = run()
+            assert target.norm(dim=-1).max() < 0.999            # frames disagree: the two variants differ
+            torch.testing.assert_close(got, (2 - 2 * (s * target).sum(-1)).mean(), atol=1e-5, rtol=1e-5)
+            model.cfg.model.final_target_renorm = True
+            got, s, target = run()
+            want = (2 - 2 * (s * target / target.norm(dim=-1, keepdim=True)).sum(-1)).mean()
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        model.cfg.model.final_target_renorm = False
+        for h in hooks:
+            h.remove()
 
 
 def test_masks_follow_step_seed(stage1):

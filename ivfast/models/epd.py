@@ -4,7 +4,8 @@ Stage 1 (pixel reconstruction + semantic alignment), per clip:
   frozen SigLIP teacher on all frames -> semantic-aware mask from its pooling-head attention ->
   encoder on the visible tokens -> predictor over all positions -> diffusion loss on the masked
   patches' pixels + alignment of projected student tokens (middle layers, visible positions) and
-  of the student's attention-pooled vector (final) with the teacher's, each ``2 - 2 cos``.
+  of the student's attention-pooled vector (final) with the teacher's per-frame pooled vectors
+  (L2-normalised, averaged over frames, not re-normalised: ``final_alignment_loss``).
 Stage 2 (latent prediction):
   frozen copy of the stage-1 encoder on all tokens -> targets; per V-JEPA mask set the student
   encoder on its visible tokens; the predictor runs ONCE over all mask sets stacked on the batch
@@ -44,6 +45,23 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean of ``2 - 2 cos(a, b)`` over rows (= squared distance of the L2-normalised vectors), fp32."""
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
     return (2.0 - 2.0 * (a * b).sum(-1)).mean()
+
+
+def final_alignment_loss(student: torch.Tensor, teacher_frames: torch.Tensor, renorm: bool = False) -> torch.Tensor:
+    """Stage-1 final alignment: student pooled [B, D] vs the teacher's pooled vectors per frame [B, T, D].
+
+    Released code: each frame's teacher vector is L2-normalised, the clip target is their mean over
+    frames and is NOT re-normalised, so ``loss = 2 - 2 <normalize(s), mean_t normalize(p_t)>`` (the
+    target's norm is below 1 when frames disagree, which scales the gradient down). ``renorm=True``
+    re-normalises the mean: a plain cosine distance. Mean over the batch, fp32.
+    """
+    if teacher_frames.dim() != 3 or student.dim() != 2 or teacher_frames.shape[::2] != student.shape:
+        raise ValueError(f"final alignment needs student [B, D] and teacher [B, T, D], got "
+                         f"{tuple(student.shape)} and {tuple(teacher_frames.shape)}")
+    target = F.normalize(teacher_frames.float(), dim=-1).mean(1)
+    if renorm:
+        target = F.normalize(target, dim=-1)
+    return (2.0 - 2.0 * (F.normalize(student.float(), dim=-1) * target).sum(-1)).mean()
 
 
 class _VideoInput:
@@ -179,7 +197,7 @@ class Stage1Model(_Base):
             s = head(feat[:, C:] + pos_vis)
             mid = mid + cosine_distance(s, ops.gather_tokens(t, ids_keep, impl=self.impl))
         mid = mid / max(len(feats), 1)
-        final = cosine_distance(self.final_head(self.pool(x)), pooled.mean(1))
+        final = final_alignment_loss(self.final_head(self.pool(x)), pooled, renorm=m.final_target_renorm)
 
         loss = (m.diffusion_loss_weight * diff["loss"] + m.middle_loss_weight * mid
                 + m.final_loss_weight * final)

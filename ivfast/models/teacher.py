@@ -33,7 +33,7 @@ from .attention import attention
 class TeacherOutput:
     middle: list          # [B, T*n, D] hidden states entering each requested layer
     tokens: torch.Tensor  # [B, T*n, D] final tokens (after post_layernorm)
-    pooled: torch.Tensor  # [B, T, D] attention-pooling head output per frame
+    pooled: torch.Tensor  # [B, T, D] attention-pooling head output per frame (raw; stage 1 L2-normalises per frame)
     scores: torch.Tensor  # [B, T*n] pooling-head attention over each frame's tokens (mean over heads)
 
 
