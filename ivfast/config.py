@@ -112,6 +112,8 @@ class ModelConfig:
     # stage-1 final target = mean over frames of the L2-normalised pooled teacher vectors, NOT
     # re-normalised (released code); true: re-normalise that mean (a plain cosine distance)
     final_target_renorm: bool = False
+    # weight decay on predictor.pos_embed and predictor.mask_token (released: decayed); false: exempt
+    decay_predictor_tokens: bool = True
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -109,15 +109,32 @@ def test_param_groups(stage1):
     _, model = stage1
     groups = param_groups(model, 0.05)
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
-    nodecay = set(groups[1]["names"])
-    for name in ("encoder.pos_embed", "encoder.cls_token", "predictor.mask_token", "predictor.pos_embed",
-                 "align_pos", "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.proj.bias",
-                 "encoder.blocks.0.ls1.gamma"):
+    decay, nodecay = set(groups[0]["names"]), set(groups[1]["names"])
+    # released: no decay on these full names and on 1-D parameters ...
+    for name in ("encoder.pos_embed", "encoder.cls_token", "align_pos", "encoder.blocks.0.norm1.weight",
+                 "encoder.blocks.0.attn.proj.bias", "encoder.blocks.0.ls1.gamma", "encoder.patch_norm.weight",
+                 "predictor.layers.0.mlp_norm.weight", "pool.q.bias"):
         assert name in nodecay, name
-    assert "encoder.blocks.0.attn.qkv.weight" in groups[0]["names"]
+    # ... while the predictor's position table and mask token are decayed, as every weight matrix
+    for name in ("predictor.pos_embed", "predictor.mask_token", "encoder.blocks.0.attn.qkv.weight",
+                 "predictor.layers.0.attn.Wqkv.weight", "middle_heads.0.fc1.weight", "decoder.net.cond_embed.weight"):
+        assert name in decay, name
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups) == n_trainable
     assert not any(n.startswith("teacher.") for g in groups for n in g["names"])
+    # full-name matching survives wrapper prefixes (DDP's module., compile's _orig_mod.)
+    wrapped = torch.nn.Module()
+    wrapped.module = model
+    wgroups = param_groups(wrapped, 0.05)
+    assert wgroups[1]["names"] == ["module." + n for n in groups[1]["names"]]
+    # the option exempts the predictor tokens
+    model.cfg.model.decay_predictor_tokens = False
+    try:
+        groups = param_groups(wrapped, 0.05)
+    finally:
+        model.cfg.model.decay_predictor_tokens = True
+    assert {"module.predictor.pos_embed", "module.predictor.mask_token"} <= set(groups[1]["names"])
+    assert not {"module.predictor.pos_embed", "module.predictor.mask_token"} & set(groups[0]["names"])
 
 
 def _save_stage1(model, tmp_path):

@@ -38,7 +38,11 @@ log = logging.getLogger("ivfast.models")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "align_pos")
+# Weight decay (released code): none on these FULL parameter names, nor on any parameter with
+# fewer than 2 dims (norms, biases, LayerScale gammas). The predictor's position table and mask
+# token ARE decayed unless model.decay_predictor_tokens is false.
+NO_DECAY_NAMES = ("encoder.pos_embed", "encoder.cls_token", "align_pos")
+PREDICTOR_TOKEN_NAMES = ("predictor.pos_embed", "predictor.mask_token")
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -391,21 +395,40 @@ def load_stage1_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return unused
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases, LayerScale, position tables, cls and mask tokens.
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
-    Frozen parameters (the teachers) are left out.
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups ``[decay, no_decay]``, each ``dict(params, weight_decay, names)``.
+
+    No decay: the full names in ``NO_DECAY_NAMES`` (encoder position table, cls tokens, alignment
+    position table) and every parameter with fewer than 2 dims (norms, biases, LayerScale). The
+    predictor's position table and mask token follow ``model.decay_predictor_tokens`` (decayed by
+    default, as released). Names are matched after stripping DDP / compile prefixes. Frozen
+    parameters (the teachers) are left out; fixed position tables (buffers) are not parameters.
     """
+    cfg = getattr(_unwrap(model), "cfg", None)
+    decay_pred = cfg.model.decay_predictor_tokens if cfg is not None else True
     decay, no_decay, dn, nn_ = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if p.ndim < 2 or leaf in NO_DECAY_NAMES or any(f".{n}" in f".{name}" for n in NO_DECAY_NAMES):
-            no_decay.append(p)
-            nn_.append(name)
+        key = _strip(name)
+        if key in PREDICTOR_TOKEN_NAMES:
+            use_decay = decay_pred
         else:
+            use_decay = p.ndim >= 2 and key not in NO_DECAY_NAMES
+        if use_decay:
             decay.append(p)
             dn.append(name)
+        else:
+            no_decay.append(p)
+            nn_.append(name)
     return [dict(params=decay, weight_decay=weight_decay, names=dn),
             dict(params=no_decay, weight_decay=0.0, names=nn_)]
