@@ -8,7 +8,8 @@ Layout: ``OUTPUT/checkpoints/step_00001234/`` holding
     that matches is treated as damaged.
 Each checkpoint is first written into ``step_XXXXXXXX.tmp-PID`` and renamed into place only
 when complete (rename is atomic on POSIX), so a process killed while saving never replaces
-or damages the previous good checkpoint.
+or damages the previous good checkpoint. Leftovers of killed writers are removed by the next
+save.
 """
 from __future__ import annotations
 
@@ -43,9 +44,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
     root = Path(ckpt_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    if final.exists() and is_valid(final):
-        # A step is saved once: replacing a directory cannot be atomic, and the state is the same.
-        return final
+    _remove_orphans(root)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,17 +59,42 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
         _fsync(tmp / name)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
     _fsync(tmp / MANIFEST)
-    if final.exists():  # a damaged leftover of this step: nothing good is lost by replacing it
-        shutil.rmtree(final)
+    old = None
+    if final.exists():
+        # The same step again (a run resumed from an older checkpoint reaches it anew): the new
+        # state wins. A directory cannot be replaced atomically, so the old one is moved aside
+        # first; if we die in between, find_latest() falls back to the step before.
+        old = root / f"{final.name}.old-{os.getpid()}"
+        os.rename(final, old)
     os.rename(tmp, final)
     dir_fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_orphans(root: Path) -> None:
+    """Half-written (``.tmp-PID``) and set-aside (``.old-PID``) directories of dead processes."""
+    for p in root.glob("step_*"):
+        name, sep, pid = p.name.rpartition("-")
+        if sep and (".tmp" in name or ".old" in name) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def is_valid(path: Path) -> bool:
@@ -87,7 +111,7 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and "-" not in p.name)
 
 
 def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:

@@ -8,6 +8,7 @@ valid choices, never silently.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -182,12 +183,12 @@ class OptimConfig:
 @dataclass
 class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"     # autocast dtype on CUDA; CPU runs fp32
+    dtype: Literal["bf16", "fp32"] = "bf16"     # autocast dtype on CUDA; CPU runs fp32
     compile: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"
     output_dir: str = "runs/ivfast"
     seed: int = 0
-    max_steps: int = 0                  # 0 = run the full schedule
+    max_steps: int = 0                  # stop after this step (the schedule still spans the epochs); 0 = all
     log_every: int = 10
     ckpt_every: int = 1000
     keep_last: int = 3
@@ -345,6 +346,9 @@ def _set_key(data: dict, dotted: str, raw: str) -> None:
                               f"valid keys there: {sorted(fields)}")
         tp = fields[part]
         if i == len(parts) - 1:
+            if tp is str or (get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp))):
+                node[part] = raw   # as typed: YAML 1.1 would read 20:30 as 1230 and 0123 as 83
+                return
             try:
                 value = yaml.safe_load(raw) if raw != "" else ""
             except yaml.YAMLError:
@@ -411,6 +415,18 @@ def validate(cfg: Config) -> None:
     o = cfg.optim
     need(o.global_batch > 0 and o.batch_per_gpu > 0, "optim.global_batch and optim.batch_per_gpu must be > 0")
     need(len(o.betas) == 2, "optim.betas must be [beta1, beta2]")
+    r = cfg.runtime
+    for key in ("log_every", "ckpt_every", "max_nonfinite"):
+        need(getattr(r, key) >= 1, f"runtime.{key} must be >= 1, got {getattr(r, key)}")
+    need(r.keep_last >= 1, f"runtime.keep_last must be >= 1, got {r.keep_last}")
+    need(r.max_steps >= 0, f"runtime.max_steps must be >= 0 (0 = the whole schedule), got {r.max_steps}")
+    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(0 <= o.warmup_epochs <= o.epochs, f"optim.warmup_epochs must be in [0, optim.epochs], got {o.warmup_epochs}")
+    for key in ("base_lr", "min_lr", "weight_decay", "eps"):
+        v = getattr(o, key)
+        need(math.isfinite(v) and v >= 0, f"optim.{key} must be a finite number >= 0, got {v}")
+    need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 = no clipping), got {o.clip_grad}")
+    need(cfg.masking.max_keep >= 0, f"masking.max_keep must be >= 0 (0 = no cap), got {cfg.masking.max_keep}")
     if cfg.runtime.profile_steps:
         a, sep, b = cfg.runtime.profile_steps.partition(":")
         need(sep == ":" and a.isdigit() and b.isdigit() and int(a) < int(b),

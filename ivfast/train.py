@@ -153,7 +153,8 @@ class ProfileWindow:
         self.out_dir, self.device, self.prof = out_dir, device, None
         self.under_nsys = any(k.startswith("NSYS_") for k in os.environ)
 
-    def step(self, step: int) -> None:
+    def step(self, step: int) -> float:
+        """Open or close the window at ``step``; returns the seconds spent writing the trace."""
         if step == self.start:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -165,7 +166,10 @@ class ProfileWindow:
                 self.prof = torch.profiler.profile(activities=acts, record_shapes=False)
                 self.prof.__enter__()
         elif step == self.stop:
+            t0 = time.perf_counter()
             self.close()
+            return time.perf_counter() - t0
+        return 0.0
 
     def close(self) -> None:
         if self.start < 0:
@@ -202,7 +206,9 @@ class Trainer:
         self.is_main = self.rank == 0
         self.out = Path(cfg.runtime.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        torch.manual_seed(cfg.runtime.seed + self.rank)
+        # The same initial weights on every rank (FSDP2 does not broadcast them); per-rank
+        # randomness comes later from step_seed().
+        torch.manual_seed(cfg.runtime.seed)
 
         from ivfast.data import build_loader
         from ivfast.models.epd import build_model
@@ -222,13 +228,12 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"one optimiser step needs {self.accum} batches of {per_micro} clips per rank set, "
                              f"but an epoch has only {len(self.loader)}: add data or lower optim.global_batch")
-        self.total_steps = int(o.epochs * self.steps_per_epoch)
-        if cfg.runtime.max_steps:
-            self.total_steps = min(self.total_steps, cfg.runtime.max_steps)
+        self.total_steps = int(o.epochs * self.steps_per_epoch)        # the lr schedule's length
+        self.stop_step = min(self.total_steps, cfg.runtime.max_steps or self.total_steps)
         self.warmup = int(o.warmup_epochs * self.steps_per_epoch)
         scale = self.global_batch / 256   # the recipe's lr is per 256 clips
         self.peak_lr, self.min_lr = o.base_lr * scale, o.min_lr * scale
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.runtime.dtype)
+        self.autocast_dtype = {"bf16": torch.bfloat16}.get(cfg.runtime.dtype)
         if self.device.type != "cuda":
             self.autocast_dtype = None   # CPU runs fp32
 
@@ -236,6 +241,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._reported_attention = False
+        self._saved_step = -1          # the step of the last checkpoint, known on every rank
+        self._it = None
         if resume:
             self._resume(resume)
         self.metrics = MetricsLogger(self.out, enabled=self.is_main)
@@ -262,10 +269,20 @@ class Trainer:
         model_state, state = ckpt.load_checkpoint(path)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, strict=False)
+        opts = StateDictOptions(full_state_dict=True, strict=True)
         set_model_state_dict(unwrap(self.model), model_state, options=opts)
         set_optimizer_state_dict(unwrap(self.model), self.optimizer, state["optimizer"], options=opts)
+        saved_world = len(state["data"]) if isinstance(state["data"], list) else 1
+        if saved_world != self.world:
+            raise ckpt.CheckpointError(f"{path} was written by {saved_world} ranks, this run has {self.world}: "
+                                       "resume with the same number of processes")
+        sched = state.get("scheduler", {})
+        mine = {"total": self.total_steps, "warmup": self.warmup, "peak_lr": self.peak_lr}
+        if any(sched.get(k) != v for k, v in mine.items()):
+            log.warning("the lr schedule differs from the checkpoint's (%s now, %s then): epochs, batch or "
+                        "lr settings changed", mine, {k: sched.get(k) for k in mine})
         self.step = state["step"]
+        self._saved_step = self.step
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.loader.load_state_dict(state["data"][self.rank] if isinstance(state["data"], list) else state["data"])
         set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
@@ -293,15 +310,18 @@ class Trainer:
                                         keep_last=self.cfg.runtime.keep_last)
         if self.world > 1:
             dist.barrier()
+        self._saved_step = self.step
         return path
 
     # ---- one optimiser step
     def _next_batch(self):
-        try:
-            return next(self._it)
-        except (StopIteration, AttributeError):
-            self._it = iter(self.loader)     # the loader moves on to its next epoch by itself
-            return next(self._it)
+        if self._it is not None:
+            try:
+                return next(self._it)
+            except StopIteration:
+                pass
+        self._it = iter(self.loader)     # the loader moves on to its next epoch by itself
+        return next(self._it)
 
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
@@ -331,6 +351,8 @@ class Trainer:
         with self.timer.phase("optimizer"):
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e30)
+            if hasattr(grad_norm, "full_tensor"):   # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             # One host sync per step: a non-finite loss or gradient must skip the update.
             finite = bool(torch.isfinite(grad_norm) & torch.isfinite(parts["loss"]))
             if finite:
@@ -350,23 +372,43 @@ class Trainer:
         return {"lr": lr, "grad_norm": grad_norm.detach(), "skipped": not finite, **parts}
 
     # ---- the loop
+    def _stop_requested(self, stop: "Preemption") -> str | None:
+        """Whether any rank got a pre-emption signal: all ranks must stop after the same step."""
+        if self.world == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (stop.requested or "signal on another rank") if flag.item() > 0 else None
+
+    def _global_mean(self, rec: dict) -> dict:
+        """Loss parts averaged over ranks (logged values are the whole step's, not rank 0's)."""
+        keys = [k for k, v in rec.items() if torch.is_tensor(v) and v.numel() == 1]
+        if self.world > 1 and keys:
+            vals = torch.stack([rec[k].float().reshape(()) for k in keys])
+            dist.all_reduce(vals, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
+            if self.device.type != "cuda":   # gloo has no AVG
+                vals = vals / self.world
+            rec = dict(rec, **dict(zip(keys, vals)))
+        return {k: (v.item() if torch.is_tensor(v) else v) for k, v in rec.items()}
+
     def fit(self) -> Path:
         cfg = self.cfg
         stop = Preemption()
         bar = None
         if self.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
+            bar = tqdm(total=self.stop_step, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
                        dynamic_ncols=True, file=sys.stderr)
         clips_per_step = self.global_batch / self.world
         tokens_per_clip = math.prod(unwrap(self.model).grid)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        window_start, window_steps, last_path = time.perf_counter(), 0, None
+        window_start, window_steps = time.perf_counter(), 0
         self.model.train()
+        preempted = None
         try:
-            while self.step < self.total_steps:
-                self.profile.step(self.step)
+            while self.step < self.stop_step:
+                window_start += self.profile.step(self.step)   # trace export time is not step time
                 res = self.train_step()
                 self.step += 1
                 window_steps += 1
@@ -377,11 +419,11 @@ class Trainer:
                     self._reported_attention = True
                 if bar is not None:
                     bar.update(1)
-                if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
+                if self.step % cfg.runtime.log_every == 0 or self.step == self.stop_step:
                     phases = self.timer.collect()
                     dt = time.perf_counter() - window_start
                     clips_s = clips_per_step * window_steps / dt
-                    rec = {k: (v.item() if torch.is_tensor(v) else v) for k, v in res.items()}
+                    rec = self._global_mean(res)
                     rec.update({f"time/{k}": v / window_steps for k, v in phases.items()})
                     rec.update({"epoch": self.step / self.steps_per_epoch, "step_time": dt / window_steps,
                                 "clips_per_s_per_gpu": clips_s, "tokens_per_s_per_gpu": clips_s * tokens_per_clip,
@@ -395,9 +437,10 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", clips_s=f"{clips_s:.1f}")
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % cfg.runtime.ckpt_every == 0:
-                    last_path = self.save()
-                if stop.requested:
-                    log.warning("%s received: saving at step %d and exiting", stop.requested, self.step)
+                    self.save()
+                preempted = self._stop_requested(stop)
+                if preempted:
+                    log.warning("%s received: saving at step %d and exiting", preempted, self.step)
                     break
         finally:
             stop.restore()
@@ -405,14 +448,14 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
-        if last_path is None or not last_path.name.endswith(f"{self.step:08d}"):
-            last_path = self.save()
+        if self._saved_step != self.step:      # the same decision on every rank
+            self.save()
         if self.is_main:
             summary = self.loader.bad_summary()
             if summary["bad_files"]:
                 log.warning("bad videos this run: %s", {k: summary[k] for k in ("index", "decode", "examples")})
-        self.preempted = stop.requested
-        return last_path
+        self.preempted = preempted
+        return self.ckpt_dir / f"step_{self.step:08d}"
 
 
 # --------------------------------------------------------------------------- demo and CLI
@@ -433,6 +476,12 @@ def prepare_demo_data(cfg: Config) -> Config:
 
     clip_dir = Path(cfg.runtime.output_dir).parent / "demo_clips"
     listing = clip_dir / "train.csv"
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:     # under torchrun, local rank 0 writes them
+        deadline = time.time() + 600
+        while not listing.exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"waited 10 minutes for local rank 0 to write {listing}")
+            time.sleep(0.5)
     if not listing.exists():
         paths = make_videos(clip_dir, num=cfg.optim.batch_per_gpu * 10, codec="vp9",
                             frames=max(16, 2 * cfg.data.num_frames), size=(96, 80), seed=cfg.runtime.seed)
@@ -452,7 +501,8 @@ def run(cfg: Config, resume: str = "") -> Path:
         last1 = trainer.fit()
         if trainer.preempted:
             return last1
-        trainer2 = Trainer(demo_stage2_config(cfg1, last1), resume)
+        # an explicit checkpoint path belongs to one stage; "auto" finds each stage's own
+        trainer2 = Trainer(demo_stage2_config(cfg1, last1), resume if resume == "auto" else "")
         return trainer2.fit()
     trainer = Trainer(cfg, resume)
     return trainer.fit()

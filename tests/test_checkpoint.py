@@ -19,10 +19,23 @@ def _write(tmp_path, step, keep_last=3, value=1.0):
                                 {"step": step, "optimizer": {}}, cfg, keep_last=keep_last)
 
 
-def test_same_step_is_not_rewritten(tmp_path):
+def test_same_step_again_replaces_it(tmp_path):
+    """A run resumed from an older checkpoint that reaches a saved step again writes its own state."""
     first = _write(tmp_path, 7, value=1.0)
     again = _write(tmp_path, 7, value=2.0)
-    assert again == first and torch.equal(ckpt.load_checkpoint(first)[0]["w"], torch.full((3, 4), 1.0))
+    assert again == first and torch.equal(ckpt.load_checkpoint(first)[0]["w"], torch.full((3, 4), 2.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000007"]
+
+
+def test_orphans_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / f"step_00000003.tmp-{dead}").mkdir()
+    (tmp_path / f"step_00000002.old-{dead}").mkdir()
+    mine = tmp_path / f"step_00000004.tmp-{os.getpid()}"
+    mine.mkdir()
+    _write(tmp_path, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["step_00000005", mine.name])
 
 
 def test_roundtrip_and_rotation(tmp_path):

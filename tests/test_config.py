@@ -54,6 +54,19 @@ def test_bad_overrides_name_the_key(override, fragment):
     assert fragment in str(e.value)
 
 
+def test_string_values_are_taken_as_typed():
+    cfg = load_config("demo", ["runtime.profile_steps=20:30", "runtime.output_dir=0123", "data.train_list=yes"])
+    assert (cfg.runtime.profile_steps, cfg.runtime.output_dir, cfg.data.train_list) == ("20:30", "0123", "yes")
+
+
+@pytest.mark.parametrize("override", ["runtime.ckpt_every=0", "runtime.log_every=0", "runtime.max_nonfinite=0",
+                                      "optim.epochs=0", "optim.warmup_epochs=-1", "optim.clip_grad=-1",
+                                      "masking.max_keep=-5", "optim.base_lr=nan", "runtime.dtype=fp16"])
+def test_out_of_range_values_name_the_key(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config("demo", [override])
+
+
 def test_unknown_preset_lists_choices(tmp_path):
     with pytest.raises(ConfigError, match="stage1_vitb"):
         load_config("stage3_vitz")
@@ -74,9 +87,10 @@ def test_roundtrip_through_yaml(tmp_path):
 
 def test_cli_print_config_and_errors():
     out = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "stage1_vitb",
-                          "optim.base_lr=2e-3", "--print-config"], capture_output=True, text=True)
+                          "optim.base_lr=2e-3", "--profile-steps", "20:30", "--print-config"],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "base_lr: 0.002" in out.stdout
+    assert "base_lr: 0.002" in out.stdout and "profile_steps: '20:30'" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "stage1_vitb",
                           "optim.bogus=1", "--print-config"], capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.bogus" in bad.stderr and "Traceback" not in bad.stderr
