@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import platform
 import tempfile
@@ -56,8 +57,8 @@ def fake_stage1_checkpoint(preset2: str, overrides: list[str], out: Path) -> str
 
     cfg2 = load_config(preset2, ["model.init_from=x", *overrides])
     cfg1 = load_config("stage1_vitb" if "vitb" in preset2 else "stage1_vitl",
-                       ["model.teacher.init_from=random", "model.teacher.depth=1", "model.predictor.init_from=",
-                        *overrides])
+                       ["model.teacher.init_from=random", "model.teacher.depth=1", "model.teacher.middle_layers=[0]",
+                        "model.teacher.student_layers=[0]", "model.predictor.init_from=", *overrides])
     cfg1 = dataclasses.replace(cfg1, model=dataclasses.replace(
         cfg1.model, encoder=cfg2.model.encoder, predictor=cfg2.model.predictor))
     model = build_model(cfg1)
@@ -122,6 +123,14 @@ def main():
         device, overrides = torch.device("cuda"), []
     peak_flops = device_peak_flops(device)
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    tag = "smoke_cpu" if args.smoke else dev_name.replace(" ", "_")
+    meta = dict(device=dev_name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, cuda=torch.version.cuda, peak_bf16_tflops=peak_flops and peak_flops / 1e12)
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
@@ -134,7 +143,11 @@ def main():
                         load_config("demo", [f"optim.batch_per_gpu={batch}"]), False)
                     try:
                         dt, mem = run_steps(cfg, comp, device, args.steps, args.warmup)
+                        oom = False
                     except torch.OutOfMemoryError:
+                        oom = True
+                    if oom:   # outside the handler, so the failed step's tensors are gone
+                        gc.collect()
                         torch.cuda.empty_cache()
                         continue
                     flops = flops_per_clip(cfg)["total"]
@@ -145,26 +158,22 @@ def main():
                                      mfu=round(clips_s * flops / peak_flops, 4) if peak_flops else None,
                                      peak_mem_gib=round(mem, 2)))
                     print(rows[-1], flush=True)
+                    write_results(Path(args.out), tag, meta, rows)   # a later crash keeps these
                     break   # the largest batch that fits
                 else:
                     print(f"{preset} {mode}: no batch size of {args.batches} fits")
-    meta = dict(device=dev_name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, cuda=torch.version.cuda, peak_bf16_tflops=peak_flops and peak_flops / 1e12)
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    out = Path(args.out)
+    write_results(Path(args.out), tag, meta, rows)
+    print(f"wrote {args.out}/train_step_{tag}.json")
+
+
+def write_results(out: Path, tag: str, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke_cpu" if args.smoke else dev_name.replace(" ", "_")
     (out / f"train_step_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     if rows:
         with open(out / f"train_step_{tag}.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    print(f"wrote {out}/train_step_{tag}.json")
 
 
 if __name__ == "__main__":
