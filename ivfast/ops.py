@@ -33,6 +33,7 @@ __all__ = [
     "gather_tokens", "gather_tokens_reference",
     "assemble_sequence", "assemble_sequence_reference",
     "patch_targets", "patch_targets_reference",
+    "channel_constant",
 ]
 
 IMPLS = ("triton", "compile", "eager")
@@ -69,6 +70,27 @@ def _triton_runs_on(t: Tensor) -> bool:
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_CONSTANTS: dict = {}
+
+
+def channel_constant(values: Sequence[float], device) -> Tensor:
+    """fp32 [len(values)] tensor of ``values`` on ``device``, built once per (values, device).
+
+    A tensor made from Python numbers on a GPU is a pageable host-to-device copy that blocks the
+    host; per-channel mean/std/scale vectors are made here once and reused by every step.
+    Callers must not write to the returned tensor.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (tuple(float(v) for v in values), device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.tensor(key[0], dtype=torch.float32).to(device)
+        _CONSTANTS[key] = t
+    return t
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,10 +216,15 @@ def patch_targets_reference(video: Tensor, ids: Tensor, patch: int = 14, tubelet
                             norm_pix: bool = False, eps: float = 1e-6) -> Tensor:
     """fp32 pixels of the patches ``ids`` [B, M], channel-normalised, optionally per-patch normalised."""
     scale, shift = _channel_affine(video, mean, std)
-    v = video.float()
-    sc = torch.tensor(scale, dtype=torch.float32, device=v.device).view(1, 3, 1, 1, 1)
-    sh = torch.tensor(shift, dtype=torch.float32, device=v.device).view(1, 3, 1, 1, 1)
-    v = v * sc + sh
+    return _patch_targets_affine(video, ids, patch, tubelet, channel_constant(scale, video.device),
+                                 channel_constant(shift, video.device), norm_pix, eps)
+
+
+def _patch_targets_affine(video: Tensor, ids: Tensor, patch: int, tubelet: int, scale: Tensor, shift: Tensor,
+                          norm_pix: bool, eps: float) -> Tensor:
+    """``patch_targets_reference`` with the per-channel ``scale``/``shift`` as fp32 [3] device tensors
+    (made once by ``channel_constant``, so neither eager nor compiled runs copy them every call)."""
+    v = video.float() * scale.view(1, 3, 1, 1, 1) + shift.view(1, 3, 1, 1, 1)
     p = patchify_reference(v, patch, tubelet)
     idx = ids.long()
     p = torch.gather(p, 1, idx.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
@@ -239,5 +266,7 @@ def patch_targets(video: Tensor, ids: Tensor, patch: int = 14, tubelet: int = 1,
         return patch_targets_triton(video, ids, patch, tubelet, scale, shift, norm_pix, eps)
     with torch.no_grad():
         if impl == "compile":
-            return _compiled(patch_targets_reference)(video, ids, patch, tubelet, mean, std, norm_pix, eps)
+            scale, shift = _channel_affine(video, mean, std)
+            return _compiled(_patch_targets_affine)(video, ids, patch, tubelet, channel_constant(scale, video.device),
+                                                    channel_constant(shift, video.device), norm_pix, eps)
         return patch_targets_reference(video, ids, patch, tubelet, mean, std, norm_pix, eps)

@@ -332,6 +332,21 @@ def test_workers_normalized_and_flip_source(tmp_path, clips):
     assert any(build_loader(make_cfg(lst, tmp_path)).dataset.plan(i, 0, 0).flip for i in range(6))
 
 
+def test_normalize_fp32_maths_and_no_host_tensors(monkeypatch):
+    v = torch.randint(0, 256, (2, 3, 2, 5, 7), dtype=torch.uint8)
+    m = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1, 1)
+    s = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1, 1)
+    want = (v.float() / 255 - m) / s
+    torch.testing.assert_close(normalize(v, torch.float32), want, atol=0, rtol=0)
+    # computed in fp32 and rounded once: bf16 output equals the fp32 result cast
+    assert torch.equal(normalize(v, torch.bfloat16), want.bfloat16())
+
+    def boom(*a, **k):   # on a GPU, a tensor built from Python numbers is a blocking host copy
+        raise AssertionError("normalize built its mean/std from host values again")
+    monkeypatch.setattr(torch, "tensor", boom)
+    normalize(v, torch.float32)
+
+
 def test_eval_loader_is_centred_and_seed_free(tmp_path, clips):
     lst = write_list(tmp_path / "l.txt", clips["vp9"][:3])
     a = build_loader(make_cfg(lst, tmp_path), train=False)
@@ -356,3 +371,15 @@ def test_inspect_cli(tmp_path, clips):
     assert [r["decodes"] for r in lines[:3]] == [True, False, False]
     assert lines[1]["error"] == "decode_error" and lines[2]["error"] == "empty"
     assert lines[3]["totals"]["bad"] == 2 and lines[0]["frames"] == FRAMES
+
+
+@pytest.mark.gpu
+def test_normalize_no_host_sync_on_gpu():
+    v = torch.randint(0, 256, (2, 3, 2, 5, 7), dtype=torch.uint8, device="cuda")
+    normalize(v, torch.bfloat16)                 # first call puts mean/std on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        normalize(v, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from ivfast.config import load_config
-from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, build_model,
+from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, _VideoInput, build_model,
                                final_alignment_loss, load_stage1_weights, param_groups)
 
 
@@ -92,6 +92,24 @@ def test_stage1_final_loss_on_model(stage1):
         model.cfg.model.final_target_renorm = False
         for h in hooks:
             h.remove()
+
+
+def test_pixels01_fp32_constants_no_host_tensors(monkeypatch):
+    """Normalised bf16 input back to 0..1 with fp32 ImageNet mean/std (not rounded to bf16), and
+    no tensor built from Python numbers per call (a blocking host-to-device copy on a GPU)."""
+    v = _normalised(_video(B=1, T=4, S=56)).bfloat16()
+    want = v.float() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    inp = _VideoInput(v, 4, 56)
+    torch.testing.assert_close(inp.pixels01(torch.float32), want, atol=0, rtol=0)
+    u8 = _video(B=1, T=4, S=56)
+    with monkeypatch.context() as mp:
+        def boom(*a, **k):
+            raise AssertionError("pixels01 built a tensor from host values")
+        mp.setattr(torch, "tensor", boom)
+        mp.setattr(torch.Tensor, "new_tensor", boom)
+        assert torch.equal(inp.pixels01(torch.bfloat16), want.bfloat16())
+        # uint8: 0..255 exact in bf16, one rounding: same as fp32 maths cast
+        assert torch.equal(_VideoInput(u8, 4, 56).pixels01(torch.bfloat16), (u8.float() / 255).bfloat16())
 
 
 def test_masks_follow_step_seed(stage1):

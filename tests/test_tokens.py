@@ -262,6 +262,29 @@ def test_triton_impl_traces_into_torch_compile_without_graph_breaks():
         torch.testing.assert_close(a, b)
 
 
+def _no_host_tensors(monkeypatch):
+    """Make building a tensor from Python numbers fail (on a GPU each is a blocking host copy)."""
+    def boom(*a, **k):
+        raise AssertionError("a tensor was built from host values in the step path")
+    monkeypatch.setattr(torch, "tensor", boom)
+    monkeypatch.setattr(torch.Tensor, "new_tensor", boom)
+
+
+def test_patch_targets_reuse_device_constants(monkeypatch):
+    """eager and compile build their mean/std vectors once per device, not every call."""
+    a = ops.channel_constant(MEAN, DEV)
+    assert a is ops.channel_constant(list(MEAN), torch.device(DEV)) and a.dtype == torch.float32
+    video = torch.randint(0, 256, (2, 3, 2, 28, 42), dtype=torch.uint8).to(DEV)
+    _, ids = _perm_ids(2, 2 * 2 * 3, 5, seed=40)
+    want = _targets_unfold(video, ids, 14, 1, MEAN, STD, False)
+    for impl in ("eager", "compile"):
+        ops.patch_targets(video, ids, 14, 1, MEAN, STD, impl=impl)          # first call: constants made
+    with monkeypatch.context() as mp:
+        _no_host_tensors(mp)
+        for impl in ("eager", "compile"):
+            torch.testing.assert_close(ops.patch_targets(video, ids, 14, 1, MEAN, STD, impl=impl), want)
+
+
 @pytest.mark.skipif(DEV != "cpu", reason="tests the CPU fallback")
 def test_triton_impl_falls_back_to_reference_without_interpreter(monkeypatch):
     import ivfast.kernels.tokens as kt
@@ -329,3 +352,18 @@ def test_bf16_on_gpu():
     _, ids = _perm_ids(B, 4 * 4 * 5, 50, seed=35)
     out = ops.patch_targets(video.to(bf), ids, 14, 1, None, None, norm_pix=True, impl="triton")
     torch.testing.assert_close(out, _targets_unfold(video.to(bf), ids, 14, 1, None, None, True))
+
+
+@pytest.mark.gpu
+def test_patch_targets_no_host_sync_on_gpu():
+    video = torch.randint(0, 256, (2, 3, 2, 28, 42), dtype=torch.uint8, device=DEV)
+    _, ids = _perm_ids(2, 2 * 2 * 3, 5, seed=41)
+    for impl in ops.IMPLS:
+        ops.patch_targets(video, ids, 14, 1, MEAN, STD, impl=impl)          # warm-up: constants, compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for impl in ops.IMPLS:
+            ops.patch_targets(video, ids, 14, 1, MEAN, STD, impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ivfast.ops import channel_constant
+
 from . import dali as dali_mod
 from .index import DataError, DatasetIndex, build_index
 from .pyav import BadSample, crop_resize, decode_frames
@@ -44,10 +46,14 @@ MAX_ATTEMPTS = 16   # replacements tried for one slot before giving up on the ba
 
 
 def normalize(video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B, 3, ...] -> ImageNet mean/std normalised ``dtype`` (computed in fp32)."""
+    """uint8 [B, 3, ...] -> ImageNet mean/std normalised ``dtype`` (computed in fp32, cast at the end).
+
+    The fp32 mean/std live on the device once (``ivfast.ops.channel_constant``): no per-batch
+    host-to-device copy that would block the host.
+    """
     shape = (1, 3) + (1,) * (video.ndim - 2)
-    mean = torch.tensor(dali_mod.IMAGENET_MEAN, device=video.device).view(shape)
-    std = torch.tensor(dali_mod.IMAGENET_STD, device=video.device).view(shape)
+    mean = channel_constant(dali_mod.IMAGENET_MEAN, video.device).view(shape)
+    std = channel_constant(dali_mod.IMAGENET_STD, video.device).view(shape)
     return ((video.float() / 255.0 - mean) / std).to(dtype)
 
 

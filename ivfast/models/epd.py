@@ -91,10 +91,12 @@ class _VideoInput:
         """The clip in 0..1 (the teacher applies its own normalisation)."""
         v = self.video
         if v.dtype == torch.uint8:
+            # 0..255 are exact in bf16/fp16 and the division rounds once: same as fp32 then cast
             return v.to(dtype) / 255.0
-        mean = v.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-        std = v.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
-        return (v * std + mean).to(dtype)
+        # fp32 ImageNet constants made once per device (no per-step host copy, no bf16 rounding)
+        mean = ops.channel_constant(IMAGENET_MEAN, v.device).view(1, 3, 1, 1, 1)
+        std = ops.channel_constant(IMAGENET_STD, v.device).view(1, 3, 1, 1, 1)
+        return (v.float() * std + mean).to(dtype)
 
     def patches(self, ids, patch, tubelet, impl, norm_pix=False) -> torch.Tensor:
         return ops.patch_targets(self.video, ids, patch, tubelet, self.mean, self.std, norm_pix=norm_pix, impl=impl)
