@@ -129,15 +129,33 @@ def test_bad_arguments_fail_clearly():
 
 
 def test_cpp_releases_the_gil():
-    """Two threads sampling at once must both finish with correct results (GIL released inside)."""
-    results = {}
+    """Python keeps running while a long C++ sampling call is in flight on another thread.
 
-    def work(i):
-        results[i] = masking.tube_mask(64, 16, 16, 16, 0.75, i)
+    The worker stamps the call's start and end; the main thread stamps every turn of its loop.
+    With the GIL held through the call, the main thread only gets a switch interval (5 ms)
+    after the call returns and before the end stamp, so no stamp falls in the first half of
+    the call; released, thousands do. (Checked the other way with a GIL-holding
+    ctypes.PyDLL usleep: no stamp in the first half.)
+    """
+    import time
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    for i in range(2):
-        ref = masking.tube_mask_reference(64, 16, 16, 16, 0.75, i)
-        assert np.array_equal(results[i][0], ref[0])
+    window, stamps = {}, []
+    done = threading.Event()
+
+    def work():
+        window["start"] = time.perf_counter()
+        window["ids"] = masking.multiblock_mask(2048, 32, 16, 16, 8, (0.15, 0.15), seed=5, threads=1)
+        window["end"] = time.perf_counter()
+        done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not done.is_set():
+        stamps.append(time.perf_counter())
+    worker.join()
+    start, end = window["start"], window["end"]
+    assert end - start > 0.02, "the call is too short to tell"
+    first_half = sum(start < t < (start + end) / 2 for t in stamps)
+    assert first_half > 100, f"the main thread ran only {first_half} times in the first half of the C++ call"
+    ref = masking.multiblock_mask(2048, 32, 16, 16, 8, (0.15, 0.15), seed=5, threads=2)
+    assert np.array_equal(window["ids"][0], ref[0]) and np.array_equal(window["ids"][1], ref[1])
