@@ -255,6 +255,59 @@ def test_decode_time_bad_file_replaced_and_counted(tmp_path, clips, caplog):
     assert full.bad_summary()["index"] == {"decode_error": 1} and full.bad_summary()["samples"] == 5
 
 
+def _sizes_change_midstream(path: Path) -> Path:
+    """A real file whose frames change size: two MPEG-TS segments of different resolutions, concatenated."""
+    parts = []
+    for k, (w, h) in enumerate([(W, H), (64, 48)]):
+        seg = path.with_suffix(f".{k}.ts")
+        with av.open(str(seg), "w", format="mpegts") as c:
+            s = c.add_stream("mpeg4", rate=25)   # (mpeg1/2 lose a frame at the join: 'truncated')
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            for i in range(12):
+                f = av.VideoFrame.from_ndarray(np.full((h, w, 3), 10 * i, np.uint8), format="rgb24")
+                for p in s.encode(f):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        parts.append(seg.read_bytes())
+        seg.unlink()
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def test_any_decode_or_crop_failure_is_a_bad_sample(tmp_path, clips, monkeypatch):
+    """A file that makes decoding/cropping raise anything is replaced and counted, never a crash."""
+    ts = _sizes_change_midstream(tmp_path / "sizes.ts")
+    with pytest.raises(BadSample) as e:
+        decode_frames(str(ts), [0, 20])
+    assert e.value.reason == "decode_error" and "frame size changes" in e.value.detail
+    lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:5]) + [ts])
+    loader = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.5))
+    assert loader.bad_summary()["samples"] == 6            # the first-frame probe passes it
+    ids = [i for b in loader for i in b["index"].tolist()]
+    assert 5 not in ids and len(ids) == 6
+    s = loader.bad_summary()
+    assert s["decode"].get("decode_error", 0) >= 1 and s["examples"]["decode_error"] == [str(ts)]
+
+    # any other exception (here a ValueError from the decoder of one file) is handled the same way
+    import ivfast.data.loader as loader_mod
+    real = loader_mod.decode_frames
+    victim = str(clips["vp9"][2])
+
+    def flaky(path, *a, **k):
+        if path == victim:
+            raise ValueError("all input arrays must have the same shape")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(loader_mod, "decode_frames", flaky)
+    lst = write_list(tmp_path / "l2.txt", clips["vp9"][:6])
+    loader = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.5, index_cache=str(tmp_path / "i2.jsonl")))
+    ids = [i for b in loader for i in b["index"].tolist()]
+    assert 2 not in ids and len(ids) == 6
+    s = loader.bad_summary()
+    assert s["decode_bad_files"] == 1 and s["examples"]["decode_error"] == [victim]
+
+
 # --------------------------------------------------------------------------- sharding, resume, output
 def test_sharding_covers_epoch_exactly():
     ids = np.arange(100, 113)                                  # 13 samples, 3 ranks x batch 2

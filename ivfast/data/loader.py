@@ -16,7 +16,9 @@ yielded, so ``len(loader)`` is exact.
 
 Bad input: files that fail the index probe are left out of the plan and counted by reason;
 a file that fails while decoding is counted by reason, logged with its path, and replaced in
-its batch by another sample (chosen deterministically), so the batch keeps its shape. When the
+its batch by another sample (chosen deterministically), so the batch keeps its shape. Any
+exception decoding or cropping one file raises (not only the decoder's) counts as
+'decode_error' for that file. When the
 bad files exceed ``data.max_bad_fraction`` of the list, loading stops with :class:`DataError`.
 """
 from __future__ import annotations
@@ -142,6 +144,12 @@ class ClipDataset(torch.utils.data.Dataset):
                     return {"video": self.decode_one(sid, epoch, rep), "index": sid, "bad": bad}
                 except BadSample as e:
                     err = e
+                except (MemoryError, DataError):
+                    raise
+                except Exception as e:
+                    # anything else one file makes decoding or cropping raise (a frame size that
+                    # does not fit the index's, a decoder bug): that file is bad, not the run
+                    err = BadSample("decode_error", self.index.infos[sid].path, f"{type(e).__name__}: {e}")
             bad.append((sid, err.path, err.reason, err.detail))
             sid = self.replacement(orig, epoch, rep, attempt, failed={b[0] for b in bad})
         raise DataError(f"{MAX_ATTEMPTS} files in a row failed to decode while filling one slot "

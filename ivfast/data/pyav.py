@@ -35,7 +35,8 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     there (k = (pts - pts of frame 0) x fps). A seek that lands past the target, or frames
     without timestamps, fall back to decoding from the start, so the result is always the
     sequential numbering. Raises :class:`BadSample` ('truncated' when the stream ends early,
-    'decode_error' on a corrupt payload, 'unreadable' when the container cannot be opened).
+    'decode_error' on a corrupt payload or frames whose size changes mid-stream, 'unreadable'
+    when the container cannot be opened).
     """
     import av
 
@@ -98,6 +99,9 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     missing = [w for w in wanted if w not in got]
     if missing:
         raise BadSample("truncated", path, f"stream ended after frame {k}; frames {missing[:4]} were asked for")
+    shapes = sorted({got[w].shape for w in wanted})
+    if len(shapes) > 1:      # e.g. segments of different resolutions concatenated into one stream
+        raise BadSample("decode_error", path, f"the frame size changes within the stream: {shapes}")
     return np.stack([got[int(i)] for i in idx])
 
 
