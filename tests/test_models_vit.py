@@ -1,4 +1,5 @@
 """Student ViT: patch embedding = Conv3d, positions, visible-token forward, compile-friendliness."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,31 @@ def test_sincos_table():
     up = interpolate_pos_table(t, 4, (2, 3, 4), (4, 3, 4))
     assert up.shape == (4 + 48, 32)
     torch.testing.assert_close(up[4:].reshape(4, 3, 4, 32)[:, :, :, 8:], grid[:1, :, :, 8:].expand(4, 3, 4, 24))
+
+
+def _released_sincos_3d(dim, T, H, W):
+    """numpy, written as the released code / MAE build it: 1-D = [sin | cos] with omega = 1/10000^(i/(D/2));
+    2-D from meshgrid(grid_w, grid_h): first half of the channels from grid[0] (= w), second from h;
+    3-D = [temporal (dim/4) | spatial (3 dim/4)], token raster (t, h, w)."""
+    def one_d(D, pos):
+        omega = 1.0 / 10000 ** (np.arange(D // 2, dtype=np.float64) / (D / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    ds, dt = dim // 4 * 3, dim // 4
+    grid = np.stack(np.meshgrid(np.arange(W, dtype=np.float64), np.arange(H, dtype=np.float64)), 0)
+    spatial = np.concatenate([one_d(ds // 2, grid[0]), one_d(ds // 2, grid[1])], axis=1)    # [H*W, ds]
+    temporal = one_d(dt, np.arange(T, dtype=np.float64))                                     # [T, dt]
+    table = np.concatenate([np.repeat(temporal[:, None], H * W, 1), np.repeat(spatial[None], T, 0)], -1)
+    return torch.from_numpy(table.reshape(T * H * W, dim)).float()
+
+
+def test_sincos_matches_released_construction():
+    t = sincos_3d(48, 3, 4, 5, num_cls=2)
+    torch.testing.assert_close(t[2:], _released_sincos_3d(48, 3, 4, 5), atol=1e-6, rtol=0)
+    # token (t=0, h=0, w=1): the first spatial half moves with w, the second (h) stays at position 0
+    row = t[2 + 1, 12:]
+    assert not torch.equal(row[:18], t[2, 12:30]) and torch.equal(row[18:], t[2, 30:])
 
 
 def test_visible_forward_matches_full_forward_gathered():

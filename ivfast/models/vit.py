@@ -6,7 +6,7 @@
   RMS-normalised over the width.
 * ``num_cls`` (4) learnable cls tokens are prepended; a LEARNABLE position table of
   ``num_cls + T*H*W`` rows initialised with 3-D sine-cosine (first d/4 channels temporal, the rest
-  spatial; cls rows zero) is added to every token.
+  spatial: w then h; cls rows zero) is added to every token.
 * Pre-norm blocks: RMSNorm, fused qkv without bias, QK-norm = RMSNorm over the whole width of q and
   of k (not per head), attention through ``ivfast.models.attention``, proj with bias, LayerScale,
   stochastic depth; MLP with tanh-GELU and biases. No final norm. Optional activation
@@ -39,14 +39,18 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_3d(dim: int, T: int, H: int, W: int, num_cls: int = 0) -> torch.Tensor:
-    """[num_cls + T*H*W, dim] table: first dim/4 channels encode t, the rest (h, w) halves; cls rows 0."""
+    """[num_cls + T*H*W, dim] table: first dim/4 channels encode t, the rest w then h; cls rows 0.
+
+    The spatial order is that of MAE's ``get_2d_sincos_pos_embed_from_grid`` (used by the released
+    code): its grid comes from ``meshgrid(grid_w, grid_h)``, so the first half encodes w, the second h.
+    """
     if dim % 16:
         raise ValueError(f"3-D sine-cosine positions need a width divisible by 16, got {dim}")
     dt, ds = dim // 4, dim * 3 // 4
     t = sincos_1d(dt, torch.arange(T))                       # [T, dt]
     h = sincos_1d(ds // 2, torch.arange(H))                  # [H, ds/2]
     w = sincos_1d(ds // 2, torch.arange(W))
-    spatial = torch.cat([h[:, None].expand(H, W, -1), w[None].expand(H, W, -1)], -1).reshape(H * W, ds)
+    spatial = torch.cat([w[None].expand(H, W, -1), h[:, None].expand(H, W, -1)], -1).reshape(H * W, ds)
     table = torch.cat([t[:, None].expand(T, H * W, dt), spatial[None].expand(T, H * W, ds)], -1)
     table = table.reshape(T * H * W, dim)
     return torch.cat([torch.zeros(num_cls, dim), table], 0)
