@@ -135,6 +135,7 @@ class MaskingConfig:
     kind: Literal["semantic", "tube", "multiblock"] = "semantic"
     ratio: float = 0.75                 # released scripts: 0.75 per frame (paper text: 0.8)
     semantic_mode: Literal["sample", "topk"] = "sample"  # released: sample prop. to attention
+    semantic_per_frame: bool = True     # rank/sample within each frame (released); false: over the whole clip
     random_fraction: float = 0.0        # share of the kept set drawn uniformly at random
     blocks: list[BlockSpec] = field(default_factory=lambda: [
         BlockSpec(8, [0.15, 0.15]), BlockSpec(2, [0.7, 0.7])])

@@ -123,6 +123,25 @@ def test_masks_follow_step_seed(stage1):
     assert torch.equal(k1, k2) and not torch.equal(k1, k3)
 
 
+def test_semantic_mask_per_frame_or_whole_clip(stage1):
+    """masking.semantic_per_frame: each frame keeps its share (released) or one ranking over the clip."""
+    cfg, model = stage1
+    Tg, Hg, Wg = model.grid
+    n = Hg * Wg
+    scores = torch.zeros(2, Tg * n)
+    scores[:, :n] = torch.rand(2, n) + 1.0          # all attention on frame 0
+    keep, mask = model._mask(scores, 3, scores.device)
+    per_frame = torch.bincount(keep[0].long() // n, minlength=Tg)
+    assert per_frame.tolist() == [n - int(cfg.masking.ratio * n)] * Tg
+    cfg.masking.semantic_per_frame = False
+    try:
+        keep2, mask2 = model._mask(scores, 3, scores.device)
+    finally:
+        cfg.masking.semantic_per_frame = True
+    assert keep2.shape == keep.shape and keep2.shape[1] + mask2.shape[1] == Tg * n
+    assert bool((keep2 < n).all())                   # the whole kept set comes from frame 0
+
+
 def test_param_groups(stage1):
     _, model = stage1
     groups = param_groups(model, 0.05)

@@ -160,8 +160,9 @@ class Stage1Model(_Base):
             from ivfast.masking import semantic_mask
             gen = torch.Generator(device=device)
             gen.manual_seed(int(step_seed) % (1 << 63))
+            # per frame (released): every frame keeps the same share; else one ranking over the clip
             return semantic_mask(scores, mc.ratio, mode=mc.semantic_mode, random_fraction=mc.random_fraction,
-                                 generator=gen, frames=Tg)
+                                 generator=gen, frames=Tg if mc.semantic_per_frame else None)
         if mc.kind == "tube":
             from ivfast.masking import tube_mask
             return self._ids_to_device([tube_mask(B, Tg, Hg, Wg, mc.ratio, int(step_seed))], device)[0]
