@@ -25,7 +25,8 @@ constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kStreamMul = 0xD1B54A32D192ED03ULL;
 constexpr uint64_t kStreamAdd = 0x632BE59BD9B4E019ULL;
 constexpr uint64_t kBatchStream = ~0ULL;           // stream of draws shared by the whole batch
-constexpr uint64_t kTrimCounter = 1ULL << 32;      // counters of the trim draws start here
+constexpr uint64_t kTrimCounter = 1ULL << 32;      // counters of the visible-set trim draws start here
+constexpr uint64_t kPredCounter = 2ULL << 32;      // counters of the prediction-set trim draws
 
 inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -131,7 +132,9 @@ py::tuple tube_mask(int64_t B, int64_t T, int64_t H, int64_t W, double ratio, ui
 // uniform number (as V-JEPA does), block positions per sample; the union of the blocks is
 // masked. Rows are cut to a common K (the batch minimum, capped by max_keep): trim "random"
 // drops visible ids uniformly at random, "lowest" keeps the lowest ids (V-JEPA's behaviour).
-// Dropped visible ids join the masked set, so K + M = N always holds and no position is lost.
+// Returns ids_keep [B, K]; ids_mask [B, N - K], every id not kept (dropped visible ids
+// included: what the predictor fills with mask tokens); and ids_pred [B, P], the block-masked
+// ids cut to the batch minimum the same way (what V-JEPA and the released code predict).
 py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t num_blocks, double smin, double smax,
                           double tmin, double tmax, double armin, double armax, uint64_t seed, int64_t max_keep,
                           const std::string& trim, int64_t min_keep, int64_t max_tries, int64_t threads) {
@@ -193,20 +196,26 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
   int64_t K = *std::min_element(visible.begin(), visible.end());
   if (max_keep > 0) K = std::min(K, max_keep);
   const int64_t M = N - K;
+  int64_t P = N;  // prediction set: block-masked ids, cut to the batch minimum
+  for (int64_t b = 0; b < B; ++b) P = std::min(P, N - visible[b]);
   const bool lowest = trim == "lowest";
-  IdArray keep_arr({B, K}), mask_arr({B, M});
+  IdArray keep_arr({B, K}), mask_arr({B, M}), pred_arr({B, P});
   int32_t* keep = keep_arr.mutable_data();
   int32_t* mask = mask_arr.mutable_data();
+  int32_t* pred = pred_arr.mutable_data();
   {
     py::gil_scoped_release nogil;
     parallel_for(B, threads, [&](int64_t b) {
       const char* vol = masked.data() + b * V;
-      const int64_t n = visible[b];
+      const int64_t n = visible[b], nm = N - n;
       const bool all_visible_kept = lowest || n == K;
+      const bool all_masked_predicted = lowest || nm == P;
       SelectionSampler pick{stream_key(seed, b), kTrimCounter, n, K};
+      SelectionSampler pick_pred{stream_key(seed, b), kPredCounter, nm, P};
       int32_t* kp = keep + b * K;
       int32_t* mp = mask + b * M;
-      int64_t j = 0;  // visible ids seen so far
+      int32_t* pp = pred + b * P;
+      int64_t j = 0, q = 0;  // visible / block-masked ids seen so far
       for (int64_t t = 0; t < T; ++t) {
         const char* row = plane ? vol : vol + t * S;
         for (int64_t s = 0; s < S; ++s) {
@@ -221,11 +230,16 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
           // Pointer select instead of a branch: the keep/mask pattern is random.
           int32_t*& dst = kept ? kp : mp;
           *dst++ = static_cast<int32_t>(t * S + s);
+          if (!vis) {
+            const bool predicted = all_masked_predicted ? q < P : pick_pred.next();
+            ++q;
+            if (predicted) *pp++ = static_cast<int32_t>(t * S + s);
+          }
         }
       }
     });
   }
-  return py::make_tuple(keep_arr, mask_arr);
+  return py::make_tuple(keep_arr, mask_arr, pred_arr);
 }
 
 }  // namespace
@@ -240,7 +254,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("temporal_max"), py::arg("aspect_min"), py::arg("aspect_max"), py::arg("seed"),
         py::arg("max_keep") = 0, py::arg("trim") = "random", py::arg("min_keep") = 1, py::arg("max_tries") = 100,
         py::arg("threads") = 0,
-        "V-JEPA multi-block masking, one mask set -> (ids_keep [B, K], ids_mask [B, M]), rows sorted.");
+        "V-JEPA multi-block masking, one mask set -> (ids_keep [B, K], ids_mask [B, N-K], ids_pred [B, P]), "
+        "rows sorted.");
   m.def("splitmix_u64", [](uint64_t key, uint64_t counter) { return rand_u64(key, counter); },
         "The PRNG's draw for (key, counter); exposed so tests can check the NumPy twin.");
   m.def("stream_key", &stream_key, py::arg("seed"), py::arg("stream"));

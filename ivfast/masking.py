@@ -27,6 +27,7 @@ _STREAM_MUL = _U64(0xD1B54A32D192ED03)
 _STREAM_ADD = _U64(0x632BE59BD9B4E019)
 _BATCH_STREAM = (1 << 64) - 1
 _TRIM_COUNTER = 1 << 32
+_PRED_COUNTER = 2 << 32
 
 
 # --------------------------------------------------------------------------- PRNG (NumPy twin)
@@ -144,18 +145,25 @@ def multiblock_mask_reference(B: int, T: int, H: int, W: int, num_blocks: int, s
     K = min(len(v) for v in visible)
     if max_keep > 0:
         K = min(K, max_keep)
+    P = N - max(len(v) for v in visible)
     keep = np.empty((B, K), np.int32)
     mask = np.empty((B, N - K), np.int32)
+    pred = np.empty((B, P), np.int32)
     for b, vis in enumerate(visible):
+        blocked = np.setdiff1d(np.arange(N), vis)
         if trim == "lowest" or len(vis) == K:
             chosen = vis[:K]
         else:
             chosen = vis[_select(stream_key(seed, b), _TRIM_COUNTER, len(vis), K)]
+        if trim == "lowest" or len(blocked) == P:
+            pred[b] = blocked[:P]
+        else:
+            pred[b] = blocked[_select(stream_key(seed, b), _PRED_COUNTER, len(blocked), P)]
         kept = np.zeros(N, bool)
         kept[chosen] = True
         keep[b] = np.flatnonzero(kept)
         mask[b] = np.flatnonzero(~kept)
-    return keep, mask
+    return keep, mask, pred
 
 
 # --------------------------------------------------------------------------- fast samplers (C++)
@@ -171,29 +179,34 @@ def tube_mask(B: int, T: int, H: int, W: int, ratio: float, seed: int, threads: 
 def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
                     temporal: tuple = (1.0, 1.0), aspect: tuple = (0.75, 1.5), seed: int = 0,
                     max_keep: int = 0, trim: str = "random", min_keep: int = 1, max_tries: int = 100,
-                    threads: int = 0):
+                    threads: int = 0, with_pred: bool = False):
     """V-JEPA multi-block masking, one mask set (C++).
 
     The block size is drawn once per batch, positions per sample; the union of the blocks is
     masked. Rows are cut to a common K (the batch minimum, capped by ``max_keep``): ``trim``
     "random" drops visible ids uniformly at random (ivfast's default), "lowest" keeps the
     lowest ids (V-JEPA's and the released code's behaviour, which starves late frames).
-    Dropped visible ids join the masked set, so every position is either seen or predicted.
+    Dropped visible ids join ``ids_mask``, so keep + mask cover every position (the predictor
+    fills all of ``ids_mask`` with mask tokens). With ``with_pred`` a third array ``ids_pred``
+    [B, P] holds the block-masked ids only, cut to the batch minimum the same way: the
+    positions V-JEPA and the released code compute the loss on.
     """
-    return _C.multiblock_mask(B, T, H, W, int(num_blocks), float(spatial[0]), float(spatial[1]),
-                              float(temporal[0]), float(temporal[1]), float(aspect[0]),
-                              float(aspect[1]), seed % (1 << 64), int(max_keep), trim,
-                              int(min_keep), int(max_tries), int(threads))
+    keep, mask, pred = _C.multiblock_mask(B, T, H, W, int(num_blocks), float(spatial[0]), float(spatial[1]),
+                                          float(temporal[0]), float(temporal[1]), float(aspect[0]),
+                                          float(aspect[1]), seed % (1 << 64), int(max_keep), trim,
+                                          int(min_keep), int(max_tries), int(threads))
+    return (keep, mask, pred) if with_pred else (keep, mask)
 
 
-def multiblock_masks(cfg: "MaskingConfig", batch_size: int, T: int, H: int, W: int, seed: int):
-    """All mask sets of ``cfg.blocks`` for one batch: a list of (ids_keep, ids_mask) pairs."""
+def multiblock_masks(cfg: "MaskingConfig", batch_size: int, T: int, H: int, W: int, seed: int,
+                     with_pred: bool = False):
+    """All mask sets of ``cfg.blocks`` for one batch: a list of (ids_keep, ids_mask[, ids_pred])."""
     out = []
     for i, spec in enumerate(cfg.blocks):
         set_seed = stream_key(seed, i)   # independent draws per mask set
         out.append(multiblock_mask(batch_size, T, H, W, spec.num_blocks, spec.spatial_scale,
                                    spec.temporal_scale, spec.aspect_ratio, set_seed,
-                                   cfg.max_keep, cfg.trim))
+                                   cfg.max_keep, cfg.trim, with_pred=with_pred))
     return out
 
 

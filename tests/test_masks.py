@@ -73,10 +73,13 @@ def test_multiblock_matches_reference(grid, blocks, trim):
     for seed in range(12):
         max_keep = 0 if seed % 3 else 2 * H
         args = (5, T, H, W, nb, spatial, temporal, (0.75, 1.5), seed, max_keep, trim)
-        keep, mask = masking.multiblock_mask(*args)
-        rk, rm = masking.multiblock_mask_reference(*args)
+        keep, mask, pred = masking.multiblock_mask(*args, with_pred=True)
+        rk, rm, rp = masking.multiblock_mask_reference(*args)
         assert np.array_equal(keep, rk) and np.array_equal(mask, rm), f"seed {seed}"
+        assert np.array_equal(pred, rp), f"seed {seed}: prediction sets differ"
         check_contract(keep, mask, 5, T * H * W)
+        for p_row, m_row in zip(pred, mask):
+            assert np.all(np.diff(p_row) > 0) and np.isin(p_row, m_row).all(), "pred must be sorted, inside mask"
         if max_keep:
             assert keep.shape[1] <= max_keep
 
@@ -105,6 +108,19 @@ def test_multiblock_trim_random_spreads_over_time():
     frames_low = np.unique(low // (H * W)).size
     frames_rnd = np.unique(rnd // (H * W)).size
     assert frames_rnd == T and frames_low < T
+
+
+def test_prediction_set_is_the_blocks_only():
+    """ids_pred holds block-masked ids only: dropped visible ids are filled but never predicted."""
+    T, H, W = 4, 16, 16
+    kw = dict(num_blocks=2, spatial=(0.15, 0.15), seed=8, max_keep=50)
+    keep, mask, pred = masking.multiblock_mask(6, T, H, W, with_pred=True, **kw)
+    # with max_keep only the visible set is cut: the block-masked set is the same as without it
+    _, _, pred_uncapped = masking.multiblock_mask(6, T, H, W, with_pred=True, **dict(kw, max_keep=0))
+    assert np.array_equal(pred, pred_uncapped)
+    assert mask.shape[1] > pred.shape[1], "dropped visible ids are in ids_mask, not in ids_pred"
+    for b in range(6):
+        assert not np.isin(pred[b], keep[b]).any(), "a predicted id is visible"
 
 
 def test_multiblock_masks_from_config():
