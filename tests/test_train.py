@@ -42,31 +42,37 @@ def test_lr_schedule_shape():
     assert all(a <= b for a, b in zip(lrs[:5], lrs[1:6])) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
 
 
-def test_resume_matches_uninterrupted_run(clip_list, tmp_path):
-    full = tiny_cfg(clip_list, tmp_path / "full", "runtime.ckpt_every=2", "runtime.keep_last=5")
-    Trainer(full).fit()
-    steps = [p.name for p in ckpt.list_checkpoints(tmp_path / "full" / "checkpoints")]
-    assert steps == ["step_00000002", "step_00000004"]
-    # A run stopped at step 2 leaves exactly this checkpoint; resume it elsewhere and go on to 4.
-    resumed = tiny_cfg(clip_list, tmp_path / "resumed", "runtime.ckpt_every=2", "runtime.keep_last=5")
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000002",
-                    tmp_path / "resumed" / "checkpoints" / "step_00000002")
-    trainer = Trainer(resumed, resume="auto")
-    assert trainer.step == 2 and trainer.loader.state_dict()["position"] == 2
+@pytest.mark.parametrize("workers, global_batch", [(0, 2), (1, 4)], ids=["inline", "worker+accum2"])
+def test_resume_matches_uninterrupted_run(clip_list, tmp_path, workers, global_batch):
+    """Stop at step n (its checkpoint), resume elsewhere: step m equals the uninterrupted run's."""
+    extra = [f"data.num_workers={workers}", f"optim.global_batch={global_batch}", "runtime.ckpt_every=1",
+             "runtime.keep_last=10"]
+    full = tiny_cfg(clip_list, tmp_path / "full", *extra)
+    trainer = Trainer(full)
     trainer.fit()
-    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000004" / ckpt.MODEL_FILE))
-    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_00000004" / ckpt.MODEL_FILE))
+    m = trainer.total_steps
+    n = m // 2
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "full" / "checkpoints")]
+    assert names == [f"step_{s:08d}" for s in range(1, m + 1)]
+    resumed = tiny_cfg(clip_list, tmp_path / "resumed", *extra)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / f"step_{n:08d}",
+                    tmp_path / "resumed" / "checkpoints" / f"step_{n:08d}")
+    trainer = Trainer(resumed, resume="auto")
+    assert trainer.step == n and trainer.loader.state_dict()["position"] == n * trainer.accum
+    trainer.fit()
+    a = load_file(str(tmp_path / "full" / "checkpoints" / f"step_{m:08d}" / ckpt.MODEL_FILE))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / f"step_{m:08d}" / ckpt.MODEL_FILE))
+    start = load_file(str(tmp_path / "full" / "checkpoints" / f"step_{n:08d}" / ckpt.MODEL_FILE))
     assert a.keys() == b.keys()
-    start = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000002" / ckpt.MODEL_FILE))
     assert any(not torch.equal(a[k], start[k]) for k in a), "training must change the weights"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert [r["step"] for r in lines] == list(range(1, m + 1))
     for key in ("loss", "lr", "grad_norm", "clips_per_s_per_gpu", "tokens_per_s_per_gpu", "time/forward",
                 "time/backward", "time/optimizer", "time/data"):
         assert key in lines[-1], key
-    assert any(k.startswith("loss_") or k in ("diffusion", "middle", "final") for k in lines[-1]), lines[-1].keys()
+    assert {"loss_diffusion", "loss_middle", "loss_final"} <= lines[-1].keys()
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 
