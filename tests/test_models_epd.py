@@ -1,6 +1,4 @@
 """Composed stage-1 / stage-2 models on the demo preset (tiny, CPU)."""
-import time
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -239,20 +237,18 @@ def test_stage1_checkpoint_errors(stage1, tmp_path):
     torch.testing.assert_close(fresh.final_head.fc1.weight, s1.final_head.fc1.weight)
 
 
-def test_demo_step_time():
-    """The demo preset: batch 4, forward + backward on CPU. Reported; generous bound for shared CI."""
+def test_demo_preset_steps():
+    """The demo preset as the demo runs it: batch 4, a few forward + backward steps on CPU, finite
+    losses and every trainable parameter reached. (Speed is measured in bench/, not here.)"""
     torch.manual_seed(0)
-    cfg = load_config("demo")
-    model = build_model(cfg)
+    model = build_model(load_config("demo"))
     video = _video(B=4)
-    model(video, 0)["loss"].backward()       # warm-up (kernel choices, allocator)
-    times = []
-    for s in range(3):
-        t = time.perf_counter()
-        model(video, s + 1)["loss"].backward()
-        times.append(time.perf_counter() - t)
-    print(f"demo step (B=4, CPU): {min(times) * 1e3:.0f} ms")
-    assert min(times) < 2.0
+    for s in range(2):
+        model.zero_grad(set_to_none=True)
+        out = model(video, s)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]), s
+    assert all(p.grad is not None for p in model.trainable_parameters())
 
 
 def _autocast_run(device, tmp_path):
