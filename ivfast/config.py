@@ -41,6 +41,9 @@ class EncoderConfig:
     layerscale_init: float = 1e-5
     drop_path: float = 0.1
     act_checkpoint: bool = False
+    # position tables (encoder, predictor, alignment) learnable, sin-cos initialised (released);
+    # false: fixed sin-cos buffers (the paper's text), still saved in the state dict
+    learnable_pos: bool = True
 
 
 @dataclass

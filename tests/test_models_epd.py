@@ -1,4 +1,5 @@
 """Composed stage-1 / stage-2 models on the demo preset (tiny, CPU)."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -210,6 +211,40 @@ def test_stage2_from_stage1_checkpoint(stage1, tmp_path, loss):
     assert not missing, missing
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert not any(n.startswith("teacher.") for g in param_groups(model, 0.05) for n in g["names"])
+
+
+def test_fixed_positions_are_buffers_and_checkpoints_cross_load(stage1, tmp_path):
+    """model.encoder.learnable_pos=false: every position table is a fixed buffer (not optimised),
+    still in the state dict, and checkpoints load between fixed and learnable models both ways."""
+    cfg, s1 = stage1
+    fixed = Stage1Model(load_config("demo", ["model.attn_backend=sdpa", "model.encoder.learnable_pos=false"]),
+                        teacher=s1.teacher)
+    tables = ("encoder.pos_embed", "predictor.pos_embed", "align_pos")
+    params, bufs, sd = dict(fixed.named_parameters()), dict(fixed.named_buffers()), fixed.state_dict()
+    for name in tables:
+        assert name not in params and name in bufs and name in sd, name
+        assert name in dict(s1.named_parameters()), name
+    assert not any(n in tables for g in param_groups(fixed, 0.05) for n in g["names"])
+    out = fixed(_video(), step_seed=1)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in fixed.trainable_parameters())
+    assert all(not b.requires_grad for b in fixed.buffers())
+
+    with torch.no_grad():
+        s1.encoder.pos_embed.add_(0.5)        # a trained table differs from the sin-cos init
+    try:
+        assert load_stage1_weights(fixed, _save_stage1(s1, tmp_path)) == []
+    finally:
+        with torch.no_grad():
+            s1.encoder.pos_embed.sub_(0.5)
+    assert "encoder.pos_embed" in dict(fixed.named_buffers())
+    torch.testing.assert_close(fixed.encoder.pos_embed, s1.encoder.pos_embed + 0.5)
+    (tmp_path / "fixed").mkdir()
+    save_file({k: v.contiguous() for k, v in fixed.state_dict().items()}, str(tmp_path / "fixed" / "model.safetensors"))
+    learnable = Stage1Model(cfg, teacher=s1.teacher)
+    assert load_stage1_weights(learnable, tmp_path / "fixed") == []
+    assert isinstance(learnable.encoder.pos_embed, torch.nn.Parameter)
+    torch.testing.assert_close(learnable.encoder.pos_embed, fixed.encoder.pos_embed)
 
 
 def test_stage1_checkpoint_errors(stage1, tmp_path):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ivfast import ops
 from .predictor import Predictor
 from .teacher import build_teacher
-from .vit import AttentionPool, MLPHead, VisionTransformer, interpolate_pos_table, sincos_3d
+from .vit import AttentionPool, MLPHead, VisionTransformer, interpolate_pos_table, set_pos_table, sincos_3d
 
 log = logging.getLogger("ivfast.models")
 
@@ -125,7 +125,8 @@ class Stage1Model(_Base):
         self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
         self.grid = self.encoder.grid
         self.num_cls = enc.num_cls
-        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl)
+        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl,
+                                   learnable_pos=enc.learnable_pos)
         from .diffusion import DiffusionLoss
         self.decoder = DiffusionLoss(m.decoder, target_dim=self.encoder.patch_dim, cond_dim=m.predictor.dim)
         self.teacher = teacher if teacher is not None else build_teacher(
@@ -140,7 +141,7 @@ class Stage1Model(_Base):
         self.student_layers = list(m.teacher.student_layers)
         if len(self.student_layers) != len(m.teacher.middle_layers):
             raise ValueError("model.teacher.student_layers and middle_layers must pair up one to one")
-        self.align_pos = nn.Parameter(sincos_3d(enc.dim, *self.grid, num_cls=enc.num_cls))
+        set_pos_table(self, "align_pos", sincos_3d(enc.dim, *self.grid, num_cls=enc.num_cls), enc.learnable_pos)
         self.middle_heads = nn.ModuleList(MLPHead(enc.dim, Dt) for _ in self.student_layers)
         self.pool = AttentionPool(enc.dim, m.pool_heads, m.pool_dim, m.attn_backend)
         self.final_head = MLPHead(m.pool_dim, Dt)
@@ -233,7 +234,8 @@ class Stage2Model(_Base):
         self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
         self.grid = self.encoder.grid
         self.num_cls = enc.num_cls
-        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl)
+        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl,
+                                   learnable_pos=enc.learnable_pos)
         self.out_proj = nn.Linear(m.predictor.dim, enc.dim)
         self.out_norm = nn.LayerNorm(enc.dim, eps=1e-5)
         nn.init.trunc_normal_(self.out_proj.weight, std=0.02)

@@ -17,9 +17,10 @@ the sequence is ``[cls_0..cls_{C-1}, token (t, h, w) in T, H, W raster order]`` 
 about a quarter of a 16x16 frame's rows around a token, and global layers see everything.
 
 Input (released code): every grid position starts as the learned mask token, visible positions
-take the encoder's outputs, the predictor's position table (learnable, 3-D sine-cosine init) is
-added, the encoder's cls outputs are prepended (with their position rows), then
-``Linear(d, d) -> GELU -> Linear(d, dim) -> LayerNorm`` maps to the ModernBERT width.
+take the encoder's outputs, the predictor's position table (learnable, 3-D sine-cosine init;
+a fixed buffer with ``learnable_pos=False``) is added, the encoder's cls outputs are prepended
+(with their position rows), then ``Linear(d, d) -> GELU -> Linear(d, dim) -> LayerNorm`` maps
+to the ModernBERT width.
 The output is the last layer's hidden state (no final norm), cls rows dropped.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
-from .vit import MLPHead, sincos_3d
+from .vit import MLPHead, set_pos_table, sincos_3d
 
 
 # --------------------------------------------------------------------------- rotary
@@ -108,12 +109,12 @@ class Predictor(nn.Module):
     """``forward(x_enc [B, C+K, d_enc], ids_keep [B, K], ids_mask [B, M]) -> [B, N, dim]``."""
 
     def __init__(self, cfg, enc_dim: int, num_cls: int, grid: tuple, attn_backend: str = "auto",
-                 token_impl: str = "eager"):
+                 token_impl: str = "eager", learnable_pos: bool = True):
         super().__init__()
         self.cfg, self.num_cls, self.grid, self.token_impl = cfg, num_cls, tuple(grid), token_impl
         self.num_tokens = grid[0] * grid[1] * grid[2]
         self.mask_token = nn.Parameter(torch.zeros(enc_dim))
-        self.pos_embed = nn.Parameter(sincos_3d(enc_dim, *grid, num_cls=num_cls))
+        set_pos_table(self, "pos_embed", sincos_3d(enc_dim, *grid, num_cls=num_cls), learnable_pos)
         self.in_proj = MLPHead(enc_dim, cfg.dim)
         self.head_dim = cfg.dim // cfg.heads
         layers = []

@@ -6,7 +6,8 @@
   RMS-normalised over the width.
 * ``num_cls`` (4) learnable cls tokens are prepended; a LEARNABLE position table of
   ``num_cls + T*H*W`` rows initialised with 3-D sine-cosine (first d/4 channels temporal, the rest
-  spatial: w then h; cls rows zero) is added to every token.
+  spatial: w then h; cls rows zero) is added to every token (``learnable_pos=False``: a fixed
+  buffer, still in the state dict).
 * Pre-norm blocks: RMSNorm, fused qkv without bias, QK-norm = RMSNorm over the whole width of q and
   of k (not per head), attention through ``ivfast.models.attention``, proj with bias, LayerScale,
   stochastic depth; MLP with tanh-GELU and biases. No final norm. Optional activation
@@ -54,6 +55,15 @@ def sincos_3d(dim: int, T: int, H: int, W: int, num_cls: int = 0) -> torch.Tenso
     table = torch.cat([t[:, None].expand(T, H * W, dt), spatial[None].expand(T, H * W, ds)], -1)
     table = table.reshape(T * H * W, dim)
     return torch.cat([torch.zeros(num_cls, dim), table], 0)
+
+
+def set_pos_table(module: nn.Module, name: str, table: torch.Tensor, learnable: bool) -> None:
+    """Attach a position table: a learnable parameter, or a fixed buffer that is still in the
+    state dict (same key either way, so checkpoints load into both kinds of model)."""
+    if learnable:
+        setattr(module, name, nn.Parameter(table))
+    else:
+        module.register_buffer(name, table, persistent=True)
 
 
 def interpolate_pos_table(table: torch.Tensor, num_cls: int, grid_from: tuple, grid_to: tuple) -> torch.Tensor:
@@ -184,7 +194,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Linear(self.patch_dim, d)
         self.embed_norm = RMSNorm(d, eps=1e-6)
         self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls, d))
-        self.pos_embed = nn.Parameter(sincos_3d(d, *self.grid, num_cls=cfg.num_cls))
+        set_pos_table(self, "pos_embed", sincos_3d(d, *self.grid, num_cls=cfg.num_cls), cfg.learnable_pos)
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()   # rising linearly with depth
         self.blocks = nn.ModuleList(
             Block(d, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.layerscale_init, rates[i], attn_backend)
