@@ -9,6 +9,14 @@ fallback) and a dispatch function taking ``impl``:
 - ``"compile"``: ``torch.compile`` of the reference (compiled once per process and op).
 - ``"eager"``: the reference as is.
 
+Where the models use them: the encoder embeds only the visible patches (``patch_targets`` on
+``ids_keep`` gathers and normalises their pixels in one pass) and adds its positions with an
+embedding lookup (``F.embedding(ids_keep, pos_table)``) after the patch GEMM, so it never
+gathers token vectors. ``assemble_sequence`` (with positions) builds the predictor input;
+``gather_tokens`` WITHOUT positions picks predictor outputs and teacher features at masked or
+visible ids for the losses. The positions path of ``gather_tokens`` (gather + add in one pass)
+is not on the models' hot path: it serves callers holding full token tensors, and benchmarks.
+
 Index contract (``ivfast.masking``): ``ids_keep`` [B, K] and ``ids_mask`` [B, M], int32 or
 int64, each row holding distinct token ids; together they cover all N = K + M positions.
 Token ids follow the T, H, W raster of the patch grid (t major, then h, then w). The Triton
