@@ -518,7 +518,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default="", help="'auto' (newest valid checkpoint in the output dir) or a path")
     p.add_argument("--profile-steps", default="", help="A:B: nsys/torch.profiler capture window")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before and after the flags
 
 
 def main(argv=None) -> int:

@@ -130,6 +130,14 @@ def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
     latest = ckpt.find_latest(tmp_path / "checkpoints")
     _, state = ckpt.load_checkpoint(latest)
     assert 1 <= state["step"] < 50 * 4
+    # ... and the pre-empted run continues from there
+    step = state["step"]
+    res = subprocess.run(cmd + ["--resume", "auto", f"runtime.max_steps={step + 1}"], env=ENV,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resumed from {latest}" in res.stderr and f"at step {step}" in res.stderr
+    _, state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "checkpoints"))
+    assert state["step"] == step + 1
 
 
 def _two_rank_run(clip_list, out, strategy, port):
