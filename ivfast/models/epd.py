@@ -403,8 +403,9 @@ def load_stage1_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        inner = next((m for m in (getattr(model, "module", None), getattr(model, "_orig_mod", None))
+                      if isinstance(m, nn.Module)), None)
+        if inner is None:
             return model
         model = inner
 
