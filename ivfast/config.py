@@ -144,6 +144,9 @@ class MaskingConfig:
         BlockSpec(8, [0.15, 0.15]), BlockSpec(2, [0.7, 0.7])])
     max_keep: int = 0                   # cap on visible tokens per clip (0 = none)
     trim: Literal["random", "lowest"] = "random"   # how rows are cut to a common K
+    # stage 2 loss positions: "blocks" = block-masked tokens cut to the batch minimum (V-JEPA,
+    # released code); "unseen" = every token the encoder did not see (trimmed visible ones too)
+    predict: Literal["blocks", "unseen"] = "blocks"
 
 
 @dataclass

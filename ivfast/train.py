@@ -103,8 +103,10 @@ def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, world:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # No buffer broadcast: buffers (the frozen teacher's, fixed position tables) never change,
+    # and broadcasting them would copy megabytes from rank 0 before every forward.
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=False)
+               find_unused_parameters=False, broadcast_buffers=False)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:

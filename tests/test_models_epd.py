@@ -324,3 +324,21 @@ def test_stage1_tube_masking():
     model = build_model(cfg)
     out = model(_video(), step_seed=2)
     assert out["visible"] == 4 * 8 and torch.isfinite(out["loss"])
+
+
+def test_stage2_loss_positions_follow_masking_predict(stage1, tmp_path):
+    """'blocks' (released / V-JEPA): the loss is on block-masked ids only, not on visible ids
+    dropped by the max_keep cut; 'unseen': on every id the encoder did not see."""
+    _, s1 = stage1
+    ckpt = _save_stage1(s1, tmp_path)
+    base = ["stage=2", f"model.init_from={ckpt}", "masking.kind=multiblock", "model.attn_backend=sdpa",
+            "masking.max_keep=20", "masking.blocks=[{num_blocks: 2, spatial_scale: [0.15, 0.15]}]"]
+    outs = {}
+    for mode in ("blocks", "unseen"):
+        model = build_model(load_config("demo", base + [f"masking.predict={mode}"]))
+        outs[mode] = model(_video(), step_seed=3)
+    blocks, unseen = outs["blocks"], outs["unseen"]
+    assert blocks["visible"] == unseen["visible"] == [20], "the visible set is cut to max_keep"
+    assert unseen["predicted"] == unseen["masked"] == [4 * 16 - 20]
+    assert blocks["predicted"][0] < blocks["masked"][0], "dropped visible ids must not be predicted"
+    assert not torch.equal(blocks["loss"], unseen["loss"])

@@ -106,12 +106,10 @@ class _Base(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def _ids_to_device(self, pairs, device):
-        out = []
-        for keep, mask in pairs:
-            out.append((torch.from_numpy(np.ascontiguousarray(keep)).to(device, non_blocking=True),
-                        torch.from_numpy(np.ascontiguousarray(mask)).to(device, non_blocking=True)))
-        return out
+    def _ids_to_device(self, groups, device):
+        """NumPy id arrays (tuples of them, one tuple per mask set) as device tensors."""
+        return [tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True) for a in g)
+                for g in groups]
 
 
 # =========================================================================== stage 1
@@ -276,7 +274,11 @@ class Stage2Model(_Base):
         if mc.kind != "multiblock":
             raise ValueError(f"stage 2 uses masking.kind 'multiblock', got {mc.kind!r}")
         from ivfast.masking import multiblock_masks
-        sets = self._ids_to_device(multiblock_masks(mc, B, *self.grid, seed=int(step_seed)), dev)
+        # per set: visible ids, ids filled with mask tokens (all the rest), ids the loss is on
+        # (masking.predict: "blocks" = block-masked ids as V-JEPA / released, "unseen" = all the rest)
+        sets = self._ids_to_device(multiblock_masks(mc, B, *self.grid, seed=int(step_seed), with_pred=True), dev)
+        if mc.predict == "unseen":
+            sets = [(keep, mask, mask) for keep, mask, _ in sets]
 
         with torch.no_grad():
             all_ids = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N)
@@ -284,17 +286,18 @@ class Stage2Model(_Base):
             targets = tx[:, C:]
 
         seqs = []
-        for keep, mask in sets:
+        for keep, mask, _ in sets:
             x, _ = self.encoder(inp.patches(keep, p, tub, self.impl), keep)
             seqs.append(self.predictor.assemble(x, keep, mask))
         # every mask set covers all N positions: one predictor pass over the stacked sets
         z = self.predictor.run(torch.cat(seqs, 0))
-        out = dict(visible=[k.shape[1] for k, _ in sets], masked=[mk.shape[1] for _, mk in sets])
+        out = dict(visible=[k.shape[1] for k, _, _ in sets], masked=[mk.shape[1] for _, mk, _ in sets],
+                   predicted=[pr.shape[1] for _, _, pr in sets])
         total = 0.0
-        for i, (keep, mask) in enumerate(sets):
-            z_m = ops.gather_tokens(z[i * B:(i + 1) * B], mask, impl=self.impl)
+        for i, (_, _, predict) in enumerate(sets):
+            z_m = ops.gather_tokens(z[i * B:(i + 1) * B], predict, impl=self.impl)
             pred = self.out_norm(self.out_proj(z_m))
-            tgt = ops.gather_tokens(targets, mask, impl=self.impl)
+            tgt = ops.gather_tokens(targets, predict, impl=self.impl)
             li = self._distance(pred, tgt)
             out[f"loss_set{i}"] = li.detach()
             total = total + li
