@@ -52,7 +52,7 @@ def test_stage2_flops_match_counter(tmp_path):
     B = 2
     video = torch.randint(0, 256, (B, 3, 4, 56, 56), dtype=torch.uint8)
     measured, out = _count(model, video, 5)
-    est = flops_per_clip(cfg, keep=out["visible"], dense_local=True)
+    est = flops_per_clip(cfg, keep=out["visible"], predicted=out["predicted"], dense_local=True)
     assert est["total"] * B == measured, (est, measured)
     est_default = flops_per_clip(cfg)
     assert len(est_default["visible"]) == len(cfg.masking.blocks) and est_default["total"] > 0

@@ -77,19 +77,25 @@ def _decoder(rows: int, cfg, target_dim: int, cond_dim: int) -> int:
     return 3 * fwd - data_fed
 
 
-def stage2_keep(cfg, batch: int = 16, seed: int = 0) -> list[float]:
-    """Mean visible tokens per clip of each stage-2 mask set (sampled with a fixed seed)."""
+def stage2_counts(cfg, batch: int = 16, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Visible and predicted (loss) tokens per clip of each stage-2 mask set, from masks drawn
+    with a fixed seed (``masking.predict`` decides which ids carry the loss)."""
     from ivfast.masking import multiblock_masks
     m, e = cfg.model, cfg.model.encoder
     grid = (m.num_frames // e.tubelet, m.img_size // e.patch_size, m.img_size // e.patch_size)
-    return [float(k.shape[1]) for k, _ in multiblock_masks(cfg.masking, batch, *grid, seed=seed)]
+    sets = multiblock_masks(cfg.masking, batch, *grid, seed=seed, with_pred=True)
+    pred = [float((mk if cfg.masking.predict == "unseen" else pr).shape[1]) for _, mk, pr in sets]
+    return [float(k.shape[1]) for k, _, _ in sets], pred
 
 
-def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = False) -> dict:
+def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = False,
+                   predicted: list[float] | None = None) -> dict:
     """Model FLOPs per clip (forward + backward; teachers forward only) of ``cfg.stage``.
 
     Returns ``dict(encoder, predictor, decoder, heads, teacher, total)`` (floats) plus the token
-    counts used (``visible``, ``masked``: per clip, lists for stage 2's mask sets).
+    counts used (``visible``, ``masked``: per clip, lists for stage 2's mask sets, where
+    ``masked`` counts the positions the loss is on). Stage 2 takes ``keep`` / ``predicted``
+    (tokens per set) when given, else the mean of masks drawn with a fixed seed.
     """
     m, e, p = cfg.model, cfg.model.encoder, cfg.model.predictor
     T, S = m.num_frames // e.tubelet, m.img_size // e.patch_size
@@ -121,14 +127,16 @@ def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = Fal
         out["teacher"] = siglip_flops(arch, m.num_frames, t_tokens, m.teacher.patch_size)
         out.update(visible=K, masked=M)
     elif cfg.stage == 2:
-        keeps = list(keep) if keep is not None else stage2_keep(cfg)
-        for K in keeps:
+        drawn_keep, drawn_pred = stage2_counts(cfg) if keep is None or predicted is None else (None, None)
+        keeps = list(keep) if keep is not None else drawn_keep
+        preds = list(predicted) if predicted is not None else drawn_pred
+        for K, P in zip(keeps, preds):
             out["encoder"] += trained_encoder(K)
             out["predictor"] += 3 * predictor_flops(p, d, seq, dense_local)
-            out["heads"] += 3 * _lin(N - K, p.dim, d)
+            out["heads"] += 3 * _lin(P, p.dim, d)
         f = encoder_flops(e, N)
         out["teacher"] = f["patch"] + f["blocks"]
-        out.update(visible=keeps, masked=[N - k for k in keeps])
+        out.update(visible=keeps, masked=preds)
     else:
         raise ValueError(f"stage must be 1 or 2, got {cfg.stage!r}")
     out["total"] = sum(out[k] for k in ("encoder", "predictor", "decoder", "heads", "teacher"))
