@@ -393,6 +393,26 @@ class Trainer:
             rec = dict(rec, **dict(zip(keys, vals)))
         return {k: (v.item() if torch.is_tensor(v) else v) for k, v in rec.items()}
 
+    def _check_bad_data(self) -> None:
+        """Bad videos met while decoding, counted over all ranks, against data.max_bad_fraction.
+
+        Each rank's loader only sees its own shard; summed here, every rank takes the same
+        decision (a rank that stopped alone would leave the others waiting in a collective).
+        """
+        s = self.loader.bad_summary()
+        decode_bad = float(s["decode_bad_files"])
+        if self.world > 1:
+            t = torch.tensor([decode_bad], device=self.device)
+            dist.all_reduce(t)
+            decode_bad = t.item()
+        bad = sum(s["index"].values()) + decode_bad
+        if bad / max(1, s["files"]) > self.cfg.data.max_bad_fraction:
+            from ivfast.data import DataError
+
+            raise DataError(f"{int(bad)} of {s['files']} videos are bad over all ranks ({bad / s['files']:.1%} > "
+                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}); e.g. {s['examples']}. "
+                            "Fix or remove them (python -m ivfast.data inspect LIST) or raise data.max_bad_fraction")
+
     def fit(self) -> Path:
         cfg = self.cfg
         stop = Preemption()
@@ -422,6 +442,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.runtime.log_every == 0 or self.step == self.stop_step:
+                    self._check_bad_data()
                     phases = self.timer.collect()
                     dt = time.perf_counter() - window_start
                     clips_s = clips_per_step * window_steps / dt

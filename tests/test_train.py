@@ -95,6 +95,21 @@ def test_nonfinite_loss_skips_update_and_stops(clip_list, tmp_path):
         assert torch.equal(v, before[k]), f"{k} changed although every update was skipped"
 
 
+def test_bad_videos_over_the_limit_stop_training(clip_list, tmp_path):
+    from ivfast.data import DataError
+
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "data.max_bad_fraction=0.2"))
+    real = trainer.loader.bad_summary
+
+    def two_bad_of_eight():
+        return dict(real(), decode_bad_files=2, examples={"decode_error": ["a.mp4", "b.mp4"]})
+
+    trainer.loader.bad_summary = two_bad_of_eight
+    with pytest.raises(DataError, match="2 of 8 videos are bad over all ranks"):
+        trainer.fit()
+    assert trainer.step == 1, "checked at the first logging step"
+
+
 def test_profile_window_writes_a_trace(clip_list, tmp_path):
     cfg = tiny_cfg(clip_list, tmp_path, "runtime.profile_steps=1:3", "runtime.max_steps=3")
     trainer = Trainer(cfg)
