@@ -103,6 +103,17 @@ class _VideoInput:
 
 
 class _Base(nn.Module):
+    """What both stages share: the student encoder and the predictor, built from ``cfg.model``."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        m, enc = cfg.model, cfg.model.encoder
+        self.cfg, self.impl = cfg, m.token_impl
+        self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
+        self.grid, self.num_cls = self.encoder.grid, enc.num_cls
+        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl,
+                                   learnable_pos=enc.learnable_pos)
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -115,16 +126,8 @@ class _Base(nn.Module):
 # =========================================================================== stage 1
 class Stage1Model(_Base):
     def __init__(self, cfg, teacher: nn.Module | None = None, teacher_dtype=torch.float32):
-        super().__init__()
-        m = cfg.model
-        self.cfg = cfg
-        self.impl = m.token_impl
-        enc = m.encoder
-        self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
-        self.grid = self.encoder.grid
-        self.num_cls = enc.num_cls
-        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl,
-                                   learnable_pos=enc.learnable_pos)
+        super().__init__(cfg)
+        m, enc = cfg.model, cfg.model.encoder
         from .diffusion import DiffusionLoss
         self.decoder = DiffusionLoss(m.decoder, target_dim=self.encoder.patch_dim, cond_dim=m.predictor.dim)
         self.teacher = teacher if teacher is not None else build_teacher(
@@ -224,16 +227,8 @@ def _ignore_missing_teacher_keys(module, incompatible):
 # =========================================================================== stage 2
 class Stage2Model(_Base):
     def __init__(self, cfg, teacher_dtype=torch.float32):
-        super().__init__()
-        m = cfg.model
-        self.cfg = cfg
-        self.impl = m.token_impl
-        enc = m.encoder
-        self.encoder = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
-        self.grid = self.encoder.grid
-        self.num_cls = enc.num_cls
-        self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl,
-                                   learnable_pos=enc.learnable_pos)
+        super().__init__(cfg)
+        m, enc = cfg.model, cfg.model.encoder
         self.out_proj = nn.Linear(m.predictor.dim, enc.dim)
         self.out_norm = nn.LayerNorm(enc.dim, eps=1e-5)
         nn.init.trunc_normal_(self.out_proj.weight, std=0.02)
