@@ -15,6 +15,7 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from ivfast import _C
 
@@ -214,7 +215,6 @@ def multiblock_masks(cfg: "MaskingConfig", batch_size: int, T: int, H: int, W: i
 # Keeps the tokens the teacher attends to. Everything is sorts and elementwise maths on the
 # scores' device with shapes known on the host: no .item(), no nonzero, no boolean indexing,
 # so it never waits for the GPU.
-import torch  # noqa: E402  (section-local: torch is only needed by the GPU sampler)
 
 
 def _descending_order(key: "torch.Tensor") -> "torch.Tensor":
