@@ -30,8 +30,9 @@ def device_peak_flops(device: torch.device) -> float | None:
 class PhaseTimer:
     """Wall time per phase of a step (data wait / forward / backward / optimiser), NVTX-ranged.
 
-    On CUDA, phase boundaries are taken with CUDA events so that no phase forces a host sync;
-    the times are read once per logging interval.
+    On CUDA, GPU phases are timed with CUDA events so that no phase forces a host sync (the
+    times are read once per logging interval); ``host=True`` phases (waiting for data) are
+    wall-clock time on the host, which is what they cost.
     """
 
     def __init__(self, device: torch.device):
@@ -40,9 +41,11 @@ class PhaseTimer:
         self.totals: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, host: bool = False):
+        events = self.cuda and not host
         if self.cuda:
             torch.cuda.nvtx.range_push(name)
+        if events:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         else:
@@ -50,16 +53,14 @@ class PhaseTimer:
         try:
             yield
         finally:
-            if self.cuda:
+            if events:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
-                torch.cuda.nvtx.range_pop()
                 self._pending.append((name, start, end))
             else:
                 self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-    def add(self, name: str, seconds: float) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + seconds
+            if self.cuda:
+                torch.cuda.nvtx.range_pop()
 
     def collect(self) -> dict[str, float]:
         """Seconds per phase since the last call (synchronises CUDA events once)."""

@@ -332,10 +332,8 @@ class Trainer:
             g["lr"] = lr
         parts: dict[str, torch.Tensor] = {}
         for micro in range(self.accum):
-            t0 = time.perf_counter()
-            with self.timer.phase("data"):
+            with self.timer.phase("data", host=True):
                 batch = self._next_batch()
-            self.timer.add("data_wait_host", time.perf_counter() - t0)
             seed = step_seed(cfg.runtime.seed, self.step, micro, self.rank)
             torch.manual_seed(seed)          # drop path, diffusion noise: a function of the step
             last = micro == self.accum - 1
