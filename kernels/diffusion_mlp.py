@@ -160,6 +160,15 @@ def _unit_col(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
                          f"got {list(t.shape)} strides {t.stride()} (pass a row-sliced view or .contiguous())")
 
 
+def _tf32_allowed() -> bool:
+    """Whether fp32 matmuls may use TF32, through either of torch's APIs: reading the legacy
+    ``allow_tf32`` flag raises once a user has set the newer ``fp32_precision``."""
+    try:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:   # torch before the fp32_precision API
+        return torch.backends.cuda.matmul.allow_tf32
+
+
 def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None = None,
            aux: Tensor | None = None, gate: Tensor | None = None, res: Tensor | None = None,
            store_pre: bool = False, store_act: bool = False, rowsum_a: bool = False,
@@ -209,7 +218,7 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None 
                          "offsets; pass .contiguous() operands")
     if M > 0 and N > 0:
         dummy = out
-        ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        ieee = a.dtype == torch.float32 and not _tf32_allowed()
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _mm_kernel[grid](
             a, b, out, bias if bias is not None else dummy, aux_t if aux_t is not None else dummy,

@@ -204,6 +204,7 @@ def test_compile_impl_routes_through_torch_compile(monkeypatch):
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(DiffusionDecoder, "_compiled_reference", None)
     net = DiffusionDecoder(target_dim=6, cond_dim=4, width=16, depth=1, impl="compile")
     with torch.no_grad():
         for p in net.parameters():
@@ -211,5 +212,14 @@ def test_compile_impl_routes_through_torch_compile(monkeypatch):
     x, t, z = torch.randn(3, 6), torch.tensor([0, 10, 999]), torch.randn(3, 4)
     out = net(x, t, z)
     net(x, t, z)
-    assert len(calls) == 1 and calls[0] == net.forward_reference
+    assert len(calls) == 1 and calls[0] is DiffusionDecoder.forward_reference
     torch.testing.assert_close(out, net.forward_reference(x, t, z))
+    # a copy made after the first call computes with its own weights, not the original's
+    import copy
+
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(2.0)
+    torch.testing.assert_close(twin(x, t, z), twin.forward_reference(x, t, z))
+    assert not torch.allclose(twin(x, t, z), out)

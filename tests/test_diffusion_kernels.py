@@ -84,6 +84,17 @@ def test_matmul_long_k_transposed_operands(dtype):
     check(K.matmul(a, b), a.double() @ b.double(), a @ b, "K=1536")
 
 
+def test_matmul_fp32_with_the_new_tf32_api():
+    """Reading the legacy allow_tf32 flag raises once fp32_precision was set: matmul must not."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        a, b = torch.randn(17, 20), torch.randn(20, 9)
+        torch.testing.assert_close(K.matmul(a, b), a @ b, rtol=1e-2, atol=1e-2)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+
+
 def test_matmul_rejects_bad_inputs():
     a = torch.randn(4, 8, device=DEV)
     with pytest.raises(ValueError, match="do not chain"):

@@ -122,6 +122,8 @@ class DiffusionDecoder(nn.Module):
     ``t`` holds the ORIGINAL (1000-step) timesteps, also when a respaced sampler drives it.
     """
 
+    _compiled_reference: Callable | None = None   # torch.compile of forward_reference, shared
+
     def __init__(self, target_dim: int = 588, cond_dim: int = 1024, width: int = 1536,
                  depth: int = 6, learn_sigma: bool = True, impl: str = "eager"):
         super().__init__()
@@ -135,7 +137,6 @@ class DiffusionDecoder(nn.Module):
         self.input_proj = nn.Linear(target_dim, width)
         self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
         self.final_layer = FinalLayer(width, self.out_dim)
-        self._compiled: Callable | None = None
         self._warned = False
         self.initialize_weights()
 
@@ -195,8 +196,9 @@ class DiffusionDecoder(nn.Module):
             adas = [blk.adaLN_modulation[1] for blk in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
             blocks = [(cast(b.in_ln.weight), cast(b.in_ln.bias), cast(b.mlp[0].weight), cast(b.mlp[0].bias),
                        cast(b.mlp[2].weight), cast(b.mlp[2].bias)) for b in self.res_blocks]
-            return K.adaln_trunk(h, c, cast(torch.cat([a.weight for a in adas])),
-                                 cast(torch.cat([a.bias for a in adas])), blocks,
+            # cast each block's weights, then concatenate: no full-size fp32 copy per call
+            return K.adaln_trunk(h, c, torch.cat([cast(a.weight) for a in adas]),
+                                 torch.cat([cast(a.bias) for a in adas]), blocks,
                                  cast(self.final_layer.linear.weight), cast(self.final_layer.linear.bias),
                                  eps=LN_EPS)
 
@@ -211,9 +213,11 @@ class DiffusionDecoder(nn.Module):
                               stacklevel=2)
                 self._warned = True
         elif self.impl == "compile":
-            if self._compiled is None:
-                self._compiled = torch.compile(self.forward_reference)
-            return self._compiled(x, t, z)
+            # compile the unbound function and pass self: a deepcopy of this module must not
+            # keep calling the original's weights through a bound method
+            if DiffusionDecoder._compiled_reference is None:
+                DiffusionDecoder._compiled_reference = torch.compile(DiffusionDecoder.forward_reference)
+            return DiffusionDecoder._compiled_reference(self, x, t, z)
         return self.forward_reference(x, t, z)
 
 
