@@ -455,7 +455,9 @@ class LinearFn(torch.autograd.Function):
             s = torch.sigmoid(u.float())
             dy = (dy.float() * s * (1 + u.float() * (1 - s))).to(x.dtype)
         dx = matmul(dy, w) if ctx.needs_input_grad[0] else None
-        dw, db = weight_grad(dy, x, ctx.has_bias)
+        dw = db = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:   # frozen layer: no weight GEMM
+            dw, db = weight_grad(dy, x, ctx.has_bias)
         return dx, dw, db, None
 
 

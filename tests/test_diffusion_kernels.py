@@ -84,6 +84,16 @@ def test_matmul_long_k_transposed_operands(dtype):
     check(K.matmul(a, b), a.double() @ b.double(), a @ b, "K=1536")
 
 
+def test_linear_frozen_weights_skip_their_gradient(monkeypatch):
+    x = torch.randn(13, 20, requires_grad=True)
+    w, b = torch.randn(9, 20), torch.randn(9)          # frozen
+    calls = []
+    monkeypatch.setattr(K, "weight_grad", lambda *a, **k: calls.append(1))
+    K.linear(x, w, b).sum().backward()
+    assert not calls, "no weight-gradient GEMM for a frozen layer"
+    torch.testing.assert_close(x.grad, torch.ones(13, 9) @ w, rtol=1e-4, atol=1e-4)
+
+
 def test_matmul_fp32_with_the_new_tf32_api():
     """Reading the legacy allow_tf32 flag raises once fp32_precision was set: matmul must not."""
     old = torch.backends.cuda.matmul.fp32_precision
