@@ -254,6 +254,16 @@ def ln_modulate_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 @triton.jit
+def _center_rows(x, mask, W, eps):
+    """LayerNorm statistics of fp32 rows: (x - mean, 1 / std). Forward and backward call this
+    one function, so the backward's recompute is exactly the forward's."""
+    mean = tl.sum(x, axis=1)[:, None] / W
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1)[:, None] / W + eps)
+    return xc, rstd
+
+
+@triton.jit
 def _ln_mod_fwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
                        M, W, s_x, s_shift, s_scale, s_h, eps,
                        AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -262,9 +272,7 @@ def _ln_mod_fwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
     cols = tl.arange(0, BLOCK_W)[None, :]
     mask = (rows < M) & (cols < W)
     x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1)[:, None] / W
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1)[:, None] / W + eps)
+    xc, rstd = _center_rows(x, mask, W, eps)
     h = xc * rstd
     if AFFINE:
         h = h * tl.load(w_ptr + cols, mask=cols < W, other=0.0).to(tl.float32) \
@@ -298,9 +306,7 @@ def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr,
         x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(dh_ptr + rows * s_dh + cols, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + rows * s_scale + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1)[:, None] / W
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1)[:, None] / W + eps)
+        xc, rstd = _center_rows(x, mask, W, eps)
         n = xc * rstd
         if AFFINE:
             ln = n * w + b
