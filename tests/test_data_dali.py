@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from ivfast.config import load_config
+try:   # importorskip that also skips on a broken install (ImportError, not only ModuleNotFoundError)
+    import av
+except ImportError as _e:
+    pytest.skip(f"PyAV (the reference decoder DALI is compared with) is not importable: {_e}", allow_module_level=True)
+
+from ivfast.config import load_config  # noqa: E402
 from ivfast.data import build_loader, normalize
 from ivfast.data.dali import dali_status
 from ivfast.data.pyav import crop_resize, decode_frames
