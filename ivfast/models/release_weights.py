@@ -147,14 +147,16 @@ def _ivfast_checkpoint_file(path: Path) -> Path:
 
 def load_encoder(path: str | os.PathLike, num_frames: int = 0, img_size: int = 0, config=None,
                  prefix: str | None = None, heads: int = 0, random_init: bool = False,
-                 attn_backend: str = "auto", seed: int = 0):
+                 attn_backend: str = "auto", seed: int = 0, trained_img_size: int = 0):
     """Rebuild a frozen-ready encoder (``VisionTransformer``, eval mode) from weights alone.
 
     ``path``: an ivfast checkpoint directory / run directory / ``model.safetensors`` (its
     ``config.yaml`` next to it gives the architecture; stage 1 or 2, the student ``encoder.*``), or a
     released InternVideo-Next safetensors (names mapped, see the module docstring). ``num_frames``
     / ``img_size`` (0 = as trained) resize the position table (linear in time, bicubic in space).
-    ``config``: an ivfast Config or EncoderConfig to use instead of the file's. ``random_init``:
+    ``config``: an ivfast Config or EncoderConfig to use instead of the file's.
+    ``trained_img_size``: released weights only, the image size they were trained at (not in the
+    weights; default the hub config's, else 224). ``random_init``:
     same architecture, fresh weights drawn from ``seed`` (the random baseline of a probe; the same
     seed gives the same weights, which the feature cache relies on). Returns the encoder; its
     ``.source`` attribute says what was loaded.
@@ -171,15 +173,20 @@ def load_encoder(path: str | os.PathLike, num_frames: int = 0, img_size: int = 0
         sd, _ = convert_release_state_dict(raw, prefix)
         enc_cfg = config.model.encoder if isinstance(config, Config) else config
         if enc_cfg is None:
-            enc_cfg = encoder_config_from_state(sd, heads=heads)
+            conv = raw[_find_prefix(raw, prefix) + "patch_embed.proj.weight"]       # [d, 3, t, p, p]
+            enc_cfg = encoder_config_from_state(sd, heads=heads, tubelet=conv.shape[2], patch_size=conv.shape[3])
             cfg_json = f.with_name("config.json")
             if cfg_json.exists():   # the hub's config; field names of the custom code, when present
                 j = json.loads(cfg_json.read_text())
                 frames0 = int(j.get("num_frames", 0) or 0)
                 size0 = int(j.get("img_size", 0) or 0)
-        size0 = size0 or 224
+        size0 = trained_img_size or size0 or 224
         hw = (size0 // enc_cfg.patch_size) ** 2
-        frames0 = frames0 or (sd["pos_embed"].shape[0] - enc_cfg.num_cls) // hw * enc_cfg.tubelet
+        rows = sd["pos_embed"].shape[0] - enc_cfg.num_cls
+        if rows % hw:
+            raise ValueError(f"{f}: position table of {rows} patch rows does not fit {size0} px images "
+                             f"({hw} patches a frame); pass trained_img_size=")
+        frames0 = frames0 or rows // hw * enc_cfg.tubelet
         source = f"release:{f}"
     else:
         if config is None:
