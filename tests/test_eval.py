@@ -170,3 +170,64 @@ def test_knn_and_linear_reuse_cached_features(appearance_lists, tmp_path, monkey
                           encoder=tiny_encoder(seed=1))          # other weights: a new key
     assert len(calls) > n_first
     assert 0.0 <= r2["top1"] <= 100.0
+
+
+def test_online_vjepa2_grid_trains_on_augmented_views_and_says_best_of_val(appearance_lists, tmp_path):
+    """The paper-style path: the encoder runs every step on augmented clips (train_augment=on),
+    test views 2 clips x 3 crops, a 2 x 2 grid of heads; the pick is labelled as chosen on val."""
+    train, val, _ = appearance_lists
+    cfg = load_eval_config("", [f"train_list={train}", f"val_list={val}", f"output_dir={tmp_path}", "device=cpu",
+                                "num_workers=0", "protocol=vjepa2", "dataset=ssv2", "views.num_frames=4",
+                                "views.img_size=32", "views.stride=2", "probe.epochs=2", "probe.lr=[1e-3,1e-4]",
+                                "probe.weight_decay=[0.1,0.01]", "probe.global_batch=8", "probe.batch_per_gpu=4",
+                                "probe.blocks=2"])
+    seen = []
+    real = eval_run.encode
+    eval_run_encode = lambda enc, clips, *a, **k: seen.append(tuple(clips.shape)) or real(enc, clips, *a, **k)
+    import unittest.mock as um
+    with um.patch.object(eval_run, "encode", eval_run_encode):
+        res = eval_run.run_protocol(cfg, encoder=tiny_encoder())
+    assert res["features"] == "online" and res["train_views"] == "train"
+    assert sum(s[0] for s in seen if s[1:] == (6, 3, 4, 32, 32)) == 8   # every val clip: 2 clips x 3 crops
+    assert sum(1 for s in seen if s[1] == 1) == 2 * 4            # 16 train clips / 4 per batch, 2 epochs
+    assert len(res["grid"]) == 4 and "best of 4 heads chosen ON THE VAL SET" in res["selection"]
+    assert res["top1"] == max(g["top1"] for g in res["grid"])
+    assert eval_run.summary_line(res).count("ON THE VAL SET") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo_match_one_process(appearance_lists, tmp_path):
+    """``torchrun -m ivfast.eval`` on 2 CPU ranks (gloo): clips sharded, features gathered, the
+    same k-NN / linear numbers as one process; an online attentive probe runs with DDP heads."""
+    import os
+    import subprocess
+    import sys
+    from ivfast.checkpoint import save_checkpoint
+    from ivfast.config import load_config
+
+    train, val, _ = appearance_lists
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    enc = VisionTransformer(cfg.model.encoder, cfg.model.num_frames, cfg.model.img_size, "math")
+    ck = save_checkpoint(tmp_path / "ck", 1, {f"encoder.{k}": v for k, v in enc.state_dict().items()}, {}, cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    common = [f"checkpoint={ck}", f"train_list={train}", f"val_list={val}", "device=cpu", "num_workers=0",
+              "views.num_frames=4", "views.img_size=28", "views.test_crops=1", "probe.epochs=3", "probe.knn_k=3"]
+    results = {}
+    for name, launcher in (("one", [sys.executable, "-m", "ivfast.eval"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                    "--master-port", "29561", "-m", "ivfast.eval"])):
+        out = tmp_path / name
+        res = subprocess.run(launcher + ["--protocols", "knn,linear"] + common + [f"output_dir={out}"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        results[name] = {p: json.loads((out / p / "results.json").read_text()) for p in ("knn", "linear")}
+    for p in ("knn", "linear"):
+        assert results["one"][p]["top1"] == results["two"][p]["top1"], p
+        assert results["one"][p]["num_val"] == results["two"][p]["num_val"] == 8
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29562", "-m", "ivfast.eval", "protocol=ivnext", "probe.global_batch=8",
+                          "probe.batch_per_gpu=4", "probe.epochs=1", "probe.warmup_epochs=0"] + common
+                         + [f"output_dir={tmp_path / 'ddp'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "ivnext" / "results.json").read_text())["num_val"] == 8
