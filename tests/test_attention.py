@@ -1,6 +1,7 @@
 """Attention entry point: every backend available here agrees with the math reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ivfast.models import attention as A
 
@@ -100,3 +101,109 @@ def test_flex_forward_matches_reference(window):
     q, k, v = (t.detach() for t in _qkv(B=1, N=150, H=2, D=16))
     out = A.attention(q, k, v, window=window, backend="flex")
     torch.testing.assert_close(out.double(), _naive(q, k, v, window), atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- mixed dtypes (torch >= 2.12 autocast)
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
+def test_promoted_qk_with_bf16_v_runs_and_matches(backend):
+    """torch >= 2.12 CUDA autocast runs rms_norm in fp32: the QK-norm hands fp32 q/k next to bf16 v.
+    The entry brings all three to one compute dtype (v's bf16 outside autocast) instead of raising."""
+    q, k, v = _qkv(N=33)
+    vb = v.detach().bfloat16().requires_grad_()
+    out = A.attention(q, k, vb, backend=backend)
+    assert out.dtype == torch.bfloat16
+    ref = _naive(q.bfloat16(), k.bfloat16(), vb)    # the same inputs rounded to the compute dtype
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    dq, dv = torch.autograd.grad(out.float().sum(), (q, vb))
+    assert dq.dtype == torch.float32 and dv.dtype == torch.bfloat16 and dq.abs().sum() > 0
+
+
+def test_compute_dtype_policy():
+    f32, bf, f16 = (torch.zeros(1, 2, 1, 4, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16))
+    assert A.compute_dtype(f32, f32, f32) == torch.float32
+    assert A.compute_dtype(f32, f32, bf) == torch.bfloat16      # lowest precision
+    assert A.compute_dtype(bf, f16, f16) == torch.float16       # tie: v's dtype
+    assert A.compute_dtype(f32.double(), f32, f32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A.compute_dtype(f32, f32, f16) == torch.bfloat16  # autocast dtype wins
+    with pytest.raises(ValueError, match="floating"):
+        A.compute_dtype(f32, f32, torch.zeros(1, 2, 1, 4, dtype=torch.int32))
+
+
+def _promoting_rms_norm(only_under_autocast: bool):
+    """A stand-in for torch >= 2.12's CUDA autocast rule (rms_norm on the fp32 list), on the CPU."""
+    real = F.rms_norm
+
+    def fake(x, shape, weight=None, eps=None):
+        y = real(x, shape, weight, eps)
+        if not only_under_autocast or torch.is_autocast_enabled("cpu"):
+            y = y.float()
+        return y
+    return fake
+
+
+@pytest.mark.parametrize("only_under_autocast", [True, False])
+def test_vit_block_with_autocast_promoting_norm(monkeypatch, only_under_autocast):
+    """The ViT block (QK-norm -> attention) under bf16 autocast while rms_norm is promoted to fp32:
+    the norms return their input dtype, the forward runs and equals the unpromoted forward."""
+    from ivfast.models.vit import Block, RMSNorm
+    torch.manual_seed(0)
+    blk = Block(32, 4, 2.0, True, 1.0, 0.0, "auto").eval()
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = blk(x)
+    monkeypatch.setattr(F, "rms_norm", _promoting_rms_norm(only_under_autocast))
+    xb = x.bfloat16()
+    assert RMSNorm(32)(xb).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert blk.attn.q_norm(xb).dtype == torch.bfloat16
+        got = blk(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- flex -> dense fallback policy
+def test_flex_failure_is_an_error_unless_fallback_allowed(monkeypatch):
+    def broken_flex(*a, **kw):
+        raise RuntimeError("simulated flex compile failure")
+    monkeypatch.setattr(A, "_flex", broken_flex)
+    q, k, v = (t.detach() for t in _qkv(N=20, D=8))
+    key = ("cpu", q.dtype, 8, True)
+    monkeypatch.setattr(A, "_flex_failed", {})
+    A.set_dense_fallback(False)
+    try:
+        with pytest.raises(RuntimeError, match="attn_allow_dense_fallback=true"):
+            A._auto_windowed(q, k, v, 3, key)
+        assert key not in A._flex_failed
+        A.set_dense_fallback(True)
+        out = A._auto_windowed(q, k, v, 3, key)
+        torch.testing.assert_close(out.double(), _naive(q, k, v, 3), atol=2e-5, rtol=1e-4)
+        assert key in A._flex_failed and A.used_backends()["cpu float32 d8 window"].startswith("sdpa:")
+    finally:
+        A.set_dense_fallback(True)
+
+
+def test_used_backends_includes_compiled_calls():
+    q, k, v = (t.detach() for t in _qkv(N=12, D=24))     # d24: a call kind no other test uses
+    fn = torch.compile(lambda a, b, c: A.attention(a, b, c, backend="sdpa"), backend="eager", fullgraph=True)
+    out = fn(q, k, v)
+    torch.testing.assert_close(out.double(), _naive(q, k, v), atol=2e-5, rtol=1e-4)
+    rep = A.used_backends()
+    assert rep.get("cpu float32 d24 compiled", "").startswith("sdpa:"), rep
+
+
+@pytest.mark.gpu
+def test_gpu_vit_block_under_bf16_autocast():
+    """Never run yet (no GPU so far). On torch >= 2.12 CUDA autocast promotes rms_norm to fp32."""
+    from ivfast.models.vit import Block
+    torch.manual_seed(0)
+    blk = Block(256, 4, 2.0, True, 1.0, 0.0, "auto").cuda()
+    x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert blk.attn.q_norm(x.bfloat16()).dtype == torch.bfloat16
+        y = blk(x)
+    y.float().sum().backward()
+    with torch.autocast("cuda", dtype=torch.float32, enabled=False):
+        ref = blk(x.detach())
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+    assert torch.isfinite(x.grad).all()

@@ -22,7 +22,11 @@ Backends, in the order ``"auto"`` tries them:
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` when chosen explicitly and installed.
 * ``math``: the plain PyTorch reference below (``attention_reference``); also the test oracle.
 
-``used_backends()`` returns what each kind of call resolved to; the training loop prints it.
+``used_backends()`` returns what each kind of call resolved to (compiled calls included); the
+training loop prints it and writes it to metrics.jsonl. q, k, v of different dtypes (fp32 q/k from
+an autocast-promoted QK-norm next to bf16 v) are brought to one compute dtype (``compute_dtype``).
+If flex fails, ``auto`` falls back to dense SDPA only while ``set_dense_fallback(True)`` (the
+default outside training); training forbids it unless model.attn_allow_dense_fallback=true.
 """
 from __future__ import annotations
 
@@ -77,8 +81,13 @@ def _key_name(key: tuple) -> str:
 
 
 def used_backends() -> dict[str, str]:
-    """What each kind of attention call ran on so far, e.g. ``{'cuda bfloat16 d64 window': 'sdpa:EFFICIENT_ATTENTION'}``."""
-    return {_key_name(k): name for k, name in _resolved.items()}
+    """What each kind of attention call ran on so far, e.g. ``{'cuda bfloat16 d64 window': 'sdpa:EFFICIENT_ATTENTION'}``.
+
+    Calls traced into a torch.compile graph appear as ``'<kind> compiled'`` (their backend as
+    chosen at trace time; ``sdpa:compiler`` when inductor picks the SDPA kernel itself)."""
+    rep = {_key_name(k): name for k, name in _resolved.items()}
+    rep.update({_key_name(k) + " compiled": name for k, name in _compiled_resolved.items()})
+    return rep
 
 
 def _record(key: tuple, name: str) -> None:
@@ -117,10 +126,56 @@ def _check(q, k, v, window):
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q [B, Nq, H, D] and k, v [B, Nk, H, D] with the same B, H, D; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
     if window is not None and window < 0:
         raise ValueError(f"attention: window must be >= 0 (half width in tokens), got {window}")
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The one dtype attention runs in when q, k, v differ.
+
+    Why: from torch 2.12 CUDA autocast runs ``rms_norm`` in fp32, so a QK-norm hands fp32 q/k next
+    to a bf16 v. Under autocast the autocast dtype wins (what the surrounding GEMMs use); outside
+    it the lowest-precision floating dtype of the three (v's on a fp16/bf16 tie), never an upcast
+    that would silently push every kernel onto the slow fp32 path.
+    """
+    if q.dtype == k.dtype == v.dtype:
+        return q.dtype
+    dev = q.device.type
+    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    dtypes = [t.dtype for t in (v, q, k)]          # v first: it wins ties
+    if not all(d.is_floating_point for d in dtypes):
+        raise ValueError(f"attention expects floating q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    return min(dtypes, key=lambda d: torch.finfo(d).bits)
+
+
+def _unify_dtypes(q, k, v):
+    dt = compute_dtype(q, k, v)
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
+# Training turns this off (model.attn_allow_dense_fallback=false): a windowed call whose
+# FlexAttention fails then raises instead of running a dense band-masked SDPA that does 32-64x
+# the work of the local layers. Benchmarks and tests keep the forgiving default.
+_allow_dense_fallback = True
+
+
+def set_dense_fallback(allowed: bool) -> None:
+    """Allow (True) or forbid (False) the flex -> dense band-mask SDPA fallback of ``auto``."""
+    global _allow_dense_fallback
+    _allow_dense_fallback = bool(allowed)
+
+
+_compiled_resolved: dict[tuple, str] = {}   # call kind -> backend traced into a compiled graph
+
+
+@torch.compiler.assume_constant_result
+def _note_compiled(dev: str, dtype: torch.dtype, d: int, windowed: bool, name: str) -> bool:
+    """Called while dynamo traces: records which backend a compiled graph holds. Dynamo runs a
+    constant-result function once at trace time and bakes in its result, so this costs nothing
+    per call and adds no graph break."""
+    _compiled_resolved[(dev, dtype, d, windowed)] = name
+    return True
 
 
 def _sdpa(q, k, v, window, key):
@@ -130,6 +185,7 @@ def _sdpa(q, k, v, window, key):
         # Inside a compiled graph the probing try/except cannot be traced: use the choice made
         # by an eager call if there was one, otherwise let the compiler pick its kernel.
         choice = _sdpa_choice.get(key)
+        _note_compiled(*key, "sdpa:compiler" if choice is None else f"sdpa:{choice.name}")
         if choice is None:
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
         with sdpa_kernel([choice]):
@@ -177,7 +233,9 @@ def _flex(q, k, v, window, key):
             _flex_compiled = torch.compile(flex_attention, dynamic=False)
         fn = _flex_compiled
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        _note_compiled(*key, "flex")
+    else:
         _record(key, "flex")
     return out.transpose(1, 2)
 
@@ -195,27 +253,42 @@ def _xformers(q, k, v, window, key):
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
 
+def _auto_windowed(q, k, v, window, key):
+    """``auto`` for a windowed call without flash-attn: flex, or (if allowed) dense SDPA for good."""
+    if torch.compiler.is_compiling() or _resolved.get(key) == "flex":
+        return _flex(q, k, v, window, key)
+    try:   # first windowed call: prove flex works here, else fall back for good
+        return _flex(q, k, v, window, key)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not _allow_dense_fallback:
+            raise RuntimeError(
+                f"FlexAttention failed for windowed {_key_name(key)} attention ({why}); the dense "
+                f"band-mask fallback would do 32-64x the local layers' work. Fix the flex error, or "
+                f"set model.attn_allow_dense_fallback=true to accept the slow path") from e
+        _flex_failed[key] = why
+        log.warning("flex attention unavailable for %s (%s); using sdpa with a band mask",
+                    _key_name(key), why)
+    return _sdpa(q, k, v, window, key)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
               backend: Backend = "auto") -> torch.Tensor:
     """Scaled dot-product attention (no causal mask, scale 1/sqrt(D)) on ``[B, N, H, D]`` inputs."""
     _check(q, k, v, window)
+    if not (q.dtype == k.dtype == v.dtype):
+        q, k, v = _unify_dtypes(q, k, v)
     key = (q.device.type, q.dtype, q.shape[-1], window is not None)
     if backend == "auto":
         if _FLASH is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             backend = "flash_attn"
         elif window is not None and q.is_cuda and key not in _flex_failed:
-            if torch.compiler.is_compiling() or _resolved.get(key) == "flex":
-                return _flex(q, k, v, window, key)
-            try:   # first windowed call: prove flex works here, else fall back for good
-                return _flex(q, k, v, window, key)
-            except Exception as e:
-                _flex_failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("flex attention unavailable for %s (%s); using sdpa with a band mask",
-                            _key_name(key), _flex_failed[key])
-            backend = "sdpa"
+            return _auto_windowed(q, k, v, window, key)
         else:
             backend = "sdpa"
     if backend == "flash_attn":
+        if torch.compiler.is_compiling():
+            _note_compiled(*key, "flash_attn")
         if _FLASH is None:
             raise RuntimeError("attention backend 'flash_attn' was chosen but flash-attn is not importable; "
                                "pip install flash-attn, or choose backend 'auto'")
@@ -230,7 +303,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int 
     if backend == "xformers":
         return _xformers(q, k, v, window, key)
     if backend == "math":
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            _note_compiled(*key, "math")
+        else:
             _record(key, "math")
         return attention_reference(q, k, v, window)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -98,12 +98,20 @@ def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- layers
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm whose output keeps the input's dtype: the weight is cast to it, so under bf16 autocast
-    the fused kernel runs (fp32 accumulation inside) instead of a mixed-dtype composite."""
+    """RMSNorm whose output keeps the input's dtype whatever autocast's policy is: the weight is cast
+    to it, so the fused kernel runs (fp32 accumulation inside) instead of a mixed-dtype composite.
+    Why the autocast guard: torch >= 2.12 puts ``rms_norm`` on CUDA autocast's fp32 list, which
+    would turn the QK-norm's q/k into fp32 next to a bf16 v (and double the norm's traffic)."""
 
     def forward(self, x):
         w = self.weight.to(x.dtype) if self.weight is not None else None
-        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+        dev = x.device.type
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                y = F.rms_norm(x, self.normalized_shape, w, self.eps)
+        else:
+            y = F.rms_norm(x, self.normalized_shape, w, self.eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)   # a policy that still promotes: cast back
 
 
 class LayerScale(nn.Module):
