@@ -78,8 +78,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
             raise RuntimeError("optim.optimizer=apex needs NVIDIA apex (apex.optimizers.FusedAdam) "
                                "importable; note PyPI's 'apex' is an unrelated package. Use adamw.") from e
         return FusedAdam(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps,
-                             fused=device.type == "cuda")
+    # Fused AdamW (CUDA, and CPU since torch 2.4) honours ``optimizer.found_inf`` on the device,
+    # the path GradScaler uses: that is what makes the step free of host syncs (train_step).
+    try:
+        return torch.optim.AdamW(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+    except RuntimeError:   # an old torch without the CPU fused kernel: the host-checked path
+        return torch.optim.AdamW(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, world: int):
@@ -242,6 +246,13 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        # Sync-free step (see train_step): non-finite steps are counted on the device and read
+        # at logging steps; the optimiser skips them itself through ``found_inf``.
+        self._sync_free = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
+        self._nf = torch.zeros(3, device=self.device)   # [in a row, total this run, worst run]
+        self._nonfinite_base = 0                        # the resumed run's total
+        self._stop_flag = self._stop_host = self._stop_event = None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._reported_attention = False
         self._saved_step = -1          # the step of the last checkpoint, known on every rank
         self._it = None
@@ -285,7 +296,7 @@ class Trainer:
                         "lr settings changed", mine, {k: sched.get(k) for k in mine})
         self.step = state["step"]
         self._saved_step = self.step
-        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_total = self._nonfinite_base = state.get("nonfinite_total", 0)
         self.loader.load_state_dict(state["data"][self.rank] if isinstance(state["data"], list) else state["data"])
         set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -293,6 +304,7 @@ class Trainer:
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        self._read_nonfinite()
         model_state = full_model_state(self.model)
         optim_state = get_optimizer_state_dict(unwrap(self.model), self.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -333,7 +345,7 @@ class Trainer:
         parts: dict[str, torch.Tensor] = {}
         for micro in range(self.accum):
             with self.timer.phase("data", host=True):
-                batch = self._next_batch()
+                batch = self._upload_next_batch()
             seed = step_seed(cfg.runtime.seed, self.step, micro, self.rank)
             torch.manual_seed(seed)          # drop path, diffusion noise: a function of the step
             last = micro == self.accum - 1
@@ -353,32 +365,83 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e30)
             if hasattr(grad_norm, "full_tensor"):   # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
-            # One host sync per step: a non-finite loss or gradient must skip the update.
-            finite = bool(torch.isfinite(grad_norm) & torch.isfinite(parts["loss"]))
-            if finite:
+            bad = ~(torch.isfinite(grad_norm) & torch.isfinite(parts["loss"]))
+            if self._sync_free:
+                # No host decision: fused AdamW leaves params, moments and step count untouched
+                # where found_inf == 1. The counters stay on the device until a logging step.
+                self.optimizer.found_inf = bad.float().reshape(())
                 self.optimizer.step()
-                self.nonfinite_in_row = 0
+                self._nf[0].add_(1).mul_(bad)
+                self._nf[1].add_(bad)
+                torch.maximum(self._nf[2], self._nf[0], out=self._nf[2])
             else:
-                self.nonfinite_in_row += 1
-                self.nonfinite_total += 1
-                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped "
-                            "(%d in a row)", self.step, parts["loss"].item(), grad_norm.item(), self.nonfinite_in_row)
+                # Optimisers without found_inf (apex): one host sync per step decides.
+                if bool(bad):
+                    self._nf[0] += 1
+                    self._nf[1] += 1
+                    torch.maximum(self._nf[2], self._nf[0], out=self._nf[2])
+                else:
+                    self.optimizer.step()
+                    self._nf[0] = 0
             self.optimizer.zero_grad(set_to_none=True)
-        if self.nonfinite_in_row >= cfg.runtime.max_nonfinite:
+        return {"lr": lr, "grad_norm": grad_norm.detach(), "skipped": bad.float(), **parts}
+
+    def _upload_next_batch(self) -> dict:
+        """The next batch; on CUDA its host->device copies run on a side stream, overlapping the
+        compute still queued (the host runs ahead of the GPU), and the compute stream waits only
+        for them. The loader pins its clip buffers, so non_blocking copies are real async copies."""
+        if self._copy_stream is None:
+            return self._next_batch()
+        with torch.cuda.stream(self._copy_stream):
+            batch = self._next_batch()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copy_stream)
+        for v in batch.values():
+            if torch.is_tensor(v) and v.is_cuda:
+                v.record_stream(compute)     # the copy stream's allocation is used on compute
+        return batch
+
+    def _read_nonfinite(self) -> None:
+        """Read the device's non-finite counters (one sync; logging and checkpoint steps only) and
+        stop when ``runtime.max_nonfinite`` steps in a row were skipped. The check is up to
+        ``runtime.log_every`` steps late, which costs compute only: those updates were skipped."""
+        row, total, worst = (int(x) for x in self._nf.tolist())
+        new = self._nonfinite_base + total - self.nonfinite_total
+        self.nonfinite_in_row, self.nonfinite_total = row, self._nonfinite_base + total
+        if new:
+            log.warning("step %d: %d step(s) since the last log had a non-finite loss or gradient: updates "
+                        "skipped (%d in a row now)", self.step, new, row)
+        limit = self.cfg.runtime.max_nonfinite
+        if worst >= limit:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                f"{worst} steps in a row had a non-finite loss or gradient (by step {self.step}); "
                 f"stopping. Lower optim.base_lr, check the data (python -m ivfast.data inspect), or resume from "
-                f"the last checkpoint in {self.ckpt_dir} (runtime.max_nonfinite={cfg.runtime.max_nonfinite})")
-        return {"lr": lr, "grad_norm": grad_norm.detach(), "skipped": not finite, **parts}
+                f"the last checkpoint in {self.ckpt_dir} (runtime.max_nonfinite={limit})")
 
     # ---- the loop
     def _stop_requested(self, stop: "Preemption") -> str | None:
         """Whether any rank got a pre-emption signal: all ranks must stop after the same step."""
         if self.world == 1:
             return stop.requested
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return (stop.requested or "signal on another rank") if flag.item() > 0 else None
+        # Read one step late: this step's all-reduce is queued on the stream and copied to pinned
+        # host memory; the previous step's result is read after waiting for that copy only, so the
+        # host never drains the queue. Every rank reads the same value at the same step.
+        cuda = self.device.type == "cuda"
+        if self._stop_flag is None:
+            self._stop_flag = torch.zeros(1, device=self.device)
+            self._stop_host = torch.zeros(1, pin_memory=cuda)
+        prev = None
+        if self._stop_event is not None:
+            if cuda:
+                self._stop_event.synchronize()
+            prev = float(self._stop_host.numpy()[0])
+        self._stop_flag.fill_(1.0 if stop.requested else 0.0)
+        dist.all_reduce(self._stop_flag, op=dist.ReduceOp.MAX)
+        self._stop_host.copy_(self._stop_flag, non_blocking=cuda)
+        self._stop_event = torch.cuda.Event() if cuda else True
+        if cuda:
+            self._stop_event.record()
+        return (stop.requested or "signal on another rank") if prev else None
 
     def _global_mean(self, rec: dict) -> dict:
         """Loss parts averaged over ranks (logged values are the whole step's, not rank 0's)."""
@@ -389,7 +452,9 @@ class Trainer:
             if self.device.type != "cuda":   # gloo has no AVG
                 vals = vals / self.world
             rec = dict(rec, **dict(zip(keys, vals)))
-        return {k: (v.item() if torch.is_tensor(v) else v) for k, v in rec.items()}
+        # One device read for all scalars (a logging step's only sync besides the phase timer's).
+        scalars = torch.stack([rec[k].float().reshape(()) for k in keys]).tolist() if keys else []
+        return {**rec, **dict(zip(keys, scalars))}
 
     def _check_bad_data(self) -> None:
         """Bad videos met while decoding, counted over all ranks, against data.max_bad_fraction.
@@ -440,6 +505,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.runtime.log_every == 0 or self.step == self.stop_step:
+                    self._read_nonfinite()
                     self._check_bad_data()
                     phases = self.timer.collect()
                     dt = time.perf_counter() - window_start

