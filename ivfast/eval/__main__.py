@@ -83,6 +83,7 @@ def main(argv=None) -> int:
         for r in resolved:
             print(json.dumps(dataclasses.asdict(r), indent=1))
         return 0
+    from ivfast.data.index import DataError
     from ivfast.eval.run import run_protocol, summary_line
     try:
         if cfg.demo:
@@ -92,6 +93,9 @@ def main(argv=None) -> int:
                 res = run_protocol(r)
                 print(summary_line(res))
                 print(f"ivfast.eval: results in {Path(r.output_dir) / r.protocol}/results.json")
+    except (ValueError, FileNotFoundError, DataError, KeyError) as e:   # bad input: one line, no traceback
+        print(f"ivfast.eval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

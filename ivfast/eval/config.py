@@ -86,7 +86,6 @@ class EvalConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     num_workers: int = 2
     seed: int = 0
-    log_every: int = 10
     demo: bool = False                  # generate labelled clips; probe the demo checkpoint and a random init
     demo_per_class: int = 12
     demo_val_per_class: int = 6
