@@ -17,7 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ivfast import _C
+try:   # the C++ samplers; a bare source tree (never pip-installed) has no built extension
+    from ivfast import _C
+except ImportError as _e:
+    _C = None
+    _C_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
 
 if TYPE_CHECKING:
     from ivfast.config import MaskingConfig
@@ -168,13 +172,33 @@ def multiblock_mask_reference(B: int, T: int, H: int, W: int, num_blocks: int, s
 
 
 # --------------------------------------------------------------------------- fast samplers (C++)
+_warned_no_C = False
+
+
+def _native():
+    """``ivfast._C``, or None (after one warning) when it is not built: callers then run the NumPy
+    reference, which is bit-equal to it, only slower (about 10-100x; fine for a check, not for
+    a long training run)."""
+    global _warned_no_C
+    if _C is None and not _warned_no_C:
+        _warned_no_C = True
+        import warnings
+        warnings.warn(f"ivfast._C is not importable ({_C_IMPORT_ERROR}); mask sampling uses the NumPy "
+                      f"reference (bit-equal, slower). Build it with "
+                      f"`pip install --no-build-isolation --no-deps -e .`", RuntimeWarning, stacklevel=3)
+    return _C
+
+
 def tube_mask(B: int, T: int, H: int, W: int, ratio: float, seed: int, threads: int = 0):
     """Random tube masking (C++). Returns int32 (ids_keep [B, K], ids_mask [B, M]).
 
     ``threads`` = 0 picks a default (several threads for batches of 32 and more); the result
     does not depend on it.
     """
-    return _C.tube_mask(B, T, H, W, float(ratio), seed % (1 << 64), int(threads))
+    C = _native()
+    if C is None:
+        return tube_mask_reference(B, T, H, W, float(ratio), seed % (1 << 64))
+    return C.tube_mask(B, T, H, W, float(ratio), seed % (1 << 64), int(threads))
 
 
 def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
@@ -192,7 +216,13 @@ def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tu
     [B, P] holds the block-masked ids only, cut to the batch minimum the same way: the
     positions V-JEPA and the released code compute the loss on.
     """
-    keep, mask, pred = _C.multiblock_mask(B, T, H, W, int(num_blocks), float(spatial[0]), float(spatial[1]),
+    C = _native()
+    if C is None:
+        keep, mask, pred = multiblock_mask_reference(B, T, H, W, int(num_blocks), tuple(spatial), tuple(temporal),
+                                                     tuple(aspect), seed % (1 << 64), int(max_keep), trim,
+                                                     int(min_keep), int(max_tries))
+        return (keep, mask, pred) if with_pred else (keep, mask)
+    keep, mask, pred = C.multiblock_mask(B, T, H, W, int(num_blocks), float(spatial[0]), float(spatial[1]),
                                           float(temporal[0]), float(temporal[1]), float(aspect[0]),
                                           float(aspect[1]), seed % (1 << 64), int(max_keep), trim,
                                           int(min_keep), int(max_tries), int(threads))
