@@ -108,6 +108,9 @@ class ModelConfig:
     align_dim: int = 1536
     stage2_loss: Literal["cosine", "l1", "mse"] = "cosine"
     attn_backend: Literal["auto", "flash_attn", "sdpa", "flex", "xformers", "math"] = "auto"
+    # training: a failing FlexAttention (local predictor layers) is an error; true = accept the dense
+    # band-mask SDPA fallback (32-64x the local layers' attention work)
+    attn_allow_dense_fallback: bool = False
     pool_dim: int = 768                 # attention-pool head output (released clip_embed_dim, all sizes)
     pool_heads: int = 16
     middle_loss_weight: float = 1.0     # stage-1 loss = w_mid * middle + w_final * final + diffusion

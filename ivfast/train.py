@@ -222,6 +222,8 @@ class Trainer:
 
         self.loader = build_loader(cfg, rank=self.rank, world_size=self.world, device=self.device)
         self.model = build_model(cfg).to(self.device)
+        from ivfast.models.attention import set_dense_fallback
+        set_dense_fallback(cfg.model.attn_allow_dense_fallback)   # a silent 32-64x slower local attention is an error
         self.flops_per_clip = flops_per_clip(cfg)["total"]
         self.model = wrap_model(cfg, self.model, self.device, self.world)
         self.optimizer = build_optimizer(cfg, unwrap(self.model), self.device)
@@ -519,6 +521,8 @@ class Trainer:
                         rec["mfu"] = clips_s * self.flops_per_clip / self.peak_flops
                     if self.device.type == "cuda":
                         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    from ivfast.models.attention import used_backends
+                    rec["attention_backends"] = used_backends()   # compiled calls included
                     self.metrics.log(self.step, rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", clips_s=f"{clips_s:.1f}")
