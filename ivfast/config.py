@@ -194,7 +194,9 @@ class OptimConfig:
 class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bf16", "fp32"] = "bf16"     # autocast dtype on CUDA; CPU runs fp32
-    compile: bool = False
+    # torch.compile encoder, predictor and decoder: "auto" = on CUDA only (fuses RoPE, LN+cast,
+    # GeGLU, residual adds; issue 14 lever 1), true/false force it
+    compile: Literal["auto", True, False] = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     output_dir: str = "runs/ivfast"
     seed: int = 0
@@ -233,7 +235,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str):  # "1" for Literal[1, 2] from the command line
             for c in choices:
-                if str(c) == value:
+                if str(c) == value or (isinstance(c, bool) and str(c).lower() == value.lower()):
                     return c
         raise ConfigError(f"{key}: {value!r} is not valid; choose one of {list(choices)}")
     if origin is list:

@@ -86,12 +86,25 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
         return torch.optim.AdamW(groups, lr=o.base_lr, betas=tuple(o.betas), eps=o.eps)
 
 
+def compile_enabled(cfg: Config, device: torch.device) -> bool:
+    """``runtime.compile``: "auto" compiles on CUDA (the eager student costs ~150 ms/step in stage 2,
+    predicted) and stays eager on CPU, where compile time dominates tiny runs."""
+    c = cfg.runtime.compile
+    return device.type == "cuda" if c == "auto" else bool(c)
+
+
 def wrap_model(cfg: Config, model: torch.nn.Module, device: torch.device, world: int):
     """torch.compile per trainable module (keys unchanged), then DDP or FSDP2 across ranks."""
     trainable = [m for m in (getattr(model, n, None) for n in ("encoder", "predictor", "decoder")) if m is not None]
-    if cfg.runtime.compile:
+    if compile_enabled(cfg, device):
         for m in trainable:
-            m.compile()
+            if hasattr(m, "layers_forward"):
+                # The predictor layer by layer: stage 2 calls predictor.run(), not forward(), so a
+                # module-level compile would leave its layers (65 % of stage-2 FLOPs) eager.
+                for layer in m.layers:
+                    layer.compile()
+            else:
+                m.compile()
     if world == 1:
         return model
     if cfg.runtime.distributed == "fsdp":
@@ -256,6 +269,7 @@ class Trainer:
         self._stop_flag = self._stop_host = self._stop_event = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._reported_attention = False
+        self._last_video = None          # runtime.recon_every: first clip of the latest batch
         self._saved_step = -1          # the step of the last checkpoint, known on every rank
         self._it = None
         if resume:
@@ -388,12 +402,26 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return {"lr": lr, "grad_norm": grad_norm.detach(), "skipped": bad.float(), **parts}
 
+    def _log_recon(self) -> None:
+        """Stage-1 reconstruction grid to TensorBoard (``runtime.recon_every``; rank 0, DDP only:
+        FSDP shards would need every rank in the forward)."""
+        if self.cfg.runtime.distributed == "fsdp" and self.world > 1:
+            log.warning("runtime.recon_every: skipped under FSDP (sharded forward needs every rank)")
+            return
+        if self.metrics.tb is None:
+            return
+        from ivfast.eval.recon import log_recon
+        log_recon(unwrap(self.model), self._last_video, self.metrics.tb, self.step)
+
     def _upload_next_batch(self) -> dict:
         """The next batch; on CUDA its host->device copies run on a side stream, overlapping the
         compute still queued (the host runs ahead of the GPU), and the compute stream waits only
         for them. The loader pins its clip buffers, so non_blocking copies are real async copies."""
         if self._copy_stream is None:
-            return self._next_batch()
+            batch = self._next_batch()
+            if self.cfg.runtime.recon_every:    # a clip for the reconstruction grid (stage 1, off by default)
+                self._last_video = batch["video"][:1]
+            return batch
         with torch.cuda.stream(self._copy_stream):
             batch = self._next_batch()
         compute = torch.cuda.current_stream(self.device)
@@ -401,6 +429,8 @@ class Trainer:
         for v in batch.values():
             if torch.is_tensor(v) and v.is_cuda:
                 v.record_stream(compute)     # the copy stream's allocation is used on compute
+        if self.cfg.runtime.recon_every:
+            self._last_video = batch["video"][:1]
         return batch
 
     def _read_nonfinite(self) -> None:
@@ -527,6 +557,9 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", clips_s=f"{clips_s:.1f}")
                     window_start, window_steps = time.perf_counter(), 0
+                if (cfg.runtime.recon_every and cfg.stage == 1 and self.is_main and self._last_video is not None
+                        and self.step % cfg.runtime.recon_every == 0):
+                    self._log_recon()
                 if self.step % cfg.runtime.ckpt_every == 0:
                     self.save()
                 preempted = self._stop_requested(stop)

@@ -145,3 +145,55 @@ def test_cuda_steps_2_to_5_do_not_synchronise(clip_list, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- compile (lever 1)
+def test_compile_auto_means_cuda_only():
+    from ivfast.train import compile_enabled
+
+    assert load_config("demo", []).runtime.compile == "auto"
+    cfg = load_config("demo", [])
+    assert compile_enabled(cfg, torch.device("cuda")) and not compile_enabled(cfg, torch.device("cpu"))
+    assert compile_enabled(load_config("demo", ["runtime.compile=true"]), torch.device("cpu"))
+    assert not compile_enabled(load_config("demo", ["runtime.compile=false"]), torch.device("cuda"))
+
+
+def test_student_compiles_without_graph_breaks_and_bounded_recompiles():
+    """Encoder and predictor layers trace as one graph each (dynamo's eager backend: graph
+    breaks and recompiles are decided before inductor, so this is fast on CPU); stage 2's
+    visible count K changes every batch and must not recompile past automatic-dynamic's one."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from ivfast.models.epd import build_model
+    from ivfast.models.predictor import rope_cos_sin
+
+    cfg = load_config("demo", ["demo=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    enc, pred = model.encoder, model.predictor
+    N, B = enc.num_tokens, 2
+
+    def visible(K):
+        ids = torch.stack([torch.randperm(N)[:K].sort().values for _ in range(B)]).int()
+        return torch.randn(B, K, enc.patch_dim), ids
+
+    dynamo.reset()
+    e = dynamo.explain(enc)(*visible(N // 4))
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    h = torch.randn(B, N + model.num_cls, cfg.model.predictor.dim)
+    windows = set()
+    for layer in pred.layers:
+        cos, sin = rope_cos_sin(h.shape[1], pred.head_dim, layer.rope_theta, h.device)
+        e = dynamo.explain(layer)(h, cos, sin)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+        windows.add(layer.window)
+    assert None in windows and len(windows) == 2, "the demo predictor has global and local layers"
+
+    dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(enc, backend=counter)
+    for K in (N // 4, N // 2, N // 3, N // 5, N // 6):
+        compiled(*visible(K))
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 5 visible counts"
+    dynamo.reset()
