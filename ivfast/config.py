@@ -206,6 +206,7 @@ class RuntimeConfig:
     keep_last: int = 3
     max_nonfinite: int = 10
     profile_steps: str = ""             # "A:B" capture window
+    recon_every: int = 0                # stage 1: reconstruction grid to TensorBoard every N steps (0 = off)
 
 
 @dataclass
@@ -432,6 +433,7 @@ def validate(cfg: Config) -> None:
         need(getattr(r, key) >= 1, f"runtime.{key} must be >= 1, got {getattr(r, key)}")
     need(r.keep_last >= 1, f"runtime.keep_last must be >= 1, got {r.keep_last}")
     need(r.max_steps >= 0, f"runtime.max_steps must be >= 0 (0 = the whole schedule), got {r.max_steps}")
+    need(r.recon_every >= 0, f"runtime.recon_every must be >= 0 (0 = off), got {r.recon_every}")
     need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
     need(0 <= o.warmup_epochs <= o.epochs, f"optim.warmup_epochs must be in [0, optim.epochs], got {o.warmup_epochs}")
     for key in ("base_lr", "min_lr", "weight_decay", "eps"):

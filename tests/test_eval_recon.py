@@ -1,4 +1,5 @@
 """Stage-1 reconstruction viewer: shapes, kept patches untouched, mask share, PNG grid, CLI."""
+import pytest
 import torch
 
 from ivfast.config import load_config
@@ -33,3 +34,23 @@ def test_reconstruction_keeps_visible_patches_and_writes_a_grid(tmp_path):
     lst = make_labelled_clips(tmp_path / "clips", 1, frames=8, size=64, split="val", classes=[0])
     assert main([str(ck), str(lst), "--out", str(tmp_path / "rec"), "--num", "1", "--steps", "2"]) == 0
     assert (tmp_path / "rec" / "recon_000.png").exists()
+
+
+@pytest.mark.slow
+def test_training_logs_a_reconstruction_grid_every_n_steps(tmp_path):
+    """runtime.recon_every=2 on the demo: stage 1 writes 'recon' images at steps 2 and 4, stage 2 none;
+    the default (0) writes none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ivfast.train import main as train_main
+
+    out = tmp_path / "demo"
+    assert train_main(["--config", "demo", f"runtime.output_dir={out}", "runtime.max_steps=4",
+                       "runtime.recon_every=2", "model.decoder.sample_steps=2"]) == 0
+
+    def steps(stage):
+        ea = EventAccumulator(str(out / stage / "tensorboard"))
+        ea.Reload()
+        return [e.step for e in ea.Images("recon")] if "recon" in ea.Tags()["images"] else []
+    assert steps("stage1") == [2, 4] and steps("stage2") == []
+    assert load_config("demo").runtime.recon_every == 0

@@ -162,3 +162,23 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def grid_array(out: dict, b: int = 0) -> np.ndarray:
+    """The PNG grid of :func:`save_grid` as an [H, W, 3] uint8 array (for TensorBoard)."""
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as tmp:
+        return np.array(Image.open(save_grid(out, b, Path(tmp) / "g.png")).convert("RGB"))
+
+
+def log_recon(model, video: torch.Tensor, writer, step: int, tag: str = "recon") -> None:
+    """Train-time hook (``runtime.recon_every``): the grid of ``video``'s first clip to TensorBoard.
+
+    Runs the unwrapped stage-1 model in eval mode (no DDP collectives) and restores train mode."""
+    was = model.training
+    model.eval()
+    try:
+        out = reconstruct(model, video[:1], seed=step)
+    finally:
+        model.train(was)
+    writer.add_image(tag, grid_array(out), step, dataformats="HWC")
