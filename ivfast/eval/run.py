@@ -187,7 +187,10 @@ def _batches_cached(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, dev
 
 def _batches_online(cfg, encoder, ds: LabelledClips, device):
     rank, world = dist_info()
-    ids = shard(len(ds), rank, world)
+    # the same number of batches on every rank (DDP's backward is collective): the last few clips
+    # are repeated on the ranks that would otherwise run short, as the training loader pads
+    per_rank = math.ceil(len(ds) / world)
+    ids = [(rank + k * world) % len(ds) for k in range(per_rank)]
 
     def gen(epoch):
         ds.epoch = epoch
@@ -209,6 +212,25 @@ def view_scores(grid: HeadGrid, tokens: torch.Tensor, device, batch: int = 64) -
         out.append(logits.softmax(-1).reshape(logits.shape[0], n, V, -1).mean(2).cpu())
     grid.train()
     return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def stream_val_scores(cfg, encoder, grid: HeadGrid, ds: LabelledClips, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the val views batch by batch and score them at once: a val set's tokens (clips x
+    views x tokens x width) would not fit in memory at real scale. Returns [H, n, C] and labels,
+    gathered over ranks in sample order."""
+    from tqdm import tqdm
+    rank, world = dist_info()
+    loader = make_loader(ds, max(1, cfg.probe.batch_per_gpu // ds.num_views), shard(len(ds), rank, world),
+                         cfg.num_workers)
+    scores, labels, ids = [], [], []
+    for clips, y, i in tqdm(loader, desc="val", disable=rank != 0, leave=False):
+        scores.append(view_scores(grid, encode(encoder, clips, device), device).transpose(0, 1))   # [B, H, C]
+        labels.append(y)
+        ids.append(i)
+    s, _ = gather_rows(torch.cat(scores), torch.cat(ids))
+    y, _ = gather_rows(torch.cat(labels), torch.cat(ids))
+    return s.transpose(0, 1), y
 
 
 # --------------------------------------------------------------------------- one protocol
@@ -255,7 +277,8 @@ def run_protocol(cfg: EvalConfig, encoder=None, tag: str = "") -> dict:
     pool = p.pool if pooled else ""
     d = encoder.dim
     heads = p.heads or encoder.cfg.heads
-    val_x, val_y = extract(cfg, encoder, val_ds, device, pool, cache_dir, f"val features ({tag or cfg.protocol})")
+    if pooled:   # pooled features are small: cached; attentive heads stream the val tokens (below)
+        val_x, val_y = extract(cfg, encoder, val_ds, device, pool, cache_dir, f"val features ({tag or cfg.protocol})")
     note = ""
     if p.head == "knn":
         tr_x, tr_y = extract(cfg, encoder, train_ds, device, pool, cache_dir, "train features")
@@ -280,7 +303,10 @@ def run_protocol(cfg: EvalConfig, encoder=None, tag: str = "") -> dict:
             gen, nb = _batches_cached(tr_x[:, 0], tr_y, p.batch_per_gpu, cfg.seed, device), \
                 math.ceil(len(tr_y) / p.batch_per_gpu)
         train_heads(cfg, grid, nb, gen, writer, jsonl)
-        scores = view_scores(grid, val_x, device)
+        if pooled:
+            scores = view_scores(grid, val_x, device)
+        else:
+            scores, val_y = stream_val_scores(cfg, encoder, grid, val_ds, device)
         grid_desc = [{"lr": lr, "weight_decay": wd} for lr, wd in grid.grid]
     per_head = [topk_accuracy(s, val_y) for s in scores]
     best = max(range(len(per_head)), key=lambda i: per_head[i]["top1"])
