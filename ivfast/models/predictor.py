@@ -57,6 +57,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * c + rot * s).to(x.dtype)
 
 
+# --------------------------------------------------------------------------- activation checkpointing
+# Ops whose outputs selective checkpointing keeps: the GEMMs and attention kernels (expensive to
+# redo). Everything else in a layer (LayerNorm, the fp32 RoPE chain, GELU * gate, casts, residual
+# adds) is recomputed in backward: about half a layer's saved bytes for ~3 % more step time
+# (predicted, ../shared/reviews/gpu-hot-path.md section 7).
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def _selective_context():
+    # the list form (not a policy function) is what torch.compile can trace through
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(sorted(_saved_ops(), key=str))
+
+
+CHECKPOINT_MODES = ("none", "full", "selective")
+
+
 # --------------------------------------------------------------------------- layers
 class _Attn(nn.Module):
     def __init__(self, dim: int):
@@ -89,8 +112,21 @@ class ModernBertLayer(nn.Module):
         self.attn = _Attn(dim)
         self.mlp_norm = nn.LayerNorm(dim, eps=eps, bias=False)
         self.mlp = _GeGLU(dim, mlp_hidden)
+        self.act_checkpoint = "none"    # model.predictor.act_checkpoint, set by the Predictor
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        mode = self.act_checkpoint
+        if mode == "none" or not (self.training and torch.is_grad_enabled()):
+            return self._layer(x, cos, sin)
+        from torch.utils.checkpoint import checkpoint
+
+        # "full": only the layer input is saved, the whole layer is recomputed in backward;
+        # "selective": GEMM / attention outputs saved, the element-wise work recomputed.
+        if mode == "selective":
+            return checkpoint(self._layer, x, cos, sin, use_reentrant=False, context_fn=_selective_context)
+        return checkpoint(self._layer, x, cos, sin, use_reentrant=False)
+
+    def _layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         hd = C // self.heads
         qkv = self.attn.Wqkv(self.attn_norm(x)).view(B, N, 3, self.heads, hd)
@@ -127,10 +163,18 @@ class Predictor(nn.Module):
                 rope_theta=cfg.global_rope_theta if glob else cfg.local_rope_theta,
                 no_attn_norm=(i == 0), backend=attn_backend))
         self.layers = nn.ModuleList(layers)
+        self.set_act_checkpoint(getattr(cfg, "act_checkpoint", "none"))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self._init_layers(cfg.first_layer_index + cfg.layers)
         if cfg.init_from:
             load_modernbert_layers(self, cfg.init_from)
+
+    def set_act_checkpoint(self, mode: str) -> None:
+        """Activation checkpointing of every layer: "none", "full" (per layer) or "selective"."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"model.predictor.act_checkpoint={mode!r}: choose one of {list(CHECKPOINT_MODES)}")
+        for layer in self.layers:
+            layer.act_checkpoint = mode
 
     @torch.no_grad()
     def _init_layers(self, total_layers: int):
