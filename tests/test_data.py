@@ -43,11 +43,9 @@ def clips(tmp_path_factory):
     short = make_videos(bad, 1, "vp9", frames=3, size=(W, H), seed=4, prefix="short")[0]
     data = vp9[0].read_bytes()
     (bad / "truncated.webm").write_bytes(data[: len(data) // 2])
-    # MJPEG with a scrambled payload after the first frames: the quick probe passes, decoding fails
-    m = bytearray(mjpeg[0].read_bytes())
-    cut = slice(len(m) // 3, len(m) - 300)
-    m[cut] = np.random.default_rng(1).integers(0, 256, len(m[cut]), dtype=np.uint8).tobytes()
-    (bad / "corrupt.avi").write_bytes(bytes(m))
+    # MJPEG with scrambled payloads in the middle (later frames decode again): the quick probe
+    # passes, decoding fails. (A stream that only fails at its end is a cut, not corrupt.)
+    corrupt_middle(mjpeg[0], bad / "corrupt.avi", range(8, 11))
     with av.open(str(bad / "audio.wav"), "w") as c:        # a file with no video stream
         s = c.add_stream("pcm_s16le", rate=8000)
         fr = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
@@ -56,6 +54,23 @@ def clips(tmp_path_factory):
             c.mux(p)
     return {"root": root, "good": good, "vp9": vp9, "h264": h264, "mjpeg": mjpeg, "bad": bad,
             "short": short, "corrupt": bad / "corrupt.avi"}
+
+
+def corrupt_middle(src: Path, dst: Path, packets) -> Path:
+    """Copy ``src`` with the payload of ``packets`` (numbers) scrambled, the rest intact."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        s = inp.streams.video[0]
+        o = out.add_stream_from_template(s)
+        for i, pkt in enumerate(p for p in inp.demux(s) if p.size):
+            if i in packets:
+                b = bytearray(bytes(pkt))
+                b[2:] = np.random.default_rng(i).integers(0, 256, len(b) - 2, dtype=np.uint8).tobytes()
+                q = av.Packet(bytes(b))
+                q.pts, q.dts, q.duration, q.time_base, q.is_keyframe = pkt.pts, pkt.dts, pkt.duration, pkt.time_base, True
+                pkt = q
+            pkt.stream = o
+            out.mux(pkt)
+    return dst
 
 
 def write_list(path: Path, files) -> str:
@@ -208,10 +223,12 @@ def test_every_bad_kind_is_classified(clips, monkeypatch):
         "empty": index_mod.probe(str(b / "empty.webm")).error,
         "unreadable": index_mod.probe(str(b / "garbage.mp4")).error,
         "no_video_stream": index_mod.probe(str(b / "audio.wav")).error,
-        "truncated": index_mod.probe(str(b / "truncated.webm")).error,
         "decode_error": index_mod.probe(str(clips["corrupt"]), full=True).error,
     }
     assert reasons == {k: k for k in reasons}
+    # a download cut short is not bad: its packets are the video, the header's promise a note
+    cut = index_mod.probe(str(b / "truncated.webm"), full=True)
+    assert cut.ok and 0 < cut.frames < FRAMES and "promised by the header" in cut.note
     assert index_mod.probe(str(clips["corrupt"])).ok          # the quick probe cannot see it...
     with pytest.raises(BadSample) as e:                       # ...decoding does
         decode_frames(str(clips["corrupt"]), [FRAMES - 1])
@@ -220,23 +237,25 @@ def test_every_bad_kind_is_classified(clips, monkeypatch):
     assert short.ok and short.frames == 3
     monkeypatch.setattr(index_mod, "decoder_available", lambda codec: codec != "vp9")
     assert index_mod.probe(str(clips["vp9"][0])).error == "unsupported_codec"
-    assert set(index_mod.BAD_REASONS) == set(reasons) | {"too_few_frames", "unsupported_codec"}
+    assert set(index_mod.BAD_REASONS) == set(reasons) | {"too_few_frames", "unsupported_codec", "truncated"}
 
 
 def test_index_time_bad_files_counted_and_threshold(tmp_path, clips):
     b = clips["bad"]
-    bad = [b / "missing.mp4", b / "empty.webm", b / "garbage.mp4", b / "audio.wav", b / "truncated.webm",
-           clips["short"]]
-    lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:6]) + bad)
+    bad = [b / "missing.mp4", b / "empty.webm", b / "garbage.mp4", b / "audio.wav"]
+    kept = [b / "truncated.webm", clips["short"]]              # 10 and 3 frames: usable (clip: 4 frames)
+    lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:6]) + bad + kept)
     with pytest.raises(DataError, match="max_bad_fraction"):
         build_loader(make_cfg(lst, tmp_path))
     loader = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.6))
     s = loader.bad_summary()
-    assert s["index"] == {"missing": 1, "empty": 1, "unreadable": 1, "no_video_stream": 1, "truncated": 1,
-                          "too_few_frames": 1}
-    assert s["files"] == 12 and s["bad_files"] == 6 and s["samples"] == 6
+    assert s["index"] == {"missing": 1, "empty": 1, "unreadable": 1, "no_video_stream": 1}
+    assert s["files"] == 12 and s["bad_files"] == 4 and s["samples"] == 8 and s["short"] == 1
     seen = {i for batch in loader for i in batch["index"].tolist()}
-    assert seen == set(range(6))                               # only the good ones, all of them
+    assert seen == set(range(6)) | {10, 11}                    # the good ones and the short ones, all of them
+    # data.min_frames decides what is too short
+    strict = build_loader(make_cfg(lst, tmp_path, max_bad_fraction=0.6, min_frames=4))
+    assert strict.bad_summary()["index"]["too_few_frames"] == 1 and strict.bad_summary()["samples"] == 7
 
 
 def test_decode_time_bad_file_replaced_and_counted(tmp_path, clips, caplog):
@@ -430,6 +449,7 @@ def test_inspect_cli(tmp_path, clips):
     assert [r["decodes"] for r in lines[:3]] == [True, False, False]
     assert lines[1]["error"] == "decode_error" and lines[2]["error"] == "empty"
     assert lines[3]["totals"]["bad"] == 2 and lines[0]["frames"] == FRAMES
+    assert lines[0]["container_frames"] == FRAMES and lines[0]["note"] == ""
 
 
 @pytest.mark.gpu

@@ -1,5 +1,11 @@
 """``python -m ivfast.data inspect PATHS_OR_LIST [--json]``: per-file codec, frames, fps, size,
-and whether every frame decodes; totals at the end. Exit status 0 when all decode, 1 otherwise."""
+and whether every frame decodes; totals at the end. Exit status 0 when all decode, 1 otherwise.
+
+``frames`` is the number of frames that decode (with the default full decode) and
+``container_frames`` what the container lists; a difference is a note, not a bad file.
+
+``python -m ivfast.data prepare LIST OUT_DIR``: re-encode a data set for fast loading (see
+``ivfast.data.prepare``)."""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +30,10 @@ def _targets(args: list[str], root: str) -> list[str]:
 def inspect_file(path: str, full: bool = True) -> dict:
     """Probe one file and, with ``full``, decode every frame to prove it decodes."""
     info = probe(os.path.abspath(path), full=full)
-    return {"path": path, "codec": info.codec, "frames": info.frames, "fps": round(info.fps, 3),
-            "width": info.width, "height": info.height, "duration": round(info.duration, 3),
-            "decodes": info.ok, "error": info.error, "detail": info.detail}
+    return {"path": path, "codec": info.codec, "frames": info.frames, "container_frames": info.container_frames,
+            "fps": round(info.fps, 3), "width": info.width, "height": info.height,
+            "duration": round(info.duration, 3), "decodes": info.ok, "verified": info.verified,
+            "error": info.error, "detail": info.detail, "note": info.note}
 
 
 def inspect(argv: list[str]) -> int:
@@ -46,7 +53,8 @@ def inspect(argv: list[str]) -> int:
     codecs = Counter(r["codec"] or "?" for r in recs)
     totals = {"files": len(recs), "decode": sum(r["decodes"] for r in recs), "bad": sum(reasons.values()),
               "bad_by_reason": dict(reasons), "codecs": dict(codecs),
-              "frames": sum(r["frames"] for r in recs if r["decodes"])}
+              "frames": sum(r["frames"] for r in recs if r["decodes"]),
+              "noted": sum(1 for r in recs if r["decodes"] and r["note"])}
     if args.json:
         for r in recs:
             print(json.dumps(r))
@@ -56,9 +64,12 @@ def inspect(argv: list[str]) -> int:
         for r in recs:
             size = f"{r['width']}x{r['height']}" if r["width"] else "-"
             status = "ok" if r["decodes"] else f"BAD {r['error']}: {r['detail']}"
+            if r["decodes"] and r["note"]:
+                status += f" (note: {r['note']})"
             print(f"{r['codec'] or '-':<8} {r['frames']:>7} {r['fps']:>7.2f} {size:>10}  {status}  {r['path']}")
         print(f"{totals['files']} files: {totals['decode']} decode, {totals['bad']} bad {dict(reasons) or ''}; "
-              f"codecs {dict(codecs)}; {totals['frames']} frames")
+              f"codecs {dict(codecs)}; {totals['frames']} frames"
+              + (f"; {totals['noted']} with a note (length = frames that decode)" if totals["noted"] else ""))
     return 0 if totals["bad"] == 0 else 1
 
 

@@ -40,12 +40,13 @@ BAD_REASONS = (
     "unreadable",         # the container cannot be opened (corrupt header, not a video at all)
     "no_video_stream",    # opens, but holds no video stream (audio only, subtitles, ...)
     "unsupported_codec",  # no decoder available for its codec
-    "too_few_frames",     # fewer frames than one clip needs
-    "truncated",          # ends before the frames the index promised (cut-off download)
-    "decode_error",       # a frame fails to decode (corrupt payload)
+    "too_few_frames",     # fewer frames decode than data.min_frames
+    "truncated",          # a fully verified file now ends before its verified length (changed on disk)
+    "decode_error",       # a packet inside the stream fails to decode (corrupt payload)
 )
 
-CACHE_VERSION = 1
+# 2: frames = decodable frames, container_frames and note added (v1 marked over-stated files bad)
+CACHE_VERSION = 2
 
 
 class DataError(RuntimeError):
@@ -77,6 +78,8 @@ class VideoInfo:
     error: str = ""
     detail: str = ""
     verified: bool = False   # every frame was decoded once (probe(full=True))
+    container_frames: int = 0   # what the container says (header count, or packets); 0 = unknown
+    note: str = ""           # a harmless oddity, e.g. fewer frames decode than the container lists
 
     @property
     def ok(self) -> bool:
@@ -208,8 +211,11 @@ def probe(path: str, full: bool = False) -> VideoInfo:
 
     The frame count comes from the container when it records one, else from counting the
     stream's packets (demuxing only, no decoding). With ``full`` every frame is decoded and
-    counted (slower, once per file; the index cache keeps it): this catches corrupt payloads
-    past the first frame, which DALI's decoder may crash on rather than report. Never raises:
+    the frames that decode are the video's length (slower, once per file; the index cache
+    keeps it; ``container_frames`` keeps the container's count and ``note`` the difference):
+    this also catches corrupt payloads past the first frame, which DALI's decoder may crash
+    on rather than report. A stream whose last packets fail (cut mid-GOP) is not bad: its
+    length is the frames before the failure. Never raises:
     a bad file comes back with ``error`` set to one of :data:`BAD_REASONS` and ``detail``
     saying what happened.
     """
@@ -253,7 +259,8 @@ def probe(path: str, full: bool = False) -> VideoInfo:
             info.error, info.detail = "decode_error", "no frame could be decoded"
             return info
         info.width, info.height = first.width, first.height
-        n = stream.frames
+        listed = stream.frames
+        n = listed
         if n <= 0:
             try:
                 container.seek(0)
@@ -261,25 +268,34 @@ def probe(path: str, full: bool = False) -> VideoInfo:
             except Exception as e:
                 info.error, info.detail = "truncated", f"demuxing failed: {type(e).__name__}: {e}"
                 return info
+        info.container_frames = int(n)
+        # A header that promises clearly more than the packets hold (e.g. a WebM whose download
+        # stopped): the packets are the video; the shortfall is a note.
+        if container.duration and info.fps > 0 and listed <= 0:
+            promised = container.duration / 1e6 * info.fps
+            if n < 0.9 * promised - 2:
+                info.note = f"{n} frames of ~{promised:.0f} promised by the header"
         if full:
+            # The video's length is what decodes; container counts are often off (edit lists,
+            # a cut mid-GOP, a partial last packet), by one frame or by hundreds.
+            from .pyav import CorruptStream, iter_frames
+
             try:
                 container.seek(0)
-                decoded = sum(1 for _ in container.decode(stream))
+                decoded = sum(1 for _ in iter_frames(container, stream))
+            except CorruptStream as e:
+                info.error, info.detail = "decode_error", f"full decode: {e}"
+                return info
             except Exception as e:
                 info.error, info.detail = "decode_error", f"full decode: {type(e).__name__}: {e}"
                 return info
-            if decoded < n:
-                info.error, info.detail = "truncated", f"{decoded} frames decode, the container lists {n}"
+            if decoded == 0:
+                info.error, info.detail = "decode_error", "full decode: no frame decodes"
                 return info
+            if decoded != n:
+                info.note = f"{decoded} frames decode, the container lists {n}"
             n, info.verified = decoded, True
         info.frames = int(n)
-        # A container whose header promises clearly more than the packets hold was cut off
-        # (e.g. a WebM whose download stopped): using it would shift every sampled frame.
-        if container.duration and info.fps > 0 and stream.frames <= 0:
-            promised = container.duration / 1e6 * info.fps
-            if n < 0.9 * promised - 2:
-                info.error, info.detail = "truncated", f"{n} frames of ~{promised:.0f} promised by the header"
-                return info
         if info.fps > 0:
             info.duration = info.frames / info.fps
     return info

@@ -1,6 +1,14 @@
 """The clip loader the training loop iterates: sharded epoch plan, decoding backends, bad-input
 accounting, output on the training device.
 
+Lengths and short videos: a video's length is the number of frames that decode (the index's
+full probe counts them). Where only the quick probe ran and a stream ends before the
+container's count, that video's length is clamped to what decoded, the index cache is
+updated, and the clip is planned again from the same video: a *repair*, counted in
+``bad_summary()['repaired']``, not a loss. Videos shorter than a clip are sampled with
+repeated frames (as the released code does) and counted as ``short``; only those with fewer
+than ``data.min_frames`` frames are dropped (as 'too_few_frames').
+
 Output contract (both backends): each batch is ``{'video': [B, 3, T, S, S], 'index': [B] int64}``
 on the requested device; ``video`` is uint8, or ImageNet-normalised float when
 ``data.output='normalized'`` (``data.norm_dtype``: bf16 on CUDA / fp32 on CPU by default);
@@ -23,6 +31,7 @@ bad files exceed ``data.max_bad_fraction`` of the list, loading stops with :clas
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -38,7 +47,7 @@ import torch
 from ivfast.ops import channel_constant
 
 from . import dali as dali_mod
-from .index import DataError, DatasetIndex, build_index
+from .index import DataError, DatasetIndex, build_index, save_cache
 from .pyav import BadSample, crop_resize, decode_frames
 from .sampling import ClipPlan, plan_clip, sample_rng
 
@@ -96,17 +105,19 @@ class ClipDataset(torch.utils.data.Dataset):
 
     Items are keyed by (sample id, epoch, repeat) so the plan does not depend on worker state.
     ``__getitem__`` returns {'video': uint8 [3, T, S, S], 'index': id actually used,
-    'bad': [(id, path, reason, detail), ...] failures met on the way}.
+    'bad': [(id, path, reason, detail), ...] failures met on the way,
+    'repairs': [(id, path, frames), ...] lengths clamped on the way (see the module docstring)}.
     """
 
     def __init__(self, index: DatasetIndex, usable: np.ndarray, *, num_frames: int, size: int,
                  sampling: str = "segment", stride: int = 4, scales=(1.0, 0.875, 0.75, 0.66),
                  flip: bool = True, no_flip_sources=("ssv2",), train: bool = True, seed: int = 0,
-                 decode_threads: int = 1):
+                 decode_threads: int = 1, min_frames: int = 1):
         self.index, self.usable = index, np.asarray(usable, np.int64)
         self.num_frames, self.size, self.sampling, self.stride = num_frames, size, sampling, stride
         self.scales, self.flip, self.no_flip = list(scales), flip, set(no_flip_sources)
         self.train, self.seed, self.decode_threads = train, seed, decode_threads
+        self.min_frames = max(1, int(min_frames))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -133,17 +144,44 @@ class ClipDataset(torch.utils.data.Dataset):
         frames = decode_frames(self.index.infos[sid].path, plan.frames, threads=self.decode_threads)
         return crop_resize(frames, plan, self.size)
 
+    def repair(self, sid: int, err: BadSample) -> int | None:
+        """Clamp a quick-probed video whose stream ended early to the frames it gave.
+
+        Returns the new length, or None when this is no repairable case (a fully verified
+        file that now ends early has changed on disk: it is bad)."""
+        info = self.index.infos[sid]
+        if err.reason != "truncated" or info.verified or not 0 < err.decoded < info.frames:
+            return None
+        if err.decoded < self.min_frames:
+            return None
+        info.container_frames = info.container_frames or info.frames
+        info.frames = int(err.decoded)
+        info.duration = info.frames / info.fps if info.fps > 0 else 0.0
+        info.note = f"stream ends after {info.frames} frames, the container lists {info.container_frames}"
+        return info.frames
+
     def load(self, sid: int, epoch: int, rep: int = 0, first_error: BadSample | None = None) -> dict:
-        bad = []
+        bad, repairs = [], []
         orig = sid
         for attempt in range(MAX_ATTEMPTS):
             if attempt == 0 and first_error is not None:
                 err = first_error
             else:
                 try:
-                    return {"video": self.decode_one(sid, epoch, rep), "index": sid, "bad": bad}
+                    return {"video": self.decode_one(sid, epoch, rep), "index": sid, "bad": bad, "repairs": repairs}
                 except BadSample as e:
                     err = e
+                    fixed = self.repair(sid, e)
+                    if fixed is not None:     # same video, same rng, planned within its real length
+                        repairs.append((sid, e.path, fixed))
+                        try:
+                            return {"video": self.decode_one(sid, epoch, rep), "index": sid, "bad": bad,
+                                    "repairs": repairs}
+                        except BadSample as e2:
+                            err = e2
+                    elif e.reason == "truncated" and 0 < e.decoded < self.min_frames and not self.index.infos[sid].verified:
+                        err = BadSample("too_few_frames", e.path, f"only {e.decoded} frames decode "
+                                        f"(< data.min_frames={self.min_frames})")
                 except (MemoryError, DataError):
                     raise
                 except Exception as e:
@@ -163,7 +201,8 @@ class ClipDataset(torch.utils.data.Dataset):
 def collate(items: list[dict]) -> dict:
     return {"video": torch.stack([it["video"] for it in items]),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
-            "bad": [b for it in items for b in it["bad"]]}
+            "bad": [b for it in items for b in it["bad"]],
+            "repairs": [r for it in items for r in it.get("repairs", ())]}
 
 
 class _EpochBatches:
@@ -208,6 +247,7 @@ class ClipLoader:
         self.epoch_bad: Counter = Counter()           # failures while decoding, this epoch
         self.decode_bad_files: dict[str, str] = {}    # path -> reason (distinct files)
         self.dali_fallback_batches = 0
+        self.repaired: dict[str, int] = {}            # path -> decodable length found while training
         self.backend, self.dali = backend, None
         if backend == "dali":
             gpu = self.device.type == "cuda"
@@ -265,9 +305,34 @@ class ClipLoader:
                 "index": dict(self.index_bad), "decode": dict(self.decode_bad),
                 "decode_this_epoch": dict(self.epoch_bad), "decode_bad_files": len(self.decode_bad_files),
                 "examples": dict(examples), "dali_fallback_batches": self.dali_fallback_batches,
+                "repaired": len(self.repaired), "short": self.short_count(),
                 **self.epoch_stats()}
 
-    def _account(self, bad: list) -> None:
+    def short_count(self) -> int:
+        """Usable videos with fewer frames than a clip (sampled with repeated frames)."""
+        infos = self.dataset.index.infos
+        return sum(1 for i in self.dataset.usable if infos[int(i)].frames < self.dataset.num_frames)
+
+    def _apply_repairs(self, repairs) -> None:
+        """Workers clamp their copy of the index; bring the clamp here and into the cache, so
+        later epochs (fresh workers) and later runs plan within the real length."""
+        changed = False
+        for sid, path, frames in repairs:
+            if self.repaired.get(path) == frames:
+                continue
+            if self.dataset.index.infos[sid].frames != frames:     # not yet applied in this process
+                self.dataset.repair(sid, BadSample("truncated", path, "", decoded=frames))
+            self.repaired[path] = frames
+            changed = True
+            log.info("video %s: the stream ends after %d frames (the container lists more); length clamped, "
+                     "clip sampled again from it", path, frames)
+        idx = self.dataset.index
+        if changed and idx.cache_path:
+            save_cache(idx.cache_path, {i.path: i for i in idx.infos}.values())
+
+    def _account(self, bad: list, repairs=()) -> None:
+        if repairs:
+            self._apply_repairs(repairs)
         for sid, path, reason, detail in bad:
             self.decode_bad[reason] += 1
             self.epoch_bad[reason] += 1
@@ -297,7 +362,7 @@ class ClipLoader:
         source = self._iter_dali() if self.backend == "dali" else self._iter_pyav()
         try:
             for batch in source:
-                self._account(batch["bad"])
+                self._account(batch["bad"], batch.get("repairs", ()))
                 out = self._finish(batch)
                 self.position += 1      # counted as consumed once handed over: state_dict() resumes after it
                 yield out
@@ -322,6 +387,11 @@ class ClipLoader:
             self._dl = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                 collate_fn=collate, pin_memory=self.device.type == "cuda", **kw)
+        if self.num_workers > 0:
+            # Collect cyclic garbage before the workers fork (each epoch): a PyAV decoder left in
+            # a cycle here would be freed in a child, whose FFmpeg threads do not exist, and the
+            # worker hangs at start-up (seen with frame-threaded H.264 decoders).
+            gc.collect()
         yield from self._dl
 
     def _iter_dali(self) -> Iterator[dict]:
@@ -363,7 +433,7 @@ class ClipLoader:
     def _dali_batch(self, ids: np.ndarray, rep: np.ndarray, epoch: int, pool: ThreadPoolExecutor) -> dict:
         ds, n = self.dataset, len(ids)
         rows: list[Any] = [None] * n
-        out_ids, bad = [int(i) for i in ids], []
+        out_ids, bad, repairs = [int(i) for i in ids], [], []
         on_dali = [k for k in range(n) if ds.index.infos[int(ids[k])].codec in self.dali.codecs]
         first_err: dict[int, BadSample] = {}
         data, keep = [], []
@@ -388,13 +458,14 @@ class ClipLoader:
         for k, res in zip(todo, results):
             rows[k], out_ids[k] = res["video"], res["index"]
             bad.extend(res["bad"])
+            repairs.extend(res.get("repairs", ()))
         dev = next((r.device for r in rows if r.device.type == "cuda"), torch.device("cpu"))
         if any(r.dtype != rows[0].dtype for r in rows):
             # mixed sources with normalisation in the DALI graph: bring the PyAV rows to match
             dtype = next(r.dtype for r in rows if r.dtype != torch.uint8)
             rows = [normalize(r[None].to(dev), dtype)[0] if r.dtype == torch.uint8 else r for r in rows]
         video = torch.stack([r.to(dev, non_blocking=True) for r in rows])
-        return {"video": video, "index": torch.tensor(out_ids, dtype=torch.int64), "bad": bad}
+        return {"video": video, "index": torch.tensor(out_ids, dtype=torch.int64), "bad": bad, "repairs": repairs}
 
 
 # --------------------------------------------------------------------------- construction
@@ -416,8 +487,9 @@ def choose_backend(requested: str, device: torch.device) -> str:
     return "pyav"
 
 
-def split_usable(index: DatasetIndex, min_frames: int) -> tuple[np.ndarray, Counter, dict]:
-    """Ids of usable files, and the bad ones counted by reason (too short counts as too_few_frames)."""
+def split_usable(index: DatasetIndex, min_frames: int = 1) -> tuple[np.ndarray, Counter, dict]:
+    """Ids of usable files, and the bad ones counted by reason (fewer than ``min_frames``
+    frames counts as too_few_frames; videos shorter than a clip are usable, frames repeat)."""
     usable, bad, paths = [], Counter(), {}
     for i, info in enumerate(index.infos):
         reason = info.error or ("too_few_frames" if info.frames < min_frames else "")
@@ -444,7 +516,11 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
         # DALI can crash on a corrupt payload instead of raising: decode every file once first.
         full = d.verify == "full" or (d.verify == "auto" and backend == "dali")
         index = build_index(d.train_list, d.root, d.index_cache, workers=workers, full=full)
-    usable, bad, bad_paths = split_usable(index, d.num_frames)
+    usable, bad, bad_paths = split_usable(index, d.min_frames)
+    short = sum(1 for i in usable if index.infos[int(i)].frames < d.num_frames)
+    if short:
+        log.info("%d of %d usable videos have fewer than %d frames: sampled with repeated frames "
+                 "(data.min_frames=%d decides what is dropped)", short, len(usable), d.num_frames, d.min_frames)
     for path, reason in list(bad_paths.items())[:20]:
         detail = next((i.detail for i in index.infos if i.path == path), "")
         log.warning("skipping bad video (%s) %s %s", reason, path, detail)
@@ -458,7 +534,8 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
                         "data.max_bad_fraction")
     dataset = ClipDataset(index, usable, num_frames=d.num_frames, size=d.img_size, sampling=d.sampling,
                           stride=d.stride, scales=d.scales, flip=d.flip, no_flip_sources=d.no_flip_sources,
-                          train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads)
+                          train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads,
+                          min_frames=d.min_frames)
     kw = dict(batch_size=cfg.optim.batch_per_gpu, rank=rank, world_size=world_size, seed=cfg.runtime.seed,
               device=device, output=d.output, norm_dtype=d.norm_dtype, num_workers=d.num_workers,
               drop_last=d.drop_last, max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,

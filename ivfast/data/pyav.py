@@ -16,11 +16,66 @@ if TYPE_CHECKING:
 
 
 class BadSample(Exception):
-    """A file failed while decoding; ``reason`` is one of ``index.BAD_REASONS``."""
+    """A file failed while decoding; ``reason`` is one of ``index.BAD_REASONS``.
 
-    def __init__(self, reason: str, path: str, detail: str):
+    ``decoded``: for 'truncated', how many frames the stream gave before it ended (its real
+    length when decoding started at frame 0), so the loader can clamp the video's length.
+    """
+
+    def __init__(self, reason: str, path: str, detail: str, decoded: int = -1):
         super().__init__(f"{reason}: {path}: {detail}")
-        self.reason, self.path, self.detail = reason, path, detail
+        self.reason, self.path, self.detail, self.decoded = reason, path, detail, decoded
+
+
+class CorruptStream(Exception):
+    """Frames decode again after a packet failed: a corrupt payload inside the stream, which
+    would shift every later frame number (a failure only at the end is a cut, not this)."""
+
+
+# Packets that may still yield frames after a failed one without it meaning a corrupt middle:
+# the decoder's reorder delay (B-frames) releases frames it decoded before the failure.
+REORDER_SLACK = 2
+
+
+def iter_frames(container, stream, skip_nonref=None):
+    """The stream's frames in output order; a stream whose last packets fail ends there.
+
+    Real files often end with packets that do not decode (a download cut mid-GOP, a partial
+    last sample): the frames before that are the video, and its length is their number. A
+    failure followed by more decodable packets raises :class:`CorruptStream`. ``skip_nonref``
+    (callable -> bool, asked before each packet): when it returns True the decoder skips
+    non-reference frames (they are not output, so the caller must not count on them).
+    """
+    ctx = stream.codec_context
+    err: Exception | None = None
+    after_err = 0
+    packets = container.demux(stream)
+    skipping = False
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except Exception as e:          # the demuxer itself fails: the container is cut here
+            err = err or e
+            break
+        if skip_nonref is not None:
+            want = bool(skip_nonref())
+            if want != skipping:
+                ctx.skip_frame = "NONREF" if want else "DEFAULT"
+                skipping = want
+        try:
+            frames = packet.decode()    # an empty packet (the last one) flushes the decoder
+        except Exception as e:
+            err = err or e
+            continue
+        if frames and err is not None and packet.size:
+            after_err += 1
+            if after_err > REORDER_SLACK:
+                raise CorruptStream(f"frames decode again after a failed packet ({type(err).__name__}: {err})")
+        yield from frames
+    if skipping:
+        ctx.skip_frame = "DEFAULT"
 
 
 SEEK_GAP = 120   # frames: a longer jump forward seeks to a keyframe instead of decoding through
@@ -35,8 +90,9 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     there (k = (pts - pts of frame 0) x fps). A seek that lands past the target, or frames
     without timestamps, fall back to decoding from the start, so the result is always the
     sequential numbering. Raises :class:`BadSample` ('truncated' when the stream ends early,
-    'decode_error' on a corrupt payload or frames whose size changes mid-stream, 'unreadable'
-    when the container cannot be opened).
+    with ``decoded`` = the frames it gave; 'decode_error' on a corrupt payload inside the
+    stream or frames whose size changes mid-stream; 'unreadable' when the container cannot
+    be opened).
     """
     import av
 
@@ -60,7 +116,7 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
         can_seek = seek_gap > 0 and bool(rate) and bool(tb)
         k = -1            # number of the last frame decoded
         pts0 = None       # timestamp of frame 0 (from a decode that started at the beginning)
-        frames_iter = container.decode(stream)
+        frames_iter = iter_frames(container, stream)
         by_pts = False    # after a seek, frames are numbered by timestamp
         try:
             for w in wanted:
@@ -68,7 +124,7 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
                     continue
                 if can_seek and pts0 is not None and w - k > seek_gap:
                     container.seek(int(pts0 + (w / float(rate)) / float(tb)), stream=stream, backward=True)
-                    frames_iter, by_pts = container.decode(stream), True
+                    frames_iter, by_pts = iter_frames(container, stream), True
                     k = -1
                 while k < w:
                     frame = next(frames_iter, None)
@@ -87,7 +143,7 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
                         k += 1
                     if k in got or k not in wanted:
                         continue
-                    got[k] = frame.to_ndarray(format="rgb24")
+                    got[k] = frame.to_ndarray(format="rgb24", threads=1)
                 if w not in got:
                     if by_pts and k > w:                 # timestamps skipped this number
                         raise _Restart
@@ -98,7 +154,8 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
             raise BadSample("decode_error", path, f"near frame {k}: {type(e).__name__}: {e}") from e
     missing = [w for w in wanted if w not in got]
     if missing:
-        raise BadSample("truncated", path, f"stream ended after frame {k}; frames {missing[:4]} were asked for")
+        raise BadSample("truncated", path, f"stream ended after frame {k}; frames {missing[:4]} were asked for",
+                        decoded=k + 1)
     shapes = sorted({got[w].shape for w in wanted})
     if len(shapes) > 1:      # e.g. segments of different resolutions concatenated into one stream
         raise BadSample("decode_error", path, f"the frame size changes within the stream: {shapes}")

@@ -89,6 +89,46 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
     return path
 
 
+def remux(src: str | Path, dst: str | Path, shift_frames: int = 0, faststart: bool = False) -> Path:
+    """Copy the video packets of ``src`` into ``dst`` (MP4) without re-encoding.
+
+    ``shift_frames`` > 0 moves every timestamp that many frames below zero: the muxer then
+    writes an edit list that hides those frames, so the container lists more frames than
+    decode (the common real-world 'listed 456, 455 decode'). ``faststart`` puts the sample
+    table first, so a copy cut short still opens and lists every frame (a cut download)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"} if faststart else {}) as out:
+        s = inp.streams.video[0]
+        o = out.add_stream_from_template(s)
+        for pkt in inp.demux(s):
+            if not pkt.size:
+                continue
+            if shift_frames and pkt.duration:
+                pkt.pts -= shift_frames * pkt.duration
+                pkt.dts -= shift_frames * pkt.duration
+            pkt.stream = o
+            out.mux(pkt)
+    return Path(dst)
+
+
+def overstated(src: str | Path, dst: str | Path, hidden: int = 3) -> Path:
+    """An MP4 whose container lists ``hidden`` more frames than decode (edit list); decoded
+    frame k carries the stamp k + ``hidden``."""
+    return remux(src, dst, shift_frames=hidden)
+
+
+def cut_mid_gop(src: str | Path, dst: str | Path, keep: float = 0.6) -> Path:
+    """An MP4 (sample table first) cut to ``keep`` of its bytes: the container lists every
+    frame, the last packet is partial, decoding ends inside a GOP."""
+    tmp = Path(str(dst) + ".full.mp4")
+    remux(src, tmp, faststart=True)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    Path(dst).write_bytes(data[: int(len(data) * keep)])
+    return Path(dst)
+
+
 def make_videos(out_dir: str | Path, num: int, codec: str = "vp9", frames: int = 24,
                 size: tuple[int, int] = (96, 80), fps: int = 25, seed: int = 0,
                 prefix: str = "clip", gop: int = 0) -> list[Path]:
