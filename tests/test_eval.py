@@ -225,9 +225,14 @@ def test_torchrun_two_ranks_gloo_match_one_process(appearance_lists, tmp_path):
     for p in ("knn", "linear"):
         assert results["one"][p]["top1"] == results["two"][p]["top1"], p
         assert results["one"][p]["num_val"] == results["two"][p]["num_val"] == 8
+    # 15 train clips, 7 a batch: unpadded shards would be 8 (2 batches) and 7 (1 batch) clips, and
+    # rank 0's second DDP backward would wait for rank 1 forever
+    odd = tmp_path / "train_odd.csv"
+    odd.write_text("\n".join(train.read_text().splitlines()[:16]) + "\n")      # header + 15 clips
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29562", "-m", "ivfast.eval", "protocol=ivnext", "probe.global_batch=8",
-                          "probe.batch_per_gpu=4", "probe.epochs=1", "probe.warmup_epochs=0"] + common
-                         + [f"output_dir={tmp_path / 'ddp'}"], env=env, capture_output=True, text=True, timeout=300)
+                          "29562", "-m", "ivfast.eval", "protocol=ivnext", "probe.global_batch=14",
+                          "probe.batch_per_gpu=7", "probe.epochs=2", "probe.warmup_epochs=0"] + common
+                         + [f"train_list={odd}", f"output_dir={tmp_path / 'ddp'}"], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "ivnext" / "results.json").read_text())["num_val"] == 8
