@@ -176,6 +176,7 @@ class DataConfig:
     prefetch: int = 2                   # batches decoded ahead of the training step
     decode_threads: int = 2             # DALI threads / PyAV decoder threads per worker
     verify: Literal["auto", "first", "full"] = "auto"  # index probe decodes the first frame or all (auto: all with DALI, which can crash on corrupt files)
+    min_frames: int = 1                 # videos with fewer decodable frames are dropped; shorter than num_frames = sampled with repeats (as released)
 
 
 @dataclass
@@ -420,6 +421,8 @@ def validate(cfg: Config) -> None:
          f"model.teacher.student_layers must index encoder blocks 0..{enc.depth - 1}")
     need(cfg.data.num_frames == m.num_frames,
          f"data.num_frames={cfg.data.num_frames} must equal model.num_frames={m.num_frames}")
+    need(cfg.data.min_frames >= 1, f"data.min_frames must be >= 1 (videos with fewer decodable frames are dropped), "
+                                   f"got {cfg.data.min_frames}")
     need(cfg.data.img_size == m.img_size,
          f"data.img_size={cfg.data.img_size} must equal model.img_size={m.img_size}")
     need(all(0 < s <= 1 for s in cfg.data.scales), "data.scales must be in (0, 1]")
