@@ -49,6 +49,11 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         raise RuntimeError("runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu or auto")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda and not torch.cuda.is_initialized():
+        # Stage 2's shapes change every batch (visible count K): growable segments instead of
+        # fixed blocks avoid fragmentation OOMs near the 80 GB limit. Read at CUDA init, so set
+        # here, before the first allocation; a value the user set wins.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

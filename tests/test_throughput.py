@@ -256,3 +256,37 @@ def test_predictor_checkpoint_mode_checked():
 
     with pytest.raises(ConfigError, match="act_checkpoint"):
         load_config("demo", ["model.predictor.act_checkpoint=layers"])
+
+
+def test_flops_cli_prints_predicted_peak_memory(capsys):
+    from ivfast.models.flops import main, predicted_peak_memory
+
+    assert main(["--config", "stage2_vitb"]) == 0
+    out = capsys.readouterr().out
+    assert "model TFLOP per clip" in out and "predicted peak memory" in out and "total" in out
+    cfg = load_config("stage2_vitb", [])
+    plain = predicted_peak_memory(cfg)["total"]
+    sel = predicted_peak_memory(load_config("stage2_vitb", ["model.predictor.act_checkpoint=selective"]))["total"]
+    full = predicted_peak_memory(load_config("stage2_vitb", ["model.predictor.act_checkpoint=full"]))["total"]
+    assert full < sel < plain
+    # the review's hand count for stage 2 ViT-B at 14 clips is 72-80 GiB (+-20 %)
+    assert 60 < plain < 90
+    assert predicted_peak_memory(cfg, batch=7)["total"] < plain
+
+
+def test_expandable_segments_set_before_cuda_init(monkeypatch):
+    """setup_distributed sets PYTORCH_CUDA_ALLOC_CONF before touching CUDA (simulated: a visible
+    but uninitialised CUDA device; set_device patched out), and keeps a user's own value."""
+    from ivfast.train import setup_distributed
+
+    cfg = load_config("demo", ["runtime.device=cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    setup_distributed(cfg)
+    import os
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    setup_distributed(cfg)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

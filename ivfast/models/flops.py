@@ -141,3 +141,132 @@ def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = Fal
         raise ValueError(f"stage must be 1 or 2, got {cfg.stage!r}")
     out["total"] = sum(out[k] for k in ("encoder", "predictor", "decoder", "heads", "teacher"))
     return out
+
+
+# --------------------------------------------------------------------------- predicted peak memory
+# Bytes autograd keeps per token and layer in eager bf16 autocast, from what each op saves
+# (../shared/reviews/gpu-hot-path.md section 7, +-20 %), written per channel so they scale with
+# the width: encoder block ~41 KB/token at d=768 (hidden 3072); predictor layer ~45 KB/token at
+# dim=1024, mlp_hidden=2624 (fp32 residual saved twice, the [2h] GeGLU buffer, q/k/v + qkv).
+def _enc_block_bytes(d: int, hidden: int) -> float:
+    return 41 * 1024 * (d + hidden / 4) / (768 + 3072 / 4)
+
+
+def _pred_layer_bytes(D: int, h: int, mode: str = "none") -> float:
+    if mode == "full":        # only the fp32 layer input stays; a layer's worth is rebuilt in backward
+        return 4 * D
+    if mode == "selective":   # GEMM / attention outputs (bf16) + the fp32 input; LN/RoPE/GeGLU redone
+        return 2 * (3 * D + D + D + 2 * h + D) + 4 * D
+    return 45 * 1024 * (D + h / 2) / (1024 + 2624 / 2)
+
+
+def _count_params(module_fn) -> int:
+    m = module_fn()
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def _encoder_params(e, tokens: int) -> int:
+    hidden = int(e.dim * e.mlp_ratio)
+    pos = (tokens + e.num_cls) * e.dim if e.learnable_pos else 0
+    return e.depth * (4 * e.dim ** 2 + 2 * e.dim * hidden) + 3 * e.tubelet * e.patch_size ** 2 * e.dim + pos
+
+
+def _predictor_params(p, enc_dim: int, tokens: int, learnable_pos: bool) -> int:
+    pos = (tokens + 1) * enc_dim if learnable_pos else 0
+    return enc_dim ** 2 + enc_dim * p.dim + p.layers * (4 * p.dim ** 2 + 3 * p.dim * p.mlp_hidden) + pos
+
+
+def predicted_peak_memory(cfg, batch: int | None = None) -> dict:
+    """Predicted peak GPU memory (GiB) of one training step of ``cfg`` at ``batch`` clips per GPU
+    (default ``optim.batch_per_gpu``): fp32 params + grads + AdamW moments, bf16 frozen teacher,
+    saved activations per token (above), decoder rows, a transient margin. A model, not a
+    measurement: +-20 %, to be checked against ``torch.cuda.max_memory_allocated``."""
+    m, e, p = cfg.model, cfg.model.encoder, cfg.model.predictor
+    B = batch or cfg.optim.batch_per_gpu
+    GiB = 2.0 ** 30
+    T, S = m.num_frames // e.tubelet, m.img_size // e.patch_size
+    N, C = T * S * S, e.num_cls
+    enc_params = _encoder_params(e, N)
+    pred_params = _predictor_params(p, e.dim, N, e.learnable_pos)
+    hidden = int(e.dim * e.mlp_ratio)
+    pmode = getattr(p, "act_checkpoint", "none")
+    enc_tok = (4 * e.dim) if e.act_checkpoint else _enc_block_bytes(e.dim, hidden)
+    pred_tok = _pred_layer_bytes(p.dim, p.mlp_hidden, pmode)
+    out = {}
+    if cfg.stage == 1:
+        from .diffusion import DiffusionLoss
+        from .teacher import teacher_arch
+        dec_params = _count_params(lambda: DiffusionLoss(m.decoder, target_dim=3 * e.tubelet * e.patch_size ** 2,
+                                                         cond_dim=p.dim))
+        arch = teacher_arch(m.teacher, m.align_dim)
+        Dt = arch["dim"]
+        heads = len(m.teacher.student_layers) * (e.dim * e.dim + e.dim * Dt) + 3 * e.dim * e.dim \
+            + m.pool_dim * m.pool_dim + m.pool_dim * Dt
+        trainable = enc_params + pred_params + dec_params + heads
+        tp = m.teacher.patch_size
+        teacher_params = arch["depth"] * (4 * Dt * Dt + 2 * Dt * arch["mlp_hidden"]) + 3 * tp * tp * Dt
+        K = T * (S * S - int(cfg.masking.ratio * S * S))
+        rows = B * (N - K) * m.decoder.batch_mul
+        enc_act = B * (C + K) * e.depth * enc_tok
+        pred_act = B * (C + N) * p.layers * pred_tok
+        # decoder blocks ~55 KB/row + adaLN ~61 KB/row + fp32 loss maths ~50 KB/row at width 1536
+        dec_act = rows * (55 + 61 + 50) * 1024 * m.decoder.width / 1536
+        # alignment heads: fp32 projections to the teacher width and cosine maths, per visible token
+        heads_act = B * K * len(m.teacher.student_layers) * 34 * 1024 * Dt / 1536
+        teacher_out = B * m.num_frames * (m.teacher.img_size // tp) ** 2 * Dt * 2 * (len(m.teacher.middle_layers) + 1)
+        out.update(decoder_and_heads=(dec_act + heads_act) / GiB)
+    else:
+        keeps, _ = stage2_counts(cfg, batch=max(B, 2))
+        trainable = enc_params + pred_params + p.dim * e.dim
+        teacher_params = enc_params
+        enc_act = sum(B * (C + K) * e.depth * enc_tok for K in keeps)
+        pred_act = len(keeps) * B * (C + N) * p.layers * pred_tok
+        heads_act = len(keeps) * B * N * 0.5 * (p.dim + e.dim) * 4 * 2   # fp32 projections + targets
+        teacher_out = B * N * e.dim * 2
+        out.update(decoder_and_heads=heads_act / GiB)
+    # recomputation rebuilds one layer's full activations at a time
+    recompute = 0.0
+    if pmode != "none":   # one layer's dropped bytes, rebuilt during its backward
+        dropped = _pred_layer_bytes(p.dim, p.mlp_hidden) - pred_tok
+        recompute = max(recompute, pred_act / p.layers / pred_tok * dropped)
+    if e.act_checkpoint:
+        recompute = max(recompute, enc_act / e.depth / enc_tok * _enc_block_bytes(e.dim, hidden))
+    acts = enc_act + pred_act + out["decoder_and_heads"] * GiB
+    out.update(params_grads_adamw=16 * trainable / GiB, teacher_weights=2 * teacher_params / GiB,
+               encoder_activations=enc_act / GiB, predictor_activations=pred_act / GiB,
+               teacher_outputs=teacher_out / GiB, recompute=recompute / GiB,
+               transients=0.08 * acts / GiB)   # backward's gradient buffers, workspace, fragmentation
+    out["total"] = sum(out.values())
+    out.update(batch=B, trainable_params=trainable, predictor_checkpoint=pmode, encoder_checkpoint=e.act_checkpoint)
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m ivfast.models.flops --config stage2_vitb [key=value ...]``: FLOPs per clip and
+    the predicted peak memory of a preset."""
+    import argparse
+
+    from ivfast.config import load_config
+    ap = argparse.ArgumentParser(prog="python -m ivfast.models.flops", description=main.__doc__)
+    ap.add_argument("--config", default="stage1_vitb")
+    ap.add_argument("--batch", type=int, default=0, help="clips per GPU (default optim.batch_per_gpu)")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    f = flops_per_clip(cfg)
+    mem = predicted_peak_memory(cfg, a.batch or None)
+    B = mem["batch"]
+    print(f"{a.config}: stage {cfg.stage}, {B} clips per GPU")
+    print("model TFLOP per clip (fwd+bwd; teacher fwd): " + ", ".join(
+        f"{k} {f[k] / 1e12:.2f}" for k in ("teacher", "encoder", "predictor", "decoder", "heads", "total")))
+    print(f"model TFLOP per step and GPU: {f['total'] * B / 1e12:.1f}")
+    print(f"predicted peak memory (GiB, +-20 %, not measured; predictor checkpoint={mem['predictor_checkpoint']}, "
+          f"encoder checkpoint={mem['encoder_checkpoint']}):")
+    for k in ("params_grads_adamw", "teacher_weights", "encoder_activations", "predictor_activations",
+              "decoder_and_heads", "teacher_outputs", "recompute", "transients", "total"):
+        print(f"  {k:22s} {mem[k]:6.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
