@@ -1,27 +1,91 @@
 #!/usr/bin/env bash
-# Every GPU check the issues name, in one go, for a session that has a GPU machine:
-#   bash bench/gpu_check.sh            (results land in bench/results/, a log in bench/results/gpu_check.log)
-# bf16 correctness tests (pytest -m gpu), kernel speed vs eager and torch.compile, model step
-# figures, loader throughput, training-step MFU, and a short profiled training run.
+# Every GPU figure of issue 11 in at most 12 minutes from a cold machine, on a bare copy of the
+# working tree (nothing pip-installed, no network):
+#   bash bench/gpu_check.sh                 # results: bench/results/gpu_check_<device>.json (+ .log)
+#   bash bench/gpu_check.sh --dry-run       # every part, tiny shapes, CPU only (a test runs this)
+#   bash bench/gpu_check.sh --out FILE --parts preflight,attention
+# Each part runs in its own process under its own `timeout` and writes its figures into the JSON
+# as it measures them; a part that times out keeps what it had (status "timeout"). A short table
+# ends the run. The driver is bench/gpu_check.py. NEVER RUN ON A GPU YET (written blind).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p bench/results
-log=bench/results/gpu_check.log
-: > "$log"
-run() { echo "=== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; echo "=== exit ${PIPESTATUS[0]}" | tee -a "$log"; }
+ROOT=$PWD
 
-run python -m ivfast.info
-run python -m pytest -m gpu -q -rs
-run python bench/bench_diffusion_mlp.py
-run python bench/bench_tokens.py
-run python bench/bench_models.py --preset stage1_vitb --batch 16 8
-run python bench/bench_models.py --preset stage2_vitb --batch 8 4
-run python bench/bench_train_step.py
-run python bench/bench_loader.py
-# a short real training run on generated clips, profiled over steps 5..8 (torch.profiler trace
-# and top ops in runs/gpu_check/profile/ when nsys is not attached)
-run python -m ivfast.data.synth runs/gpu_check/clips --num 64 --codec h264 --frames 48 --size 340x256 \
-    --list runs/gpu_check/clips/train.csv
-run python -m ivfast.train --config stage1_vitb data.train_list=runs/gpu_check/clips/train.csv \
-    model.teacher.init_from=random model.predictor.init_from= optim.batch_per_gpu=8 optim.global_batch=8 \
-    runtime.max_steps=10 runtime.log_every=1 runtime.output_dir=runs/gpu_check/s1 --profile-steps 5:8
+dry=0; out=""; only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --out) out="$2"; shift ;;
+    --parts) only="$2"; shift ;;
+    *) echo "gpu_check.sh: unknown argument $1 (use --dry-run, --out FILE, --parts a,b)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY=${PYTHON:-python}
+start=$(date +%s)
+# Seconds per part (sum + setup < 12 min; the run also stops giving time at TOTAL).
+TOTAL=700
+declare -A BUDGET=([preflight]=30 [dtypes]=75 [attention]=100 [decoder]=130 [stage1]=130 [stage2]=100 [tokens]=35)
+PARTS="preflight dtypes attention decoder stage1 stage2 tokens"
+if [ $dry = 1 ]; then
+  TOTAL=170
+  for k in "${!BUDGET[@]}"; do BUDGET[$k]=40; done
+fi
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# ---- setup: make ivfast.kernels importable and build ivfast._C in place (bare tree, no network)
+made_link=0
+cleanup() { if [ $made_link = 1 ]; then rm -f "$ROOT/ivfast/kernels"; fi; }
+trap cleanup EXIT
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+if [ $dry = 0 ] && ! { have ivfast.kernels && have ivfast._C; }; then
+  echo "=== setup: pip install --no-build-isolation --no-deps -e . (builds ivfast._C with cmake)"
+  mkdir -p bench/results
+  if ! timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . -q \
+      > bench/results/gpu_check_setup.log 2>&1; then
+    echo "=== setup: pip install failed (tail of bench/results/gpu_check_setup.log):"
+    tail -n 5 bench/results/gpu_check_setup.log
+  fi
+  if ! have ivfast.kernels; then
+    # setup.py maps kernels/ to ivfast.kernels; without the install, a symlink does the same
+    if [ ! -e ivfast/kernels ]; then ln -s ../kernels ivfast/kernels && made_link=1; fi
+    echo "=== setup: ivfast.kernels mapped by symlink ivfast/kernels -> ../kernels"
+  fi
+  have ivfast._C || echo "=== setup: ivfast._C not built; mask sampling uses the NumPy reference (slower)"
+fi
+
+dflag=""; [ $dry = 1 ] && dflag="--dry-run"
+oflag=(); [ -n "$out" ] && oflag=(--out "$out")
+json=$(timeout 60 "$PY" bench/gpu_check.py --init $dflag "${oflag[@]}" | tail -n 1)
+if [ -z "$json" ]; then echo "gpu_check.sh: could not create the result file" >&2; exit 1; fi
+log="${json%.json}.log"
+: > "$log"
+echo "=== results: $json (log $log)"
+
+for part in $PARTS; do
+  if [ -n "$only" ] && [[ ",$only," != *",$part,"* ]]; then continue; fi
+  left=$(( TOTAL - ($(date +%s) - start) ))
+  t=${BUDGET[$part]}
+  [ $left -lt $t ] && t=$left
+  if [ $t -lt 10 ]; then
+    "$PY" bench/gpu_check.py --mark "$part" "skipped(total budget)" --out "$json"
+    continue
+  fi
+  echo "=== $part (timeout ${t}s)" | tee -a "$log"
+  # SIGTERM at the limit, SIGKILL 5 s later; the JSON already holds what the part measured
+  timeout -k 5 "$t" "$PY" bench/gpu_check.py --part "$part" --budget "$t" --out "$json" $dflag >> "$log" 2>&1
+  rc=$?
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    "$PY" bench/gpu_check.py --mark "$part" timeout --out "$json"
+    echo "=== $part: TIMEOUT after ${t}s (partial results kept)" | tee -a "$log"
+  elif [ $rc != 0 ]; then
+    "$PY" bench/gpu_check.py --mark "$part" error --out "$json"
+    echo "=== $part: exit $rc (see $log)" | tee -a "$log"
+  fi
+done
+
+echo "=== done in $(( $(date +%s) - start )) s"
+"$PY" bench/gpu_check.py --table --out "$json" | tee -a "$log"

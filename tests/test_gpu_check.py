@@ -1,0 +1,73 @@
+"""bench/gpu_check.sh --dry-run: every part of the GPU check runs (tiny shapes, CPU) and leaves its
+figures in the JSON; a part killed by its timeout keeps what it measured."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check as G  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "gpu_check_dry.json"
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout, out.with_suffix(".log").read_text()
+
+
+def test_dry_run_writes_every_part(dry_run):
+    data, stdout, log = dry_run
+    assert data["meta"]["dry_run"] is True
+    for name in G.PARTS:
+        rec = data["parts"].get(name)
+        assert rec is not None, f"part {name} missing"
+        assert rec["status"] == "ok", f"{name}: {rec.get('error')}\n{log[-3000:]}"
+        assert rec["seconds"] <= rec["budget_s"]
+    p = data["parts"]
+    assert "ivfast.masking" in p["preflight"]["imports"] and p["preflight"]["torch"]
+    assert p["dtypes"]["attention_entry"] and any(k.startswith("mm(") or k.startswith("addmm(")
+                                                  for k in p["dtypes"]["aten_ops"])
+    backends = {r["backend"] for r in p["attention"]["results"]}
+    assert {"sdpa:FLASH_ATTENTION", "flex", "sdpa_band:EFFICIENT_ATTENTION"} <= backends
+    assert any("fwd_bwd_ms" in r for r in p["attention"]["results"])
+    assert p["decoder"]["gemm_floor"]["floor_ms"] > 0 and p["decoder"]["bench_cli"].startswith("ok")
+    for st in ("stage1", "stage2"):
+        res = p[st]["result"]
+        assert res["step_ms"] > 0 and res["clips_per_s"] > 0 and res["tflop_per_clip"] >= 0
+        assert p[st]["attention_backends"] and p[st]["top_kernels"]
+    assert p["tokens"]["copy_gb_s"] > 0 and p["tokens"]["bench_cli"] == "ok"
+    for name in G.PARTS:                         # the closing table names every part
+        assert f"\n{name} " in stdout
+
+
+def test_timed_out_part_keeps_its_figures(tmp_path):
+    out = tmp_path / "g.json"
+    G.main(["--init", "--dry-run", "--out", str(out)])
+    p = G.Part(out, "attention", budget_s=10)
+    p.add("results", {"shape": "x", "fwd_ms": 1.0})
+    # the shell's timeout killed the process here: status is still "running" -> marked timeout
+    G.main(["--mark", "attention", "timeout", "--out", str(out)])
+    rec = json.loads(out.read_text())["parts"]["attention"]
+    assert rec["status"] == "timeout" and rec["results"] == [{"shape": "x", "fwd_ms": 1.0}]
+    p2 = G.Part(out, "decoder", budget_s=10)
+    p2.set("status", "ok")
+    G.main(["--mark", "decoder", "timeout", "--out", str(out)])     # never overrides a finished part
+    assert json.loads(out.read_text())["parts"]["decoder"]["status"] == "ok"
+    assert "timeout" in G.table(json.loads(out.read_text()))
+
+
+def test_part_budgets_fit_twelve_minutes():
+    """The whole run stops giving time at TOTAL s after the start (setup included), which is
+    12 minutes less the last part's kill grace and the table; the parts fit beside a 1-minute setup."""
+    sh = (ROOT / "bench" / "gpu_check.sh").read_text()
+    budgets = dict(kv.split("]=") for kv in sh.split("declare -A BUDGET=(")[1].split(")")[0].replace("[", "").split())
+    total = int(sh.split("\nTOTAL=")[1].split()[0])
+    setup = int(sh.split("timeout ")[1].split()[0])            # the pip install / _C build
+    assert set(budgets) == set(G.PARTS)
+    assert setup <= 120 and sum(int(v) for v in budgets.values()) + 60 <= total <= 12 * 60 - 20
