@@ -100,6 +100,7 @@ class TeacherConfig:
     mlp_hidden: int = 6144
     arch: Literal["siglip", "siglip2"] = "siglip"   # HF class of the tiny teacher (fixed-res SigLIP2 = "siglip")
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # teacher weights: auto = bf16 on CUDA, fp32 on CPU
+    fp8: bool = False                   # encoder-layer GEMMs in row-wise scaled FP8 (Hopper/Ada; emulated on CPU)
 
 
 @dataclass

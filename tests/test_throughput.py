@@ -290,3 +290,100 @@ def test_expandable_segments_set_before_cuda_init(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     setup_distributed(cfg)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
+# --------------------------------------------------------------------------- teacher (lever 2)
+def _tiny_teacher(**kw):
+    from ivfast.config import TeacherConfig
+    from ivfast.models.teacher import build_teacher
+
+    tcfg = TeacherConfig(tiny=True, img_size=64, patch_size=8, middle_layers=[1, 3], student_layers=[0, 1], **kw)
+    torch.manual_seed(0)
+    return build_teacher(tcfg, align_dim=64, attn_backend="math")
+
+
+def _unfused_layers(teacher, video):
+    """The teacher's forward with separate q/k/v projections (the pre-fusion code)."""
+    from ivfast.models.attention import attention
+
+    def layer_fn(layer, x, i):
+        B, N, D = x.shape
+        h = layer.layer_norm1(x)
+        a = layer.self_attn
+        shape = (B, N, teacher.heads, D // teacher.heads)
+        o = attention(a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape), backend="math")
+        x = x + a.out_proj(o.reshape(B, N, D))
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    teacher._layer = layer_fn
+    try:
+        return teacher(video)
+    finally:
+        del teacher._layer
+
+
+def test_teacher_fused_qkv_equals_unfused_and_shares_memory():
+    teacher = _tiny_teacher()
+    a = teacher.hf.encoder.layers[0].self_attn
+    w, _ = teacher._qkv[0]
+    assert a.q_proj.weight.data_ptr() == w.data_ptr() and a.k_proj.weight.untyped_storage().data_ptr() == \
+        w.untyped_storage().data_ptr(), "q/k/v weights should be views of the fused weight"
+    video = torch.rand(2, 3, 2, 56, 56)
+    fused, plain = teacher(video), _unfused_layers(teacher, video)
+    for x, y in zip(fused.middle + [fused.tokens, fused.pooled, fused.scores],
+                    plain.middle + [plain.tokens, plain.pooled, plain.scores]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    teacher = teacher.to(torch.float64)            # .to() re-fuses: still views, still equal
+    a = teacher.hf.encoder.layers[0].self_attn
+    assert a.v_proj.weight.untyped_storage().data_ptr() == teacher._qkv[0][0].untyped_storage().data_ptr()
+    torch.testing.assert_close(teacher(video.double()).tokens, _unfused_layers(teacher, video.double()).tokens)
+
+
+def test_teacher_ignores_autocast():
+    """Under the step's autocast the teacher still computes in its weights' dtype (here bf16 on
+    CPU): LayerNorm outputs are not promoted to fp32 and re-cast."""
+    teacher = _tiny_teacher(dtype="bf16").to(torch.bfloat16)
+    video = torch.rand(1, 3, 2, 56, 56)
+    seen = []
+    hook = teacher.hf.encoder.layers[0].layer_norm1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = teacher(video)
+    hook.remove()
+    assert seen == [torch.bfloat16] and out.tokens.dtype == torch.bfloat16
+
+
+def test_fp8_rowwise_matmul_emulation():
+    """The maths of FP8Linear: row-wise e4m3 quantisation of both operands, fp32 accumulation.
+    Exact against an independent dequantise-then-matmul, and within e4m3's error of the fp32 GEMM."""
+    from ivfast.models.teacher import FP8_MAX, FP8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48)
+    x = torch.randn(5, 7, 96) * torch.logspace(-2, 2, 7)[None, :, None]   # rows of very different scale
+    y = FP8Linear(lin)(x)
+    xs = x.reshape(-1, 96).abs().amax(1, keepdim=True) / FP8_MAX
+    ws = lin.weight.abs().amax(1, keepdim=True) / FP8_MAX
+    xq = (x.reshape(-1, 96) / xs).to(torch.float8_e4m3fn).float() * xs
+    wq = (lin.weight / ws).to(torch.float8_e4m3fn).float() * ws
+    torch.testing.assert_close(y.reshape(-1, 48), xq @ wq.t() + lin.bias, rtol=1e-5, atol=1e-6)
+    ref = lin(x).detach()
+    rel = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert rel.max() < 0.1, rel.max()            # e4m3 carries 3 mantissa bits: a few % per GEMM
+    assert rel.max() > 1e-4                      # and it is really quantised
+
+
+def test_fp8_teacher_agreement_with_bf16():
+    """The FP8 teacher (emulated on CPU) against the bf16 one, on what stage 1 uses: semantic-mask
+    scores and kept sets, middle-layer and pooled alignment targets. A random tiny teacher; the
+    measured agreement of the real SigLIP2 comes from bench/bench_train_step.py on a GPU."""
+    from ivfast.models.teacher import teacher_agreement
+
+    ref = _tiny_teacher(dtype="bf16").to(torch.bfloat16)
+    fp8 = _tiny_teacher(dtype="bf16", fp8=True).to(torch.bfloat16)
+    assert type(fp8.hf.encoder.layers[0].mlp.fc1).__name__ == "FP8Linear"
+    torch.manual_seed(1)
+    video = torch.rand(2, 3, 4, 56, 56)
+    agree = teacher_agreement(ref(video), fp8(video), frames=4)
+    print("fp8 vs bf16 (tiny random teacher, emulated):", {k: round(v, 4) for k, v in agree.items()})
+    assert agree["middle_cos_min"] > 0.97 and agree["pooled_cos_min"] > 0.97, agree
+    assert agree["score_corr_min"] > 0.9 and agree["mask_overlap_mean"] > 0.8, agree

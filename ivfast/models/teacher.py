@@ -29,6 +29,70 @@ import torch.nn.functional as F
 from .attention import attention
 
 
+# --------------------------------------------------------------------------- FP8 (row-wise scaled)
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
+
+def fp8_quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise scaled e4m3: ``t ~= q.float() * scale`` with ``scale [rows, 1]`` fp32 (amax / 448)."""
+    scale = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    q = (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class FP8Linear(nn.Module):
+    """A frozen Linear with e4m3 weights, row-wise scales on both operands (per token for the
+    activation, per output channel for the weight), fp32 accumulation, bf16 (input dtype) out.
+
+    On CUDA with compute capability >= 8.9 this is one ``torch._scaled_mm``; elsewhere (CPU tests)
+    it is emulated with the same quantisation and fp32 maths, so the numbers match the GPU's up to
+    accumulation order."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        q, scale = fp8_quantize_rows(lin.weight)
+        self.register_buffer("weight_fp8", q, persistent=False)           # [N, K]
+        self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)   # [1, N]
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().clone(), persistent=False)
+        self.out_features = lin.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs = fp8_quantize_rows(x2)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):
+            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
+                                 bias=None if self.bias is None else self.bias.to(out_dtype), out_dtype=out_dtype)
+        else:
+            y = (xq.float() * xs) @ (self.weight_fp8.float() * self.weight_scale.t()).t()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(out_dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def teacher_agreement(ref: "TeacherOutput", other: "TeacherOutput", frames: int, ratio: float = 0.75) -> dict:
+    """How far ``other`` (e.g. the FP8 teacher) moves from ``ref`` (bf16) on what stage 1 uses:
+    the semantic-mask scores (Pearson correlation; overlap of the kept sets of a per-frame top-k
+    mask at ``ratio``) and the alignment targets (cosine of middle-layer tokens and of the pooled
+    per-frame vectors: mean and worst)."""
+    from ivfast.masking import semantic_mask
+
+    a, b = ref.scores.float(), other.scores.float()
+    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    corr = (ac * bc).sum(1) / (ac.norm(dim=1) * bc.norm(dim=1)).clamp(min=1e-12)
+    keep_a, _ = semantic_mask(a, ratio, frames=frames)
+    keep_b, _ = semantic_mask(b, ratio, frames=frames)
+    overlap = [len(set(x.tolist()) & set(y.tolist())) / max(1, len(x)) for x, y in zip(keep_a, keep_b)]
+    mid = torch.cat([F.cosine_similarity(x.float(), y.float(), dim=-1).flatten()
+                     for x, y in zip(ref.middle, other.middle)])
+    pooled = F.cosine_similarity(ref.pooled.float(), other.pooled.float(), dim=-1).flatten()
+    return dict(score_corr_min=corr.min().item(), mask_overlap_mean=sum(overlap) / len(overlap),
+                mask_overlap_min=min(overlap), middle_cos_mean=mid.mean().item(), middle_cos_min=mid.min().item(),
+                pooled_cos_mean=pooled.mean().item(), pooled_cos_min=pooled.min().item())
+
+
 @dataclass
 class TeacherOutput:
     middle: list          # [B, T*n, D] hidden states entering each requested layer
@@ -101,7 +165,8 @@ def build_hf_vision_model(tcfg, align_dim: int, dtype=torch.float32, seed: int =
 class SiglipTeacher(nn.Module):
     """``forward(video01 [B, 3, T, H, W] in 0..1) -> TeacherOutput`` for a frozen HF SigLIP(2) vision model."""
 
-    def __init__(self, hf_model: nn.Module, img_size: int, middle_layers=(), attn_backend: str = "auto"):
+    def __init__(self, hf_model: nn.Module, img_size: int, middle_layers=(), attn_backend: str = "auto",
+                 fp8: bool = False):
         super().__init__()
         conf = hf_model.config
         self.hf = hf_model
@@ -144,6 +209,53 @@ class SiglipTeacher(nn.Module):
         self.register_buffer("pos", pos.reshape(g * g, D).contiguous(), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        # GELU in the GEMM epilogue: cuBLASLt's is the tanh form, i.e. gelu_pytorch_tanh only
+        self._tanh_gelu = getattr(conf, "hidden_act", "") == "gelu_pytorch_tanh"
+        self.fp8 = fp8
+        self._qkv: list = []
+        self._fuse_qkv()
+        if fp8:
+            self._to_fp8()
+
+    # ---- load-time rewrites (issue 14, lever 2)
+    def _fuse_qkv(self) -> None:
+        """q, k, v projections as one [3D, D] GEMM: the fused weight is built once and the HF
+        modules' q/k/v weights become views into it (no extra memory). Redone after .to()."""
+        self._qkv = []
+        for layer in self.hf.encoder.layers:
+            a = layer.self_attn
+            if not hasattr(a, "q_proj") or isinstance(a.q_proj, FP8Linear):
+                self._qkv.append(None)
+                continue
+            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().contiguous()
+            b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach().contiguous()
+            D = a.q_proj.weight.shape[0]
+            for i, proj in enumerate((a.q_proj, a.k_proj, a.v_proj)):
+                proj.weight = nn.Parameter(w[i * D:(i + 1) * D], requires_grad=False)
+                proj.bias = nn.Parameter(b[i * D:(i + 1) * D], requires_grad=False)
+            self._qkv.append((w, b))
+
+    def _to_fp8(self) -> None:
+        """model.teacher.fp8: every encoder-layer Linear (fused qkv, out, fc1, fc2) in row-wise FP8.
+        The patch embedding, pooling head and norms stay in the weights' dtype."""
+        for i, layer in enumerate(self.hf.encoder.layers):
+            a = layer.self_attn
+            w, b = self._qkv[i] if self._qkv[i] is not None else (None, None)
+            if w is not None:
+                qkv = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+                qkv.weight, qkv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+                a.qkv_fp8 = FP8Linear(qkv)
+                del a.q_proj, a.k_proj, a.v_proj
+            a.out_proj = FP8Linear(a.out_proj)
+            layer.mlp.fc1 = FP8Linear(layer.mlp.fc1)
+            layer.mlp.fc2 = FP8Linear(layer.mlp.fc2)
+        self._qkv = [None] * len(self._qkv)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_qkv", None):
+            self._fuse_qkv()       # .to()/.cuda() copied each view separately: fuse again
+        return out
 
     def train(self, mode: bool = True):
         return super().train(False)        # frozen: always eval
@@ -152,16 +264,25 @@ class SiglipTeacher(nn.Module):
     def dim(self) -> int:
         return self.hf.config.hidden_size
 
-    def _layer(self, layer, x):
+    def _layer(self, layer, x, i: int):
         B, N, D = x.shape
         h = layer.layer_norm1(x)
         a = layer.self_attn
-        shape = (B, N, self.heads, D // self.heads)
-        q = a.q_proj(h).view(shape)
-        k = a.k_proj(h).view(shape)
-        v = a.v_proj(h).view(shape)
+        if self._qkv[i] is not None:
+            qkv = F.linear(h, *self._qkv[i])               # one GEMM for q, k and v
+        else:
+            qkv = a.qkv_fp8(h)
+        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).unbind(2)
         x = x + a.out_proj(attention(q, k, v, backend=self.backend).reshape(B, N, D))
-        return x + layer.mlp(layer.layer_norm2(x))
+        return x + self._mlp(layer.mlp, layer.layer_norm2(x))
+
+    def _mlp(self, mlp, h):
+        fc1 = mlp.fc1
+        if h.is_cuda and self._tanh_gelu and isinstance(fc1, nn.Linear) and fc1.bias is not None:
+            # bias + tanh-GELU in cuBLASLt's epilogue: no separate pass over [rows, mlp_hidden]
+            h2 = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
+            return mlp.fc2(h2.view(*h.shape[:-1], -1))
+        return mlp(h)
 
     def _head(self, x):
         """Attention pooling with one learned probe; also returns its attention averaged over heads."""
@@ -184,6 +305,13 @@ class SiglipTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, video01: torch.Tensor) -> TeacherOutput:
+        # Autocast off: the frozen weights' dtype (bf16 on CUDA) is the compute dtype, so each
+        # LayerNorm returns bf16 (fp32 statistics inside the kernel) instead of an fp32 tensor
+        # that autocast re-casts for q, k, v and fc1 (~100 ms/step of traffic in stage 1, predicted).
+        with torch.autocast(video01.device.type, enabled=False):
+            return self._forward(video01)
+
+    def _forward(self, video01: torch.Tensor) -> TeacherOutput:
         if video01.dim() != 5 or video01.shape[1] != 3:
             raise ValueError(f"teacher input must be [B, 3, T, H, W] pixels in 0..1, got {tuple(video01.shape)}")
         B, _, T, H, W = video01.shape
@@ -197,7 +325,7 @@ class SiglipTeacher(nn.Module):
         for i, layer in enumerate(self.hf.encoder.layers):
             if i in want:
                 want[i] = x
-            x = self._layer(layer, x)
+            x = self._layer(layer, x, i)
         x = self.hf.post_layernorm(x)
         pooled, scores = self._head(x)
         n, D = x.shape[1], x.shape[2]
@@ -210,4 +338,8 @@ class SiglipTeacher(nn.Module):
 
 def build_teacher(tcfg, align_dim: int, attn_backend: str = "auto", dtype=torch.float32) -> SiglipTeacher:
     hf = build_hf_vision_model(tcfg, align_dim, dtype=dtype)
-    return SiglipTeacher(hf, tcfg.img_size, tcfg.middle_layers, attn_backend)
+    fp8 = getattr(tcfg, "fp8", False)
+    if fp8 and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError(f"model.teacher.fp8=true needs FP8 GEMMs (compute capability >= 8.9: Ada, Hopper); this "
+                         f"GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}. Set model.teacher.fp8=false")
+    return SiglipTeacher(hf, tcfg.img_size, tcfg.middle_layers, attn_backend, fp8=fp8)
