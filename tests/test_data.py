@@ -45,7 +45,7 @@ def clips(tmp_path_factory):
     (bad / "truncated.webm").write_bytes(data[: len(data) // 2])
     # MJPEG with scrambled payloads in the middle (later frames decode again): the quick probe
     # passes, decoding fails. (A stream that only fails at its end is a cut, not corrupt.)
-    corrupt_middle(mjpeg[0], bad / "corrupt.avi", range(8, 11))
+    corrupt_middle(mjpeg[0], bad / "corrupt.avi", range(3, 21))     # every 4-frame clip meets it
     with av.open(str(bad / "audio.wav"), "w") as c:        # a file with no video stream
         s = c.add_stream("pcm_s16le", rate=8000)
         fr = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
@@ -231,7 +231,7 @@ def test_every_bad_kind_is_classified(clips, monkeypatch):
     assert cut.ok and 0 < cut.frames < FRAMES and "promised by the header" in cut.note
     assert index_mod.probe(str(clips["corrupt"])).ok          # the quick probe cannot see it...
     with pytest.raises(BadSample) as e:                       # ...decoding does
-        decode_frames(str(clips["corrupt"]), [FRAMES - 1])
+        decode_frames(str(clips["corrupt"]), [0, 10])                   # a frame in the corrupt middle
     assert e.value.reason == "decode_error"
     short = index_mod.probe(str(clips["short"]))
     assert short.ok and short.frames == 3

@@ -32,9 +32,6 @@ class CorruptStream(Exception):
     would shift every later frame number (a failure only at the end is a cut, not this)."""
 
 
-# Packets that may still yield frames after a failed one without it meaning a corrupt middle:
-# the decoder's reorder delay (B-frames) releases frames it decoded before the failure.
-REORDER_SLACK = 2
 
 
 def iter_frames(container, stream, skip_nonref=None):
@@ -47,6 +44,9 @@ def iter_frames(container, stream, skip_nonref=None):
     non-reference frames (they are not output, so the caller must not count on them).
     """
     ctx = stream.codec_context
+    # Packets that may still yield frames after a failed one without it meaning a corrupt
+    # middle: the decoder's reorder delay (B-frames) releases frames decoded before the failure.
+    slack = max(0, int(getattr(ctx, "has_b_frames", 0) or 0))
     err: Exception | None = None
     after_err = 0
     packets = container.demux(stream)
@@ -71,24 +71,44 @@ def iter_frames(container, stream, skip_nonref=None):
             continue
         if frames and err is not None and packet.size:
             after_err += 1
-            if after_err > REORDER_SLACK:
+            if after_err > slack:
                 raise CorruptStream(f"frames decode again after a failed packet ({type(err).__name__}: {err})")
         yield from frames
     if skipping:
         ctx.skip_frame = "DEFAULT"
 
 
-SEEK_GAP = 120   # frames: a longer jump forward seeks to a keyframe instead of decoding through
+SEEK_GAP = 120     # frames: a longer jump forward seeks to a keyframe (when the GOP is unknown)
+SEEK_MARGIN = 8    # with a known GOP: seek when the keyframe before the target is this far ahead
+SKIP_MARGIN = 16   # skip non-reference frames only while the next sample is this far ahead
+                   # (more than any B-frame reorder distance, so a wanted frame is never skipped)
+# Containers whose timestamps come from a per-file sample table (one timeline for the whole
+# file): there, numbering frames by timestamp after a seek or a skip is safe. Not MPEG-TS /
+# PS and other streams, whose timestamps can restart (concatenated segments).
+TIMED_FORMATS = ("mov", "mp4", "m4a", "3gp", "matroska", "webm", "avi")
 
 
-def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP) -> np.ndarray:
+def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP,
+                  skip_nonref: bool = True) -> np.ndarray:
     """Decode the frames at ``indices`` (display order, repeats allowed) -> [T, H, W, 3] uint8 RGB.
 
     Frame k is the k-th frame the decoder outputs, as in the index's frame count and DALI's
-    ``frames`` argument. Short jumps are decoded through; a jump of more than ``seek_gap``
-    frames seeks to the keyframe before the target and numbers frames by timestamp from
-    there (k = (pts - pts of frame 0) x fps). A seek that lands past the target, or frames
-    without timestamps, fall back to decoding from the start, so the result is always the
+    ``frames`` argument. The work between samples is cut three ways, none of which changes
+    the result:
+
+    * seeking: once two keyframes have been seen (a regular GOP), a target whose preceding
+      keyframe lies more than ``SEEK_MARGIN`` frames ahead is reached by seeking to that
+      keyframe; without a known GOP, a jump of more than ``seek_gap`` frames seeks;
+    * ``skip_nonref``: while the next sample is more than ``SKIP_MARGIN`` frames ahead the
+      decoder skips non-reference frames (FFmpeg ``skip_frame=NONREF``: no later frame
+      depends on them);
+    * RGB conversion only for the sampled frames, single-threaded (PyAV >= 18 starts a
+      thread pool per call otherwise).
+
+    After a seek or a skip, frames are numbered by timestamp (k = (pts - pts0) x fps), which
+    is checked against the sequential count while decoding from the start. Any sign that the
+    timestamps cannot be trusted (missing pts, a seek past the target, a target number that
+    never appears) restarts with plain sequential decoding, so the result is always the
     sequential numbering. Raises :class:`BadSample` ('truncated' when the stream ends early,
     with ``decoded`` = the frames it gave; 'decode_error' on a corrupt payload inside the
     stream or frames whose size changes mid-stream; 'unreadable' when the container cannot
@@ -100,6 +120,7 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     if idx.ndim != 1 or idx.size == 0 or idx.min() < 0:
         raise ValueError(f"indices must be a non-empty 1-D list of frame numbers >= 0, got {idx}")
     wanted = [int(w) for w in np.unique(idx)]
+    wanted_set = set(wanted)
     got: dict[int, np.ndarray] = {}
     try:
         container = av.open(path)
@@ -113,49 +134,81 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
         stream.thread_count = max(1, threads)
         rate = stream.average_rate or stream.guessed_rate
         tb = stream.time_base
-        can_seek = seek_gap > 0 and bool(rate) and bool(tb)
-        k = -1            # number of the last frame decoded
-        pts0 = None       # timestamp of frame 0 (from a decode that started at the beginning)
-        frames_iter = iter_frames(container, stream)
-        by_pts = False    # after a seek, frames are numbered by timestamp
+        fmt = set((container.format.name or "").split(","))
+        timed = bool(rate) and bool(tb) and bool(fmt & set(TIMED_FORMATS))
+        spf = float(tb) * float(rate) if timed else 0.0     # timestamp units -> frame numbers
+        can_seek = seek_gap > 0 and timed
+        st = {"k": -1, "w": wanted[0], "regular": timed, "by_pts": False, "from_start": True}
+        pts0 = None                 # timestamp of frame 0 (from a decode that started at the beginning)
+        keys: list[int] = []        # numbers of the keyframes seen while decoding from the start
+
+        def skip_now() -> bool:     # asked by iter_frames before each packet
+            on = skip_nonref and st["regular"] and pts0 is not None and st["w"] - st["k"] > SKIP_MARGIN
+            if on:
+                st["by_pts"] = True
+            return on
+
+        def should_seek(w: int, k: int) -> bool:
+            if not (can_seek and pts0 is not None and st["regular"]):
+                return False
+            gop = keys[1] - keys[0] if len(keys) >= 2 else 0
+            return (w // gop) * gop - k > SEEK_MARGIN if gop else w - k > seek_gap
+
+        frames_iter = iter_frames(container, stream, skip_now)
         try:
             for w in wanted:
-                if w <= k:                               # asked twice (unique() prevents) or passed
+                st["w"] = w
+                k = st["k"]
+                if w <= k:
                     continue
-                if can_seek and pts0 is not None and w - k > seek_gap:
+                if should_seek(w, k):
                     container.seek(int(pts0 + (w / float(rate)) / float(tb)), stream=stream, backward=True)
-                    frames_iter, by_pts = iter_frames(container, stream), True
-                    k = -1
+                    frames_iter = iter_frames(container, stream, skip_now)
+                    st["by_pts"], st["from_start"], st["k"], k = True, False, -1, -1
                 while k < w:
                     frame = next(frames_iter, None)
                     if frame is None:
                         break
                     if pts0 is None:
                         pts0 = frame.pts
-                    if by_pts:
-                        if frame.pts is None:
-                            raise _Restart
-                        n = int(round((frame.pts - pts0) * float(tb) * float(rate)))
-                        if k == -1 and n > w:            # the seek overshot the target
+                        if pts0 is None:
+                            st["regular"] = False
+                    n = int(round((frame.pts - pts0) * spf)) if (frame.pts is not None and pts0 is not None and timed) else None
+                    if st["by_pts"]:
+                        if n is None or n <= k and k >= 0:
+                            raise _Restart              # no timestamp, or not increasing
+                        if k == -1 and n > w:           # the seek overshot the target
                             raise _Restart
                         k = n
                     else:
                         k += 1
-                    if k in got or k not in wanted:
+                        if n != k:                      # timestamps disagree with the count
+                            st["regular"] = False
+                    if frame.key_frame and st["from_start"] and st["regular"] and len(keys) < 2:
+                        keys.append(k)
+                        if len(keys) == 2 and k not in wanted_set and should_seek(w, k):
+                            # the GOP just became known and the target is GOPs away: seek now
+                            container.seek(int(pts0 + (w / float(rate)) / float(tb)), stream=stream,
+                                           backward=True)
+                            frames_iter = iter_frames(container, stream, skip_now)
+                            st["by_pts"], st["from_start"], st["k"], k = True, False, -1, -1
+                            continue
+                    st["k"] = k
+                    if k in got or k not in wanted_set:
                         continue
                     got[k] = frame.to_ndarray(format="rgb24", threads=1)
                 if w not in got:
-                    if by_pts and k > w:                 # timestamps skipped this number
+                    if st["by_pts"] and k > w:          # skipped or timestamps jumped this number
                         raise _Restart
-                    break                                # the stream ended first
+                    break                               # the stream ended first
         except _Restart:
-            return decode_frames(path, indices, threads, seek_gap=0)
+            return decode_frames(path, indices, threads, seek_gap=0, skip_nonref=False)
         except Exception as e:
-            raise BadSample("decode_error", path, f"near frame {k}: {type(e).__name__}: {e}") from e
+            raise BadSample("decode_error", path, f"near frame {st['k']}: {type(e).__name__}: {e}") from e
     missing = [w for w in wanted if w not in got]
     if missing:
-        raise BadSample("truncated", path, f"stream ended after frame {k}; frames {missing[:4]} were asked for",
-                        decoded=k + 1)
+        raise BadSample("truncated", path, f"stream ended after frame {st['k']}; frames {missing[:4]} were asked for",
+                        decoded=st["k"] + 1)
     shapes = sorted({got[w].shape for w in wanted})
     if len(shapes) > 1:      # e.g. segments of different resolutions concatenated into one stream
         raise BadSample("decode_error", path, f"the frame size changes within the stream: {shapes}")

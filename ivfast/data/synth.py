@@ -21,6 +21,8 @@ CODECS: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "vp9": ("libvpx-vp9", "webm", "yuv420p", {"deadline": "realtime", "cpu-used": "8"}),
     "vp8": ("libvpx", "webm", "yuv420p", {"deadline": "realtime", "cpu-used": "8"}),
     "h264": ("libx264", "mp4", "yuv420p", {"preset": "ultrafast"}),
+    # Kinetics-like: B-frames (x264 'veryfast' uses 3, with a B-pyramid), as real uploads have
+    "h264b": ("libx264", "mp4", "yuv420p", {"preset": "veryfast"}),
     "mjpeg": ("mjpeg", "avi", "yuvj420p", {}),
 }
 

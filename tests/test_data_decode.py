@@ -1,0 +1,96 @@
+"""Decoder levers (GOP-aware seeking, skipping non-reference frames, single-threaded RGB
+conversion) never change which frames come back: each sampled frame carries its number."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    import av  # noqa: F401
+except ImportError as _e:
+    pytest.skip(f"PyAV is not importable: {_e}", allow_module_level=True)
+
+from ivfast.data import pyav as pyav_mod  # noqa: E402
+from ivfast.data.synth import make_videos, read_frame_number  # noqa: E402
+
+W, H, N = 96, 80, 90
+
+
+@pytest.fixture(scope="module")
+def vids(tmp_path_factory):
+    root = tmp_path_factory.mktemp("levers")
+    out = {}
+    for codec, gop in (("h264b", 30), ("h264b", 250), ("h264", 8), ("vp9", 16), ("mjpeg", 0)):
+        out[(codec, gop)] = make_videos(root, 1, codec, frames=N, size=(W, H), seed=3, gop=gop,
+                                        prefix=f"g{gop}")[0]
+    return out
+
+
+def count_frames(monkeypatch):
+    """Patch iter_frames to count the frames the decoder outputs (decoding work) and restarts."""
+    seen = {"frames": 0, "calls": 0}
+    real_iter, real_decode = pyav_mod.iter_frames, pyav_mod.decode_frames
+
+    def it(*a, **k):
+        for f in real_iter(*a, **k):
+            seen["frames"] += 1
+            yield f
+
+    def dec(*a, **k):
+        seen["calls"] += 1
+        return real_decode(*a, **k)
+    monkeypatch.setattr(pyav_mod, "iter_frames", it)
+    monkeypatch.setattr(pyav_mod, "decode_frames", dec)
+    return seen
+
+
+def test_b_frames_really_present(vids):
+    with av.open(str(vids[("h264b", 30)])) as c:
+        types = {int(f.pict_type) for f in c.decode(video=0)}
+    assert 3 in types          # AV_PICTURE_TYPE_B
+
+
+@pytest.mark.parametrize("key", [("h264b", 30), ("h264b", 250), ("h264", 8), ("vp9", 16), ("mjpeg", 0)])
+def test_levers_frame_exact(vids, key, monkeypatch):
+    path = str(vids[key])
+    rng = np.random.default_rng(0)
+    sets = [[0, 89], [89, 0, 45, 45], [5, 6, 7, 60], list(range(0, 90, 6))]
+    sets += [sorted(rng.integers(0, N, 8).tolist()) for _ in range(4)]
+    for idx in sets:
+        ref = pyav_mod.decode_frames(path, idx, seek_gap=0, skip_nonref=False)     # plain sequential
+        assert [read_frame_number(f) for f in ref] == idx
+        seen = count_frames(monkeypatch)
+        fast = pyav_mod.decode_frames(path, idx)
+        assert seen["calls"] == 1, (key, idx)              # no fall-back restart on these files
+        np.testing.assert_array_equal(fast, ref)
+        monkeypatch.undo()
+
+
+def test_levers_cut_decoding_work(vids, monkeypatch):
+    """Sparse samples: the short-GOP file seeks, the long-GOP B-frame file skips non-reference frames."""
+    idx = [3, 40, 80]
+    seen = count_frames(monkeypatch)
+    pyav_mod.decode_frames(str(vids[("h264", 8)]), idx)
+    assert seen["frames"] < 30                              # ~3 GOPs of 8 instead of 81 frames
+    seen["frames"] = 0
+    pyav_mod.decode_frames(str(vids[("h264b", 250)]), idx)
+    assert seen["frames"] < 70                              # B-frames between samples are skipped
+    seen["frames"] = 0
+    pyav_mod.decode_frames(str(vids[("h264b", 250)]), idx, skip_nonref=False)
+    assert seen["frames"] >= 81
+
+
+def test_untimed_container_decodes_sequentially(tmp_path, monkeypatch):
+    """MPEG-TS timestamps can restart: no seeking or skipping there, plain counting."""
+    path = tmp_path / "a.ts"
+    frames = make_videos(tmp_path, 1, "h264", frames=40, size=(W, H), seed=1, gop=5)[0]
+    with av.open(str(frames)) as inp, av.open(str(path), "w", format="mpegts") as out:
+        s = inp.streams.video[0]
+        o = out.add_stream_from_template(s)
+        for pkt in inp.demux(s):
+            if pkt.size:
+                pkt.stream = o
+                out.mux(pkt)
+    seen = count_frames(monkeypatch)
+    got = pyav_mod.decode_frames(str(path), [1, 30, 39])
+    assert [read_frame_number(f) for f in got] == [1, 30, 39] and seen["frames"] == 40
