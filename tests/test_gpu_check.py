@@ -71,3 +71,22 @@ def test_part_budgets_fit_twelve_minutes():
     setup = int(sh.split("timeout ")[1].split()[0])            # the pip install / _C build
     assert set(budgets) == set(G.PARTS)
     assert setup <= 120 and sum(int(v) for v in budgets.values()) + 60 <= total <= 12 * 60 - 20
+
+
+def test_gpu_tests_collect_without_pyav_and_dali(tmp_path):
+    """`pytest -m gpu --collect-only` on the bare GPU machine (no PyAV, DALI, decord, flash-attn)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('av', 'decord', 'flash_attn') or name.startswith('nvidia.dali'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (hidden for the test)')\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        str(ROOT / "tests")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    assert "error" not in text.lower(), text[-3000:]
+    assert "test_gpu_vit_block_under_bf16_autocast" in text and " collected" in text
