@@ -1,28 +1,36 @@
-"""Fused Triton kernels for the per-patch diffusion MLP (adaLN residual blocks), fwd + bwd.
+"""Diffusion-MLP decoder (adaLN residual blocks), fwd + bwd: cuBLAS GEMMs, Triton row kernels between them.
 
 The decoder block (see ``ivfast.models.diffusion.ResBlock``) is::
 
-    shift, scale, gate = Linear(SiLU(c))                    # all blocks: ONE batched GEMM
-    h  = LN(x) * (1 + scale) + shift                         # row kernel  (_ln_mod_fwd)
-    u  = h @ W1^T + b1 ;  a = SiLU(u)                        # GEMM, epilogue bias + SiLU
-    h2 = a @ W2^T + b2 ;  y = x + gate * h2                  # GEMM, epilogue bias + gate + residual
+    shift, scale, gate = Linear(SiLU(c))                    # all blocks: ONE batched GEMM (cuBLAS)
+    h  = LN(x) * (1 + scale) + shift                         # row kernel  (_ln_mod_fwd_kernel)
+    u  = h @ W1^T + b1 ;  a = SiLU(u)                        # cuBLAS addmm (bias epilogue) + SiLU
+    h2 = a @ W2^T + b2 ;  y = x + gate * h2                  # cuBLAS addmm; the residual is fused
+                                                             # into the NEXT block's LN row kernel
 
-What is fused and why:
-* one generic tiled GEMM (``_mm_kernel``, fp32 accumulation, int64 offsets, any strides so
-  transposed operands cost nothing) with epilogues for bias, SiLU, the SiLU derivative (which
-  also re-emits SiLU(u) for the weight gradient), gate and residual, and the bias gradient summed
-  from the A tiles of the weight-gradient GEMM: every memory-bound op next to a GEMM rides on it;
-* LayerNorm + affine + modulate is one row kernel; its backward is one row kernel that also
-  writes d(shift), d(scale) straight into the block's adaLN gradient and partial LN dw/db;
+Why this split (issue 13): at width 1536 the block is GEMM-bound (~700 FLOP/byte), so every GEMM
+must run at cuBLAS speed; a hand-written Triton GEMM (cp.async, non-persistent, spilling dSiLU
+epilogues, 144 tiles on 132 SMs for 1536^2 weight gradients) does not. So there is NO Triton GEMM
+here (hence no autotuning, issue 11 item 5): every product is ``torch.addmm`` / ``torch.mm``. The
+memory-bound work next to them lives in a few Triton row / pointwise kernels, each doing one pass:
+
+* forward: ``ln_modulate`` (LN + affine + modulate) and ``residual_ln_modulate`` (``y = x + gate*h2``
+  of the previous block, then LN-modulate of y, one read of x/h2/gate);
+* backward: ``gate_backward`` (dgate, dh2 and the column sums d(b2), d(gate bias)),
+  ``dsilu_backward`` (du = da * SiLU'(u), a = SiLU(u) for dW2, column sum d(b1)),
+  ``ln_modulate_backward`` (dx + residual grad, d(shift), d(scale) into the adaLN gradient, their
+  column sums = the adaLN bias gradient, LN dw/db): every bias gradient is a column sum taken in a
+  row kernel that already reads the tensor;
 * backward recomputes h = LN-modulate(x) (cheap) instead of storing it. Saved per block: the
-  block input x, u and h2 (+ the shared adaLN output), less than eager autograd keeps.
+  block input x, u and h2 (+ the shared adaLN output), no more than eager autograd keeps.
+* frozen parameters (``requires_grad=False``) get no weight-gradient GEMM (``ctx.needs_input_grad``).
 
 Autograd Functions: :class:`LinearFn` (Linear with optional SiLU, for the small input/time/cond
-layers) and :class:`AdaLNTrunkFn` (all residual blocks + the final layer, with a hand-written
-backward that takes the adaLN gradient block by block: only a [rows, 3W] slice of it is alive
-at a time, and d(c) accumulates in fp32 through the GEMM's residual epilogue). ``*_reference`` functions are the plain PyTorch
-definitions the tests compare against. Kernels know nothing of modules:
-``ivfast.models.diffusion`` wires parameters in.
+layers) and :class:`AdaLNTrunkFn` (all residual blocks + the final layer, hand-written backward that
+takes the adaLN gradient block by block: only a [rows, 3W] slice of it is alive at a time).
+``*_reference`` functions are the plain PyTorch definitions the tests compare against. Kernels know
+nothing of modules: ``ivfast.models.diffusion`` wires parameters in (and pads 588 -> 592,
+1176 -> 1184 so every GEMM operand row is 16-byte aligned).
 """
 from __future__ import annotations
 
@@ -33,215 +41,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["matmul", "weight_grad", "ln_modulate", "ln_modulate_backward", "gate_backward", "linear",
-           "adaln_trunk", "LinearFn", "AdaLNTrunkFn", "ln_modulate_reference", "adaln_trunk_reference"]
+__all__ = ["ln_modulate", "residual_ln_modulate", "ln_modulate_backward", "gate_backward", "dsilu_backward",
+           "linear", "adaln_trunk", "LinearFn", "AdaLNTrunkFn", "ln_modulate_reference", "adaln_trunk_reference",
+           "weight_grad"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# =========================================================================== GEMM
-def _mm_configs() -> list:
-    if _INTERPRET:      # the interpreter cannot autotune over several configs; big tiles = few programs
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    cfgs = []
-    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Checked by compiling for sm_90 without a GPU
-    # (ptxas resource usage): 128x128x64/8 warps keeps every epilogue spill-free or nearly; the
-    # 256-wide tiles spill in the gate/residual epilogue but can still win on plain GEMMs.
-    for bm, bn, bk, st, wp in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8),
-                               (128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                               (64, 64, 64, 4, 4)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_stages=st, num_warps=wp))
-    return cfgs
+# =========================================================================== GEMMs (cuBLAS)
+def _linear_fwd(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w^T + b`` through cuBLAS(Lt): addmm with a 1-D bias takes the bias epilogue."""
+    return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
 
 
-@triton.jit
-def _silu_f32(v):
-    return v / (1.0 + tl.exp(-v))
+def weight_grad(dy: Tensor, x: Tensor) -> Tensor:
+    """``dW = dy^T @ x`` (cuBLAS; it picks split-K for the 1536 x 1536 x rows shapes). Every
+    weight gradient of the decoder goes through here, so a test can count them (frozen layers
+    must make none)."""
+    return torch.mm(dy.t(), x)
 
 
-@triton.autotune(configs=_mm_configs(),
-                 key=["M_BUCKET", "N", "K", "ACT", "HAS_GATE", "HAS_RES", "STORE_PRE", "STORE_ACT", "ROWSUM_A"])
-@triton.jit
-def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, gate_ptr, res_ptr, act_ptr, rowsum_ptr,
-               M, N, K, M_BUCKET,
-               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_aux, s_gate, s_res, s_act,
-               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-               STORE_PRE: tl.constexpr, STORE_ACT: tl.constexpr, ROWSUM_A: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = epilogue(A @ B), fp32 accumulation.
-
-    pre = acc + bias;  out = pre | SiLU(pre) (ACT=1) | pre * SiLU'(aux) (ACT=2);
-    out = out * gate (HAS_GATE); out = out + res (HAS_RES); aux = pre (STORE_PRE);
-    act = SiLU(aux) (STORE_ACT, with ACT=2: the activation the weight gradient needs, written
-    once per element here instead of recomputed in the next GEMM's mainloop);
-    rowsum[m] = sum_k A[m, k] in fp32 (ROWSUM_A: the bias gradient of a weight-gradient GEMM
-    dW = dY^T X, taken from the dY tiles already in registers, by the pid_n == 0 programs).
-    aux, gate, res and act are [M, N] with unit column stride.
-    """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: neighbouring programs share A row-panels in L2
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
-    # 64-bit scalar tile origins + 32-bit in-tile offsets: safe past 2^31 elements without
-    # 64-bit offset tensors (which cost registers and spill in the epilogue)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
-    m0_64 = tl.cast(m0, tl.int64)
-    n0_64 = tl.cast(n0, tl.int64)
-    lm = tl.arange(0, BLOCK_M)
-    ln = tl.arange(0, BLOCK_N)
-    lk = tl.arange(0, BLOCK_K)
-    mask_m = lm < M - m0
-    mask_n = ln < N - n0
-    a_ptrs = a_ptr + m0_64 * s_am + (lm[:, None] * s_am + lk[None, :] * s_ak)
-    b_ptrs = b_ptr + n0_64 * s_bn + (lk[:, None] * s_bk + ln[None, :] * s_bn)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ROWSUM_A:
-        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = lk < K - k0
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        if ROWSUM_A:
-            if pid_n == 0:
-                rsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_K * s_ak
-        b_ptrs += BLOCK_K * s_bk
-    if ROWSUM_A:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + m0_64 + lm, rsum, mask=mask_m)
-
-    mask = mask_m[:, None] & mask_n[None, :]
-    tile = lm[:, None] * 0 + ln[None, :]          # column offsets, broadcast to the tile
-    pre = acc
-    if HAS_BIAS:
-        pre += tl.load(bias_ptr + n0_64 + ln, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if STORE_PRE:
-        tl.store(aux_ptr + (m0_64 * s_aux + n0_64) + (lm[:, None] * s_aux + tile),
-                 pre.to(aux_ptr.dtype.element_ty), mask=mask)
-    out = pre
-    if ACT == 1:
-        out = _silu_f32(pre)
-    if ACT == 2:       # chain rule through SiLU of the stored pre-activation u
-        u = tl.load(aux_ptr + (m0_64 * s_aux + n0_64) + (lm[:, None] * s_aux + tile),
-                    mask=mask, other=0.0).to(tl.float32)
-        sg = 1.0 / (1.0 + tl.exp(-u))
-        out = pre * sg * (1.0 + u * (1.0 - sg))
-        if STORE_ACT:
-            tl.store(act_ptr + (m0_64 * s_act + n0_64) + (lm[:, None] * s_act + tile),
-                     (u * sg).to(act_ptr.dtype.element_ty), mask=mask)
-    if HAS_GATE:
-        g = tl.load(gate_ptr + (m0_64 * s_gate + n0_64) + (lm[:, None] * s_gate + tile), mask=mask, other=0.0)
-        out = out * g.to(tl.float32)
-    if HAS_RES:
-        r = tl.load(res_ptr + (m0_64 * s_res + n0_64) + (lm[:, None] * s_res + tile), mask=mask, other=0.0)
-        out = out + r.to(tl.float32)
-    tl.store(c_ptr + (m0_64 * s_cm + n0_64 * s_cn) + (lm[:, None] * s_cm + ln[None, :] * s_cn),
-             out.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-def _unit_col(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
-    if t is None:
-        return
-    if tuple(t.shape) != shape or t.stride(1) != 1:
-        raise ValueError(f"matmul: {name} must be {list(shape)} with unit column stride, "
-                         f"got {list(t.shape)} strides {t.stride()} (pass a row-sliced view or .contiguous())")
-
-
-def _tf32_allowed() -> bool:
-    """Whether fp32 matmuls may use TF32, through either of torch's APIs: reading the legacy
-    ``allow_tf32`` flag raises once a user has set the newer ``fp32_precision``."""
-    try:
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
-    except AttributeError:   # torch before the fp32_precision API
-        return torch.backends.cuda.matmul.allow_tf32
-
-
-def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, *, act: str | None = None,
-           aux: Tensor | None = None, gate: Tensor | None = None, res: Tensor | None = None,
-           store_pre: bool = False, store_act: bool = False, rowsum_a: bool = False,
-           out_dtype: torch.dtype | None = None):
-    """``a[M, K] @ b[K, N]`` (+ bias[N]) with the fused epilogues of ``_mm_kernel``.
-
-    ``act``: None, ``'silu'`` or ``'dsilu'`` (multiply by SiLU'(aux), aux = stored pre-activation).
-    Extra outputs, in this order after ``out``: ``pre`` (store_pre: the pre-activation/pre-gate
-    value), ``act`` (store_act, with dsilu: SiLU(aux)), ``rowsum`` (rowsum_a: fp32 row sums of a).
-    Any strides for a and b (transposed views cost nothing). ``out_dtype`` (default a's) is the
-    dtype of ``out`` only, e.g. fp32 to accumulate a gradient through ``res`` over several calls.
-    """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"matmul: shapes {list(a.shape)} @ {list(b.shape)} do not chain")
-    if a.dtype != b.dtype or a.device != b.device:
-        raise ValueError(f"matmul: a and b must share dtype and device, got {a.dtype}/{b.dtype}, "
-                         f"{a.device}/{b.device}; cast the weights to the activation dtype first")
-    if act not in (None, "silu", "dsilu"):
-        raise ValueError(f"matmul: act={act!r}; choose None, 'silu' or 'dsilu'")
-    M, K = a.shape
-    N = b.shape[1]
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"matmul: bias must be [{N}], got {list(bias.shape)}")
-    new = lambda: torch.empty((M, N), device=a.device, dtype=a.dtype)
-    out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
-    pre = new() if store_pre else None
-    act_out = new() if store_act else None
-    rowsum = torch.zeros((M,), device=a.device, dtype=torch.float32) if rowsum_a else None
-    if act == "dsilu":
-        if store_pre:
-            raise ValueError("matmul: act='dsilu' reads aux; it cannot also store_pre")
-        if aux is None:
-            raise ValueError("matmul: act='dsilu' needs aux = the pre-activation u")
-        _unit_col(aux, "aux", (M, N))
-        aux_t = aux
-    else:
-        if store_act:
-            raise ValueError("matmul: store_act needs act='dsilu' (it writes SiLU(aux))")
-        aux_t = pre
-    _unit_col(gate, "gate", (M, N))
-    _unit_col(res, "res", (M, N))
-    extra = [t for t in (pre, act_out, rowsum) if t is not None]
-    strides = [a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0)] + \
-        [t.stride(0) for t in (aux_t, gate, res) if t is not None]
-    if max(strides) * 256 >= 2 ** 31:   # in-tile offsets are 32-bit (tile origins are 64-bit)
-        raise ValueError(f"matmul: a stride of {max(strides)} elements is too large for 32-bit in-tile "
-                         "offsets; pass .contiguous() operands")
-    if M > 0 and N > 0:
-        dummy = out
-        ieee = a.dtype == torch.float32 and not _tf32_allowed()
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _mm_kernel[grid](
-            a, b, out, bias if bias is not None else dummy, aux_t if aux_t is not None else dummy,
-            gate if gate is not None else dummy, res if res is not None else dummy,
-            act_out if act_out is not None else dummy, rowsum if rowsum is not None else dummy,
-            M, N, K, max(M, 1).bit_length(),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            aux_t.stride(0) if aux_t is not None else 0, gate.stride(0) if gate is not None else 0,
-            res.stride(0) if res is not None else 0, act_out.stride(0) if act_out is not None else 0,
-            HAS_BIAS=bias is not None, ACT={None: 0, "silu": 1, "dsilu": 2}[act],
-            HAS_GATE=gate is not None, HAS_RES=res is not None, STORE_PRE=store_pre,
-            STORE_ACT=store_act, ROWSUM_A=rowsum_a, IEEE=ieee,
-        )
-    return (out, *extra) if extra else out
-
-
-def weight_grad(dy: Tensor, x: Tensor, with_bias: bool = True) -> tuple[Tensor, Tensor | None]:
-    """For ``y = x @ w^T + b``: ``dw = dy^T @ x`` and ``db = column sums of dy`` (fp32, fused
-    into the same GEMM), cast to dy's dtype."""
-    if not with_bias:
-        return matmul(dy.t(), x), None
-    dw, db = matmul(dy.t(), x, rowsum_a=True)
-    return dw, db.to(dy.dtype)
+def _column_sum(t: Tensor) -> Tensor:
+    """Column sums in t's dtype (fp32 accumulation inside torch's reduction)."""
+    return t.sum(0, dtype=torch.float32).to(t.dtype)
 
 
 # =========================================================================== LN + modulate
@@ -264,14 +86,23 @@ def _center_rows(x, mask, W, eps):
 
 
 @triton.jit
-def _ln_mod_fwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
-                       M, W, s_x, s_shift, s_scale, s_h, eps,
-                       AFFINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    """BLOCK_R whole rows per program: h = LN(x) [* w + b] * (1 + scale) + shift."""
+def _ln_mod_fwd_kernel(x_ptr, h2_ptr, gate_ptr, y_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
+                       M, W, s_x, s_h2, s_gate, s_y, s_shift, s_scale, s_h, eps,
+                       RESIDUAL: tl.constexpr, AFFINE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
+    """BLOCK_R whole rows per program. RESIDUAL: y = x + gate * h2 is stored and normalised
+    (the previous block's output, fused here so it costs no extra pass);
+    h = LN(y) [* w + b] * (1 + scale) + shift."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK_W)[None, :]
     mask = (rows < M) & (cols < W)
     x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        g = tl.load(gate_ptr + rows * s_gate + cols, mask=mask, other=0.0).to(tl.float32)
+        h2 = tl.load(h2_ptr + rows * s_h2 + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x + g * h2).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rows * s_y + cols, y, mask=mask)
+        x = y.to(tl.float32)       # normalise the ROUNDED y: the backward recomputes from the stored y
     xc, rstd = _center_rows(x, mask, W, eps)
     h = xc * rstd
     if AFFINE:
@@ -284,18 +115,21 @@ def _ln_mod_fwd_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, h_ptr,
 
 @triton.jit
 def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr, dshift_ptr, dscale_ptr,
-                       dw_ptr, db_ptr, M, W, rows_per_prog,
-                       s_dh, s_x, s_scale, s_dres, s_dx, s_dshift, s_dscale, eps,
+                       part_ptr, M, W, rows_per_prog,
+                       s_dh, s_x, s_scale, s_dres, s_dx, s_dshift, s_dscale, s_part, eps,
                        AFFINE: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_W: tl.constexpr):
     """Rows [pid*rows_per_prog, ...) in chunks of BLOCK_R: dx (+ dres), d(shift) = dh,
-    d(scale) = dh * LN(x); partial LN dw/db of this program's rows (summed by the caller)."""
+    d(scale) = dh * LN(x); this program's column-sum partials, part[j, pid, :] for
+    j = 0 sum d(shift), 1 sum d(scale) (the adaLN bias gradient), 2 LN dw, 3 LN db."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_W)[None, :]
     cmask = cols < W
     if AFFINE:
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    s_sh = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    s_sc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     dw = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     db = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     start = pid * rows_per_prog
@@ -312,8 +146,11 @@ def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr,
             ln = n * w + b
         else:
             ln = n
+        dsc = dh * ln
         tl.store(dshift_ptr + rows * s_dshift + cols, dh.to(dshift_ptr.dtype.element_ty), mask=mask)
-        tl.store(dscale_ptr + rows * s_dscale + cols, (dh * ln).to(dscale_ptr.dtype.element_ty), mask=mask)
+        tl.store(dscale_ptr + rows * s_dscale + cols, dsc.to(dscale_ptr.dtype.element_ty), mask=mask)
+        s_sh += dh
+        s_sc += dsc
         dl = dh * (1.0 + sc)
         if AFFINE:
             dw += dl * n
@@ -327,10 +164,13 @@ def _ln_mod_bwd_kernel(dh_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, dres_ptr, dx_ptr,
         if HAS_DRES:
             dx += tl.load(dres_ptr + rows * s_dres + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows * s_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    out = pid * W + tl.arange(0, BLOCK_W)
+    omask = tl.arange(0, BLOCK_W) < W
+    tl.store(part_ptr + out, tl.sum(s_sh, axis=0), mask=omask)
+    tl.store(part_ptr + s_part + out, tl.sum(s_sc, axis=0), mask=omask)
     if AFFINE:
-        out = pid * W + tl.arange(0, BLOCK_W)
-        tl.store(dw_ptr + out, tl.sum(dw, axis=0), mask=tl.arange(0, BLOCK_W) < W)
-        tl.store(db_ptr + out, tl.sum(db, axis=0), mask=tl.arange(0, BLOCK_W) < W)
+        tl.store(part_ptr + 2 * s_part + out, tl.sum(dw, axis=0), mask=omask)
+        tl.store(part_ptr + 3 * s_part + out, tl.sum(db, axis=0), mask=omask)
 
 
 def _row_settings(W: int) -> tuple[int, int, int]:
@@ -344,31 +184,47 @@ def _row_settings(W: int) -> tuple[int, int, int]:
 def _check_rows(name: str, t: Tensor, M: int, W: int) -> None:
     if t.shape != (M, W) or t.stride(1) != 1:
         raise ValueError(f"{name} must be [{M}, {W}] with unit column stride, got {list(t.shape)} "
-                         f"strides {t.stride()}")
+                         f"strides {t.stride()} (pass a row-sliced view or .contiguous())")
+
+
+def _ln_mod_launch(x, h2, gate, weight, bias, shift, scale, eps, name):
+    M, W = x.shape
+    tensors = [("x", x), ("shift", shift), ("scale", scale)] + \
+        ([("h2", h2), ("gate", gate)] if h2 is not None else [])
+    for n, t in tensors:
+        _check_rows(f"{name}: {n}", t, M, W)
+    if (weight is None) != (bias is None):
+        raise ValueError(f"{name}: give both LN weight and bias, or neither (non-affine LN)")
+    h = torch.empty((M, W), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, W), device=x.device, dtype=x.dtype) if h2 is not None else None
+    if M > 0:
+        block, rows, warps = _row_settings(W)
+        res = h2 is not None
+        _ln_mod_fwd_kernel[(triton.cdiv(M, rows),)](
+            x, h2 if res else x, gate if res else x, y if res else h,
+            weight if weight is not None else x, bias if bias is not None else x, shift, scale, h,
+            M, W, x.stride(0), h2.stride(0) if res else 0, gate.stride(0) if res else 0,
+            y.stride(0) if res else 0, shift.stride(0), scale.stride(0), h.stride(0), eps,
+            RESIDUAL=res, AFFINE=weight is not None, BLOCK_R=rows, BLOCK_W=block, num_warps=warps)
+    return y, h
 
 
 def ln_modulate(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor, scale: Tensor,
-                eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
+                eps: float = 1e-6) -> Tensor:
     """Fused ``LN(x) (affine if weight is given) * (1 + scale) + shift``; shift/scale may be column
     slices of a wider tensor (the adaLN output)."""
-    M, W = x.shape
-    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
-        _check_rows(f"ln_modulate: {name}", t, M, W)
-    if (weight is None) != (bias is None):
-        raise ValueError("ln_modulate: give both LN weight and bias, or neither (non-affine LN)")
-    h = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    if M == 0:
-        return h
-    block, rows, warps = _row_settings(W)
-    _ln_mod_fwd_kernel[(triton.cdiv(M, rows),)](
-        x, weight if weight is not None else x, bias if bias is not None else x, shift, scale, h,
-        M, W, x.stride(0), shift.stride(0), scale.stride(0), h.stride(0), eps,
-        AFFINE=weight is not None, BLOCK_R=rows, BLOCK_W=block, num_warps=warps)
-    return h
+    return _ln_mod_launch(x, None, None, weight, bias, shift, scale, eps, "ln_modulate")[1]
+
+
+def residual_ln_modulate(x: Tensor, h2: Tensor, gate: Tensor, weight: Tensor | None, bias: Tensor | None,
+                         shift: Tensor, scale: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``y = x + gate * h2`` (the previous block's residual), then ``h = ln_modulate(y, ...)``, in
+    one pass. Returns ``(y, h)``; LN statistics are taken of y rounded to x's dtype."""
+    return _ln_mod_launch(x, h2, gate, weight, bias, shift, scale, eps, "residual_ln_modulate")
 
 
 def _num_row_programs(M: int, rows: int, device: torch.device) -> int:
-    """Programs of the LN backward: enough to fill the GPU, few enough that the fp32 dw/db
+    """Programs of the column-summing row kernels: enough to fill the GPU, few enough that the fp32
     partials ([programs, W]) stay small. Multiples of ``rows`` rows each."""
     if _INTERPRET or device.type != "cuda":
         target = 2
@@ -377,10 +233,18 @@ def _num_row_programs(M: int, rows: int, device: torch.device) -> int:
     return max(1, min(target, triton.cdiv(M, rows)))
 
 
+def _split_rows(M: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) for a column-summing kernel over M rows in chunks of ``rows``."""
+    G = _num_row_programs(M, rows, device)
+    per_prog = triton.cdiv(triton.cdiv(max(M, 1), G), rows) * rows
+    return (triton.cdiv(M, per_prog) if M > 0 else 1), per_prog
+
+
 def ln_modulate_backward(dh: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor,
                          dshift: Tensor, dscale: Tensor, eps: float = 1e-6, dres: Tensor | None = None):
     """Backward of :func:`ln_modulate`. Writes d(shift), d(scale) into the given (possibly sliced)
-    buffers; returns ``dx (+ dres), dweight, dbias`` (fp32 LN grads, None without affine)."""
+    buffers; returns ``dx (+ dres), dweight, dbias, dshift_sum, dscale_sum`` (column sums: fp32; LN
+    grads None without affine)."""
     M, W = x.shape
     for name, t in (("dh", dh), ("x", x), ("scale", scale), ("dshift", dshift), ("dscale", dscale)):
         _check_rows(f"ln_modulate_backward: {name}", t, M, W)
@@ -388,82 +252,150 @@ def ln_modulate_backward(dh: Tensor, x: Tensor, weight: Tensor | None, bias: Ten
         _check_rows("ln_modulate_backward: dres", dres, M, W)
     dx = torch.empty((M, W), device=x.device, dtype=x.dtype)
     block, rows, warps = _row_settings(W)
-    G = _num_row_programs(M, rows, x.device)
-    per_prog = triton.cdiv(triton.cdiv(M, G), rows) * rows
-    G = triton.cdiv(M, per_prog) if M > 0 else 1
+    G, per_prog = _split_rows(M, rows, x.device)
     affine = weight is not None
-    part = torch.empty((2, G, W), device=x.device, dtype=torch.float32) if affine else None
+    part = torch.zeros((4, G, W), device=x.device, dtype=torch.float32)
     if M > 0:
         _ln_mod_bwd_kernel[(G,)](
             dh, x, weight if affine else x, bias if affine else x, scale,
-            dres if dres is not None else dh, dx, dshift, dscale,
-            part[0] if affine else dx, part[1] if affine else dx, M, W, per_prog,
+            dres if dres is not None else dh, dx, dshift, dscale, part, M, W, per_prog,
             dh.stride(0), x.stride(0), scale.stride(0), dres.stride(0) if dres is not None else 0,
-            dx.stride(0), dshift.stride(0), dscale.stride(0), eps,
+            dx.stride(0), dshift.stride(0), dscale.stride(0), part.stride(0), eps,
             AFFINE=affine, HAS_DRES=dres is not None, BLOCK_R=rows, BLOCK_W=block, num_warps=warps)
-    if not affine:
-        return dx, None, None
-    if M == 0:
-        part.zero_()
-    return dx, part[0].sum(0), part[1].sum(0)
+    sums = part.sum(1)
+    return dx, (sums[2] if affine else None), (sums[3] if affine else None), sums[0], sums[1]
 
 
-# =========================================================================== gate backward
+# =========================================================================== pointwise backward kernels
 @triton.jit
-def _gate_bwd_kernel(dy_ptr, h2_ptr, gate_ptr, dgate_ptr, dh2_ptr, M, W,
-                     s_dy, s_h2, s_gate, s_dgate, s_dh2,
-                     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = (rm < M)[:, None] & (rw < W)[None, :]
-    dy = tl.load(dy_ptr + rm[:, None] * s_dy + rw[None, :], mask=mask, other=0.0).to(tl.float32)
-    h2 = tl.load(h2_ptr + rm[:, None] * s_h2 + rw[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + rm[:, None] * s_gate + rw[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(dgate_ptr + rm[:, None] * s_dgate + rw[None, :], (dy * h2).to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh2_ptr + rm[:, None] * s_dh2 + rw[None, :], (dy * g).to(dh2_ptr.dtype.element_ty), mask=mask)
+def _gate_bwd_kernel(dy_ptr, h2_ptr, gate_ptr, dgate_ptr, dh2_ptr, part_ptr, M, W, rows_per_prog,
+                     s_dy, s_h2, s_gate, s_dgate, s_dh2, s_part,
+                     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """y = x + gate * h2: dgate = dy * h2, dh2 = dy * gate; partial column sums of dh2 (the b2
+    gradient) -> part[0, pid], of dgate (the gate's adaLN bias gradient) -> part[1, pid]."""
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    cmask = cols < W
+    s_h = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    s_g = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, M)
+    for r0 in range(start, end, BLOCK_R):
+        rm = tl.cast(r0, tl.int64) + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = (rm < end)[:, None] & cmask[None, :]
+        dy = tl.load(dy_ptr + rm[:, None] * s_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h2 = tl.load(h2_ptr + rm[:, None] * s_h2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + rm[:, None] * s_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dg = dy * h2
+        dh2 = dy * g
+        tl.store(dgate_ptr + rm[:, None] * s_dgate + cols[None, :], dg.to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh2_ptr + rm[:, None] * s_dh2 + cols[None, :], dh2.to(dh2_ptr.dtype.element_ty), mask=mask)
+        s_h += dh2
+        s_g += dg
+    tl.store(part_ptr + pid * W + cols, tl.sum(s_h, axis=0), mask=cmask)
+    tl.store(part_ptr + s_part + pid * W + cols, tl.sum(s_g, axis=0), mask=cmask)
 
 
-def gate_backward(dy: Tensor, h2: Tensor, gate: Tensor, dgate: Tensor) -> Tensor:
-    """For ``y = x + gate * h2``: writes ``dgate = dy * h2`` into ``dgate``, returns ``dh2 = dy * gate``."""
+def _pointwise_settings() -> tuple[int, int]:
+    return (16, 64) if _INTERPRET else (16, 256)
+
+
+def gate_backward(dy: Tensor, h2: Tensor, gate: Tensor, dgate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``y = x + gate * h2``: writes ``dgate = dy * h2`` into ``dgate``; returns
+    ``(dh2 = dy * gate, column sums of dh2, column sums of dgate)`` (sums fp32)."""
     M, W = dy.shape
     for name, t in (("dy", dy), ("h2", h2), ("gate", gate), ("dgate", dgate)):
         _check_rows(f"gate_backward: {name}", t, M, W)
     dh2 = torch.empty((M, W), device=dy.device, dtype=dy.dtype)
-    if M == 0:
-        return dh2
-    bm, bw = (16, 64) if _INTERPRET else (32, 128)
-    _gate_bwd_kernel[(triton.cdiv(M, bm), triton.cdiv(W, bw))](
-        dy, h2, gate, dgate, dh2, M, W, dy.stride(0), h2.stride(0), gate.stride(0), dgate.stride(0),
-        dh2.stride(0), BLOCK_M=bm, BLOCK_W=bw, num_warps=4)
-    return dh2
+    br, bw = _pointwise_settings()
+    G, per_prog = _split_rows(M, br, dy.device)
+    part = torch.zeros((2, G, W), device=dy.device, dtype=torch.float32)
+    if M > 0:
+        _gate_bwd_kernel[(G, triton.cdiv(W, bw))](
+            dy, h2, gate, dgate, dh2, part, M, W, per_prog, dy.stride(0), h2.stride(0), gate.stride(0),
+            dgate.stride(0), dh2.stride(0), part.stride(0), BLOCK_R=br, BLOCK_W=bw, num_warps=4)
+    sums = part.sum(1)
+    return dh2, sums[0], sums[1]
+
+
+@triton.jit
+def _dsilu_bwd_kernel(da_ptr, u_ptr, du_ptr, a_ptr, part_ptr, M, W, rows_per_prog,
+                      s_da, s_u, s_du, s_a,
+                      STORE_ACT: tl.constexpr, COLSUM: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """a = SiLU(u): du = da * SiLU'(u); STORE_ACT: a (what the weight gradient of the next Linear
+    needs, recomputed here instead of saved); COLSUM: partial column sums of du -> part[pid]."""
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    cmask = cols < W
+    acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, M)
+    for r0 in range(start, end, BLOCK_R):
+        rm = tl.cast(r0, tl.int64) + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = (rm < end)[:, None] & cmask[None, :]
+        da = tl.load(da_ptr + rm[:, None] * s_da + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rm[:, None] * s_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sg = 1.0 / (1.0 + tl.exp(-u))
+        du = da * sg * (1.0 + u * (1.0 - sg))
+        tl.store(du_ptr + rm[:, None] * s_du + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        if STORE_ACT:
+            tl.store(a_ptr + rm[:, None] * s_a + cols[None, :], (u * sg).to(a_ptr.dtype.element_ty), mask=mask)
+        if COLSUM:
+            acc += du
+    if COLSUM:
+        tl.store(part_ptr + pid * W + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def dsilu_backward(da: Tensor, u: Tensor, store_act: bool = True, colsum: bool = True,
+                   out: Tensor | None = None):
+    """For ``a = SiLU(u)``: ``du = da * SiLU'(u)`` (into ``out`` if given, which may be ``da``
+    itself), then ``a`` (store_act) and the fp32 column sums of du (colsum), in that order."""
+    M, W = u.shape
+    _check_rows("dsilu_backward: da", da, M, W)
+    _check_rows("dsilu_backward: u", u, M, W)
+    du = torch.empty((M, W), device=u.device, dtype=da.dtype) if out is None else out
+    _check_rows("dsilu_backward: out", du, M, W)
+    a = torch.empty((M, W), device=u.device, dtype=u.dtype) if store_act else None
+    br, bw = _pointwise_settings()
+    G, per_prog = _split_rows(M, br, u.device)
+    part = torch.zeros((G, W), device=u.device, dtype=torch.float32) if colsum else None
+    if M > 0:
+        _dsilu_bwd_kernel[(G, triton.cdiv(W, bw))](
+            da, u, du, a if store_act else du, part if colsum else du, M, W, per_prog,
+            da.stride(0), u.stride(0), du.stride(0), a.stride(0) if store_act else 0,
+            STORE_ACT=store_act, COLSUM=colsum, BLOCK_R=br, BLOCK_W=bw, num_warps=4)
+    res = [du] + ([a] if store_act else []) + ([part.sum(0)] if colsum else [])
+    return res[0] if len(res) == 1 else tuple(res)
 
 
 # =========================================================================== Linear (+SiLU)
 class LinearFn(torch.autograd.Function):
-    """``y = act(x @ w^T + b)``, act None or SiLU, on the fused GEMM. All inputs share one dtype."""
+    """``y = act(x @ w^T + b)``, act None or SiLU, on cuBLAS. All inputs share one dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, act: str | None):
-        if act == "silu":
-            y, u = matmul(x, w.t(), b, act="silu", store_pre=True)
-            ctx.save_for_backward(x, w, u)
-        else:
-            y = matmul(x, w.t(), b)
-            ctx.save_for_backward(x, w, None)
+        u = _linear_fwd(x, w, b)
         ctx.act, ctx.has_bias = act, b is not None
-        return y
+        if act == "silu":
+            ctx.save_for_backward(x, w, u)
+            return torch.nn.functional.silu(u)
+        ctx.save_for_backward(x, w, None)
+        return u
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w, u = ctx.saved_tensors
         dy = dy.contiguous()
-        if ctx.act == "silu":     # small layers only (time MLP): plain elementwise chain rule
-            s = torch.sigmoid(u.float())
-            dy = (dy.float() * s * (1 + u.float() * (1 - s))).to(x.dtype)
-        dx = matmul(dy, w) if ctx.needs_input_grad[0] else None
-        dw = db = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:   # frozen layer: no weight GEMM
-            dw, db = weight_grad(dy, x, ctx.has_bias)
+        want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
+        db = None
+        if ctx.act == "silu":
+            dy, db = dsilu_backward(dy, u, store_act=False, colsum=True)
+            db = db.to(dy.dtype) if want_b else None
+        elif want_b:
+            db = _column_sum(dy)
+        dx = torch.mm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = weight_grad(dy, x) if want_w else None     # frozen layer: no weight GEMM
         return dx, dw, db, None
 
 
@@ -473,6 +405,9 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, act: str | None = None
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: x {list(x.shape)} and weight {list(w.shape)} do not match "
                          f"(need x [rows, in], weight [out, in])")
+    if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
+        raise ValueError(f"linear: x, weight and bias must share one dtype, got {x.dtype}/{w.dtype}"
+                         f"{'/' + str(b.dtype) if b is not None else ''}; cast the weights first")
     return LinearFn.apply(x.contiguous(), w, b, act)
 
 
@@ -492,28 +427,37 @@ def adaln_trunk_reference(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, bl
 
 
 def _trunk_forward(x, c, ada_w, ada_b, final_w, final_b, eps, depth, block_params, keep: bool):
-    """Forward of the trunk; with ``keep`` also returns what backward needs (x, u, h2 per block)."""
+    """Forward of the trunk; with ``keep`` also returns what backward needs (x, u, h2 per block).
+    Block i's residual ``x + gate * h2`` is computed inside block i+1's (or the final layer's)
+    LN row kernel."""
     M, W = x.shape
-    # [M, (3D+2)W]; SiLU(c) is a transient (a SiLU prologue would redo it for every N tile)
-    ada = matmul(torch.nn.functional.silu(c), ada_w.t(), ada_b)
+    silu = torch.nn.functional.silu
+    # [M, (3D+2)W]: one cuBLAS GEMM for every block's adaLN; SiLU(c) is a transient
+    ada = _linear_fwd(silu(c), ada_w, ada_b)
     saved = []
+    prev = None                               # (h2, gate) of the previous block, not yet added
     for i in range(depth):
         ln_w, ln_b, w1, b1, w2, b2 = block_params[6 * i: 6 * i + 6]
         shift, scale, gate = (ada[:, (3 * i + j) * W: (3 * i + j + 1) * W] for j in range(3))
-        h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)
-        if keep:
-            a, u = matmul(h, w1.t(), b1, act="silu", store_pre=True)
-            del h
-            y, h2 = matmul(a, w2.t(), b2, gate=gate, res=x, store_pre=True)
-            saved += [x, u, h2]
-        else:       # inference (the sampler): no pre-activations written
-            a = matmul(h, w1.t(), b1, act="silu")
-            del h
-            y = matmul(a, w2.t(), b2, gate=gate, res=x)
+        if prev is None:
+            h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)
+        else:
+            x, h = residual_ln_modulate(x, *prev, ln_w, ln_b, shift, scale, eps)
+        u = _linear_fwd(h, w1, b1)
+        del h
+        a = silu(u, inplace=not keep)          # inference (the sampler): no pre-activation kept
+        h2 = _linear_fwd(a, w2, b2)
         del a
-        x = y
+        if keep:
+            saved += [x, u, h2]
+        del u
+        prev = (h2, gate)
     shift, scale = ada[:, 3 * depth * W: (3 * depth + 1) * W], ada[:, (3 * depth + 1) * W:]
-    out = matmul(ln_modulate(x, None, None, shift, scale, eps), final_w.t(), final_b)
+    if prev is None:
+        hf = ln_modulate(x, None, None, shift, scale, eps)
+    else:
+        x, hf = residual_ln_modulate(x, *prev, None, None, shift, scale, eps)
+    out = _linear_fwd(hf, final_w, final_b)
     return out, ada, saved, x
 
 
@@ -522,7 +466,8 @@ class AdaLNTrunkFn(torch.autograd.Function):
 
     Inputs: x[M, W] (after input_proj), c[M, W] (t_emb + z_emb), ada_w[(3D+2)W, W] / ada_b (the
     adaLN Linears of all blocks then the final layer, concatenated), final_w[O, W] / final_b, eps,
-    depth D, then per block ln_w, ln_b, w1, b1, w2, b2. One dtype for all of them.
+    depth D, then per block ln_w, ln_b, w1, b1, w2, b2. One dtype for all of them. A parameter
+    that does not require grad (frozen) gets no weight-gradient GEMM and a None gradient.
     """
 
     @staticmethod
@@ -537,34 +482,46 @@ class AdaLNTrunkFn(torch.autograd.Function):
     def backward(ctx, dout):
         c, ada, ada_w, final_w, x_last, *rest = ctx.saved_tensors
         D, eps = ctx.depth, ctx.eps
+        need = ctx.needs_input_grad
+        need_c, need_ada_w, need_ada_b, need_fw, need_fb = need[1], need[2], need[3], need[4], need[5]
+        need_block = lambda i, j: need[8 + 6 * i + j]
         saved, params = rest[:3 * D], rest[3 * D:]
         M, W = x_last.shape
         dout = dout.contiguous()
         # adaLN (ada = SiLU(c) @ ada_w^T + ada_b) is backpropagated one block at a time, so only a
-        # [M, 3W] slice of its gradient is alive at once (not [M, (3D+2)W]); dc accumulates in fp32.
-        sc = torch.nn.functional.silu(c)
-        dc = None
+        # [M, 3W] slice of its gradient is alive at once (not [M, (3D+2)W]). d(SiLU(c)) accumulates
+        # through cuBLAS's beta=1 epilogue (one rounding per block, as eager autograd's accumulation).
+        sc = torch.nn.functional.silu(c) if need_ada_w else None
+        dsc = None
         dada_w: list = [None] * (D + 1)
         dada_b: list = [None] * (D + 1)
 
-        def ada_backward(k: int, lo: int, dada_k: Tensor) -> None:
-            nonlocal dc
-            dada_w[k], dada_b[k] = weight_grad(dada_k, sc)
-            dc = matmul(dada_k, ada_w[lo: lo + dada_k.shape[1]], act="dsilu", aux=c, res=dc,
-                        out_dtype=torch.float32)
+        def ada_backward(k: int, lo: int, dada_k: Tensor, bias_sums: list[Tensor]) -> None:
+            nonlocal dsc
+            if need_ada_w:
+                dada_w[k] = weight_grad(dada_k, sc)
+            if need_ada_b:
+                dada_b[k] = torch.cat(bias_sums).to(dada_k.dtype)
+            if need_c:
+                w_k = ada_w[lo: lo + dada_k.shape[1]]
+                dsc = torch.mm(dada_k, w_k) if dsc is None else dsc.addmm_(dada_k, w_k)
 
         # final layer
         lo = 3 * D * W
         shift, scale = ada[:, lo: lo + W], ada[:, lo + W:]
-        hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
-        dfinal_w, dfinal_b = weight_grad(dout, hf)
-        del hf
-        dhf = matmul(dout, final_w)
+        dfinal_w = dfinal_b = None
+        if need_fw:
+            hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
+            dfinal_w = weight_grad(dout, hf)
+            del hf
+        if need_fb:
+            dfinal_b = _column_sum(dout)
+        dhf = torch.mm(dout, final_w)
         dada_k = torch.empty((M, 2 * W), device=c.device, dtype=c.dtype)
-        dx, _, _ = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
-                                        dshift=dada_k[:, :W], dscale=dada_k[:, W:])
+        dx, _, _, s_shift, s_scale = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
+                                                          dshift=dada_k[:, :W], dscale=dada_k[:, W:])
         del dhf
-        ada_backward(D, lo, dada_k)
+        ada_backward(D, lo, dada_k, [s_shift, s_scale])
         dparams: list = [None] * (6 * D)
         for i in reversed(range(D)):
             x, u, h2 = saved[3 * i: 3 * i + 3]
@@ -572,24 +529,36 @@ class AdaLNTrunkFn(torch.autograd.Function):
             lo = 3 * i * W
             shift, scale, gate = ada[:, lo: lo + W], ada[:, lo + W: lo + 2 * W], ada[:, lo + 2 * W: lo + 3 * W]
             dada_k = torch.empty((M, 3 * W), device=c.device, dtype=c.dtype)
-            # y = x + gate * h2
-            dh2 = gate_backward(dx, h2, gate, dada_k[:, 2 * W:])
-            du, a = matmul(dh2, w2, act="dsilu", aux=u, store_act=True)   # (dh2 W2) SiLU'(u); a = SiLU(u)
-            dw2, db2 = weight_grad(dh2, a)
-            del dh2, a
-            h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)          # recompute, not stored
-            dw1, db1 = weight_grad(du, h)
-            del h
-            dh = matmul(du, w1)
+            # y = x + gate * h2  (dx is dy here)
+            dh2, db2, s_gate = gate_backward(dx, h2, gate, dada_k[:, 2 * W:])
+            da = torch.mm(dh2, w2)
+            if need_block(i, 4):
+                du, a, db1 = dsilu_backward(da, u, store_act=True, colsum=True, out=da)   # du in place of da
+                dparams[6 * i + 4] = weight_grad(dh2, a)
+                del a
+            else:
+                du, db1 = dsilu_backward(da, u, store_act=False, colsum=True, out=da)
+            del dh2, da
+            if need_block(i, 2):
+                h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)          # recompute, not stored
+                dparams[6 * i + 2] = weight_grad(du, h)
+                del h
+            dh = torch.mm(du, w1)
             del du
-            dx, dln_w, dln_b = ln_modulate_backward(dh, x, ln_w, ln_b, scale, eps=eps, dres=dx,
-                                                    dshift=dada_k[:, :W], dscale=dada_k[:, W:2 * W])
+            dx, dln_w, dln_b, s_shift, s_scale = ln_modulate_backward(
+                dh, x, ln_w, ln_b, scale, eps=eps, dres=dx, dshift=dada_k[:, :W], dscale=dada_k[:, W:2 * W])
             del dh
-            ada_backward(i, lo, dada_k)
+            ada_backward(i, lo, dada_k, [s_shift, s_scale, s_gate])
             del dada_k
-            dparams[6 * i: 6 * i + 6] = [dln_w.to(ln_w.dtype), dln_b.to(ln_b.dtype), dw1, db1, dw2, db2]
-        return (dx, dc.to(c.dtype), torch.cat(dada_w), torch.cat(dada_b), dfinal_w, dfinal_b, None, None,
-                *dparams)
+            for j, g in ((0, dln_w), (1, dln_b), (3, db1), (5, db2)):
+                if need_block(i, j):
+                    dparams[6 * i + j] = g.to(params[6 * i + j].dtype)
+        dc = None
+        if need_c:
+            dc = dsilu_backward(dsc, c, store_act=False, colsum=False, out=dsc)
+        return (dx if need[0] else None, dc,
+                torch.cat(dada_w) if need_ada_w else None, torch.cat(dada_b) if need_ada_b else None,
+                dfinal_w, dfinal_b, None, None, *dparams)
 
 
 def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
