@@ -75,8 +75,13 @@ def inspect(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "prepare":
+        from .prepare import main as prepare_main
+        return prepare_main(argv[1:])
     if not argv or argv[0] != "inspect":
-        print("usage: python -m ivfast.data inspect PATHS_OR_LIST [--json] [--quick] [--root DIR]", file=sys.stderr)
+        print("usage: python -m ivfast.data inspect PATHS_OR_LIST [--json] [--quick] [--root DIR]\n"
+              "       python -m ivfast.data prepare LIST OUT_DIR [--short-side 256] [--gop 16] [--fps-cap F]",
+              file=sys.stderr)
         return 2
     return inspect(argv[1:])
 
