@@ -387,3 +387,61 @@ def test_fp8_teacher_agreement_with_bf16():
     print("fp8 vs bf16 (tiny random teacher, emulated):", {k: round(v, 4) for k, v in agree.items()})
     assert agree["middle_cos_min"] > 0.97 and agree["pooled_cos_min"] > 0.97, agree
     assert agree["score_corr_min"] > 0.9 and agree["mask_overlap_mean"] > 0.8, agree
+
+
+# --------------------------------------------------------------------------- attention by timing (lever 3)
+def test_pick_fastest_skips_rejected_and_wrong_kernels():
+    from ivfast.models.attention import pick_fastest
+
+    ms = {"cudnn": 0.5, "flash": 1.0, "efficient": 1.5, "broken_fast": 0.1}
+
+    def run(b):
+        if b == "rejects":
+            raise RuntimeError("No available kernel. Aborting execution.\nmore")
+        return b
+
+    best, report = pick_fastest(run, ["flash", "rejects", "broken_fast", "cudnn", "efficient"],
+                                lambda b, out: "max error 3 > 0.02" if b == "broken_fast" else None,
+                                lambda fn: ms[fn()])
+    assert best == "cudnn"
+    assert report["flash"] == 1.0 and report["rejects"].startswith("rejected: No available kernel")
+    assert report["broken_fast"] == "rejected: max error 3 > 0.02"
+    assert pick_fastest(run, ["rejects"], lambda b, o: None, lambda fn: 1.0)[0] is None
+
+
+def test_attention_uses_the_timed_backend(monkeypatch):
+    """The timed path end to end on CPU: CUDA faked (device check, timer), kernels that run on
+    CPU as candidates, fake timings that make the one tried second the fastest; the choice is
+    cached per shape bucket, recorded in used_backends(), and the output stays right."""
+    from torch.nn.attention import SDPBackend
+
+    from ivfast.models import attention as A
+
+    for name in ("_timed_choice", "_timings", "_sdpa_choice", "_resolved"):   # fresh caches
+        monkeypatch.setattr(A, name, {})
+    monkeypatch.setattr(A, "_timing_device_ok", lambda t: True)
+    monkeypatch.setattr(A, "TIMED_CANDIDATES", (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                                 SDPBackend.MATH))
+    timings = iter([3.0, 1.0])       # FLASH 3 ms, (CUDNN rejected on CPU), MATH 1 ms
+    calls = []
+
+    def fake_timer(fn):
+        calls.append(1)
+        fn()
+        return next(timings)
+
+    monkeypatch.setattr(A, "_cuda_timer", fake_timer)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 50, 4, 16, requires_grad=True) for _ in range(3))
+    out = A.attention(q, k, v, backend="sdpa")
+    torch.testing.assert_close(out, A.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+    assert list(A._timed_choice.values()) == [SDPBackend.MATH]
+    rep = A.timed_report()
+    (entry,) = rep.values()
+    assert entry["FLASH_ATTENTION"] == 3.0 and entry["MATH"] == 1.0
+    assert entry["CUDNN_ATTENTION"].startswith("rejected")
+    assert "sdpa:MATH" in A.used_backends().values()
+    A.attention(q[:, :40], k[:, :40], v[:, :40], backend="sdpa")   # N 40 and 50: the same bucket (64)
+    assert len(calls) == 2
+    out.sum().backward()                                            # timing left the real graph intact
+    assert q.grad is not None

@@ -190,7 +190,7 @@ def _sdpa(q, k, v, window, key):
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
         with sdpa_kernel([choice]):
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
-    choice = _sdpa_choice.get(key)
+    choice = _timed_sdpa_choice(qt, kt, vt, mask, key) or _sdpa_choice.get(key)   # timed: CUDA only
     if choice is not None:
         with sdpa_kernel([choice]):
             return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
@@ -309,3 +309,110 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int 
             _record(key, "math")
         return attention_reference(q, k, v, window)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+# --------------------------------------------------------------------------- SDPA backend by timing
+# (issue 14, lever 3) "First that runs" keeps FLASH (FA2) for every unmasked call and never
+# tries cuDNN attention (FA3-class on Hopper, predicted ~80-100 ms/step faster in stage 2). On
+# CUDA, eager calls instead time every SDPA kernel that accepts the call, once per (kind, shape
+# bucket), forward + backward when the inputs need gradients, check each against an fp32 math
+# reference on a slice, and keep the fastest that passes. The first winner of a call kind is also
+# what compiled graphs pin (``_sdpa_choice``). Timing syncs the GPU, but only for new buckets.
+TIMED_CANDIDATES = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+timed_selection = True                     # set False to get "first that runs" (the old order)
+_timed_choice: dict[tuple, SDPBackend] = {}
+_timings: dict[tuple, dict[str, float]] = {}   # bucket -> {backend: ms, or "rejected: why"}
+
+
+def _timing_device_ok(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _bucket(n: int) -> int:
+    """Sequence lengths rounded up to a power of two: stage 2's visible count changes every batch."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cuda_timer(fn, reps: int = 3) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA stream (one warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def pick_fastest(run, candidates, check, timer) -> tuple[object, dict]:
+    """The fastest of ``candidates`` whose ``run(b)`` works and passes ``check(b, out)``.
+
+    ``run(b)`` returns the output (raising RuntimeError if the kernel rejects the call),
+    ``check(b, out)`` returns None when the numerics are fine or a reason, ``timer(fn)`` returns
+    milliseconds. Returns ``(best or None, {name: ms or 'rejected: ...'})``."""
+    report, best, best_ms = {}, None, float("inf")
+    for b in candidates:
+        name = getattr(b, "name", str(b))
+        try:
+            out = run(b)
+        except RuntimeError as e:
+            report[name] = f"rejected: {str(e).splitlines()[0][:120]}"
+            continue
+        bad = check(b, out)
+        if bad:
+            report[name] = f"rejected: {bad}"
+            continue
+        ms = timer(lambda: run(b))
+        report[name] = ms
+        if ms < best_ms:
+            best, best_ms = b, ms
+    return best, report
+
+
+def _timed_sdpa_choice(qt, kt, vt, mask, key):
+    """The timed SDPA kernel for this call ([B, H, N, D] inputs), or None (then: first that runs)."""
+    if not timed_selection or not _timing_device_ok(qt):
+        return None
+    bkey = (key, qt.shape[0], qt.shape[1], _bucket(qt.shape[2]), _bucket(kt.shape[2]))
+    if bkey in _timed_choice:
+        return _timed_choice[bkey]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qt, kt, vt))
+    # fp32 math reference on one clip, two heads and <= 128 queries (rows are independent)
+    sl = (slice(0, 1), slice(0, 2), slice(0, 128))
+    m_sl = None if mask is None else mask[..., :128, :]
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(qt[sl].float(), kt[:1, :2].float(), vt[:1, :2].float(), attn_mask=m_sl)
+    tol = 2e-2 if qt.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    cands = [b for b in TIMED_CANDIDATES if mask is None or b != SDPBackend.FLASH_ATTENTION]
+    leaves = [t.detach().requires_grad_(grad) for t in (qt, kt, vt)]
+
+    def run(b):
+        # identity saved-tensor hooks on top of the stack: a checkpointed caller's hooks must
+        # not capture this throw-away graph
+        with sdpa_kernel([b]), (torch.enable_grad() if grad else torch.no_grad()), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+            if grad:
+                out.backward(torch.ones_like(out))
+        return out.detach()
+
+    def check(b, out):
+        err = (out[sl].float() - ref).abs().max().item()
+        return None if err <= tol * max(1.0, ref.abs().max().item()) else f"max error {err:.3g} > {tol}"
+
+    best, report = pick_fastest(run, cands, check, lambda fn: _cuda_timer(fn))
+    _timings[bkey] = report
+    if best is None:
+        return None
+    _timed_choice[bkey] = best
+    _sdpa_choice.setdefault(key, best)
+    _record(key, f"sdpa:{best.name}")
+    log.info("attention %s B%d H%d N<=%d: timed %s -> %s", _key_name(key), bkey[1], bkey[2], bkey[3],
+             {k: (round(v, 3) if isinstance(v, float) else v) for k, v in report.items()}, best.name)
+    return best
+
+
+def timed_report() -> dict:
+    """Per shape bucket, each SDPA kernel's milliseconds (or why it was rejected): for benchmarks."""
+    return {f"{_key_name(k[0])} B{k[1]} H{k[2]} N{k[3]}x{k[4]}": v for k, v in _timings.items()}
