@@ -272,6 +272,9 @@ def run_protocol(cfg: EvalConfig, encoder=None, tag: str = "") -> dict:
             writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         except ImportError:
             log.warning("tensorboard not installed: no TensorBoard logs")
+    if rank == 0:   # every number of the run, before it starts (results.json repeats them)
+        log.info("protocol %s (%s), encoder %s: views %s; probe %s", cfg.protocol, cfg.dataset, encoder.source,
+                 json.dumps(dataclasses.asdict(v)), json.dumps(dataclasses.asdict(p)))
     t0 = time.time()
     pooled = p.head in ("linear", "knn")
     pool = p.pool if pooled else ""
