@@ -1,20 +1,28 @@
-"""Clips per second of each decoding path, on generated clips at realistic source sizes.
+"""Clips per second: ivfast's loader next to a release-style loader, on Kinetics-like clips,
+raw and prepared (``python -m ivfast.data prepare``).
 
-Paths: ``pyav`` (PyAV in DataLoader workers), ``dali-cpu`` (DALI's CPU decoder; it handles
-VP8/VP9/MJPEG, other codecs are routed to PyAV threads and the row says so) and ``dali-gpu``
-(NVDEC, when CUDA and DALI are present). Output: uint8 [B, 3, T, 224, 224] on the device,
-the training contract. Writes JSON and CSV to ``bench/results/``.
+Clips: 10 s at 30 fps (300 frames), H.264 with B-frames, a keyframe every 250 frames (as
+typical uploads), moving patterns at ``--sizes``. Prepared: the same files re-encoded by
+``ivfast.data.prepare`` (short side 256, a keyframe every ``--gop`` frames).
 
-    python bench/bench_loader.py                              # full grid
-    python bench/bench_loader.py --sizes 340x256 --codecs vp9,h264 --frames 16 --clips 8 --batches 3
+Loaders, both in a torch DataLoader with the same workers, batch, TSN frame choice and
+224 px crop, uint8 [B, 3, T, 224, 224] out:
+* ``ivfast``: ``build_loader`` with the PyAV backend (seeking, non-reference skipping,
+  single-threaded RGB conversion; see ``ivfast.data.pyav``);
+* ``release``: what the released code does per clip: decode the video at full resolution
+  up to the last sampled frame (decord where installed; else PyAV, default threading),
+  convert the sampled frames to PIL images, crop and resize with PIL, stack.
 
-Reference: the paper's runs consume about 10 clips/s per A100 (see shared/RECIPE.md), so the
-target is >= 30 clips/s per GPU from the DALI path on a GPU node.
+    python bench/bench_loader.py                                  # 340x256, T=16,32, 1 and 2 workers
+    python bench/bench_loader.py --sizes 340x256,640x360 --clips 8 --batches 4
+
+Writes JSON to ``--out`` (default bench/results/loader_kinetics_cpu.json) and prints a table
+with the ratio ivfast / release for each row. Timings on a shared machine are noisy: say so
+with ``--note``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -24,117 +32,175 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivfast.config import load_config  # noqa: E402
 from ivfast.data import build_index, build_loader  # noqa: E402
-from ivfast.data.dali import dali_status  # noqa: E402
+from ivfast.data.prepare import Job, out_path, prepare_one  # noqa: E402
+from ivfast.data.sampling import plan_clip, sample_rng  # noqa: E402
 from ivfast.data.synth import make_videos  # noqa: E402
 
-TRAIN_CLIPS_PER_S = 10.0   # per A100, stage 1 (RECIPE.md); DALI's target is 3x this
+
+class ReleaseStyle(torch.utils.data.Dataset):
+    """Per clip: full-resolution decode through the last sampled frame, PIL crop + resize."""
+
+    def __init__(self, index, num_frames: int, size: int = 224, use_decord: bool = False):
+        self.index, self.num_frames, self.size, self.use_decord = index, num_frames, size, use_decord
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        info = self.index.infos[i]
+        plan = plan_clip(num_frames_video=info.frames, fps=info.fps, width=info.width, height=info.height,
+                         num=self.num_frames, out_size=self.size, rng=sample_rng(0, 0, i))
+        if self.use_decord:
+            import decord
+            vr = decord.VideoReader(info.path, num_threads=1)
+            frames = vr.get_batch(plan.frames.tolist()).asnumpy()
+        else:
+            import av
+            want = set(plan.frames.tolist())
+            got = {}
+            with av.open(info.path) as c:
+                for k, f in enumerate(c.decode(video=0)):
+                    if k in want:
+                        got[k] = f.to_ndarray(format="rgb24")
+                    if k >= max(want):
+                        break
+            frames = np.stack([got[int(k)] for k in plan.frames])
+        x, y, w, h = plan.crop
+        out = []
+        for fr in frames:
+            img = Image.fromarray(fr).crop((x, y, x + w, y + h)).resize((self.size, self.size), Image.BILINEAR)
+            if plan.flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            out.append(np.asarray(img))
+        return torch.from_numpy(np.stack(out)).permute(3, 0, 1, 2)       # 3, T, S, S
 
 
-def bench_one(list_path: str, cache: str, backend: str, device: str, frames: int, batch: int,
-              batches: int, workers: int, threads: int) -> dict:
+def _size(batch) -> int:
+    return (batch["video"] if isinstance(batch, dict) else batch).shape[0]
+
+
+def bench_ivfast(list_path: str, cache: str, frames: int, batch: int, batches: int, workers: int) -> float:
     cfg = load_config("stage1_vitb", [
-        f"data.train_list={list_path}", f"data.index_cache={cache}", f"data.backend={backend}",
+        f"data.train_list={list_path}", f"data.index_cache={cache}", "data.backend=pyav",
         f"data.num_frames={frames}", f"model.num_frames={frames}", f"data.num_workers={workers}",
-        f"data.decode_threads={threads}", f"optim.batch_per_gpu={batch}", "data.output=uint8",
-        "data.verify=first"])
-    loader = build_loader(cfg, device=device)
+        f"optim.batch_per_gpu={batch}", "data.output=uint8", "data.verify=first", "data.prefetch=2"])
+    loader = build_loader(cfg, device="cpu")
+    return _loop(loader, batches, lambda: loader.set_epoch(loader.epoch + 1))
+
+
+def bench_release(index, frames: int, batch: int, batches: int, workers: int, use_decord: bool) -> float:
+    ds = ReleaseStyle(index, frames, use_decord=use_decord)
+    kw = {"prefetch_factor": 2} if workers else {}
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, **kw)
+    return _loop(dl, batches, lambda: None)
+
+
+def _loop(loader, batches: int, next_epoch) -> float:
     it = iter(loader)
-    first = next(it)                               # warm-up: worker start, pipeline build
-    if first["video"].is_cuda:
-        torch.cuda.synchronize()
+    next(it)                                        # warm-up: workers start
     n, t0 = 0, time.perf_counter()
-    for _ in range(batches):
+    while n < batches:
         try:
             b = next(it)
         except StopIteration:
-            loader.set_epoch(loader.epoch + 1)
+            next_epoch()
             it = iter(loader)
-            b = next(it)
-        n += b["video"].shape[0]
-    if b["video"].is_cuda:
-        torch.cuda.synchronize()
+            continue
+        n += 1
+        clips = _size(b)
     dt = time.perf_counter() - t0
-    s = loader.bad_summary()
-    return {"clips_per_s": n / dt, "clips": n, "seconds": dt, "shape": list(b["video"].shape),
-            "dali_fallback_batches": s["dali_fallback_batches"], "bad_files": s["bad_files"]}
+    return batches * clips / dt
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="340x256,640x360")
-    ap.add_argument("--codecs", default="h264,vp9")
+    ap.add_argument("--sizes", default="340x256")
     ap.add_argument("--frames", default="16,32")
-    ap.add_argument("--paths", default="auto", help="comma list of pyav,dali-cpu,dali-gpu; auto = all available")
-    ap.add_argument("--clips", type=int, default=32, help="generated clips per (size, codec)")
-    ap.add_argument("--source-frames", type=int, default=96, help="frames per generated clip (30 fps)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=8, help="timed batches after one warm-up batch")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="PyAV DataLoader workers")
-    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="DALI threads")
-    ap.add_argument("--data-dir", default="", help="where to generate clips (default: a temp dir)")
-    ap.add_argument("--out", default="bench/results/loader")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--clips", type=int, default=8, help="generated clips per size")
+    ap.add_argument("--source-frames", type=int, default=300, help="frames per clip (30 fps: 10 s)")
+    ap.add_argument("--source-gop", type=int, default=250)
+    ap.add_argument("--gop", type=int, default=16, help="keyframe interval of the prepared files")
+    ap.add_argument("--short-side", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=3, help="timed batches after one warm-up batch")
+    ap.add_argument("--data-dir", default="", help="where to generate clips (default: a temp dir; reused if given)")
+    ap.add_argument("--out", default="bench/results/loader_kinetics_cpu.json")
     ap.add_argument("--note", default="", help="free text stored with the results (machine load, ...)")
     args = ap.parse_args(argv)
-
-    dali_ok, why = dali_status()
-    paths = args.paths.split(",") if args.paths != "auto" else (
-        ["pyav"] + (["dali-cpu"] if dali_ok else []) + (["dali-gpu"] if dali_ok and torch.cuda.is_available() else []))
+    torch.set_num_threads(1)
+    try:
+        import decord  # noqa: F401
+        use_decord = True
+    except ImportError:
+        use_decord = False
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="ivfast_bench_"))
     rows = []
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
-        for codec in args.codecs.split(","):
-            sub = data_dir / f"{codec}_{w}x{h}"
-            if not sub.exists():
-                t = time.perf_counter()
-                make_videos(sub, args.clips, codec, frames=args.source_frames, size=(w, h), fps=30, seed=0)
-                print(f"generated {args.clips} {codec} clips {w}x{h} x {args.source_frames} frames "
-                      f"in {time.perf_counter() - t:.1f} s", flush=True)
-            cache = str(sub / "index.jsonl")
-            build_index(str(sub), cache_path=cache, workers=min(4, os.cpu_count() or 1))
-            for frames in (int(f) for f in args.frames.split(",")):
-                for path in paths:
-                    backend, device = {"pyav": ("pyav", "cpu"), "dali-cpu": ("dali", "cpu"),
-                                       "dali-gpu": ("dali", "cuda")}[path]
-                    if path == "dali-gpu" and not torch.cuda.is_available():
-                        continue
-                    workers = args.workers if backend == "pyav" else 0
-                    r = bench_one(str(sub), cache, backend, device, frames, args.batch, args.batches,
-                                  workers, args.threads)
-                    routed = "dali" if backend == "dali" and (device == "cuda" or codec in ("vp8", "vp9", "mjpeg")) else "pyav"
-                    row = {"path": path, "codec": codec, "source": f"{w}x{h}", "frames": frames, "out_px": 224,
-                           "batch": args.batch, "pyav_workers": workers,
-                           "dali_threads": args.threads if backend == "dali" else 0,
-                           "decoded_by": routed, **r}
+        raw = data_dir / f"raw_{w}x{h}"
+        prep = data_dir / f"prep_{w}x{h}_g{args.gop}"
+        if not raw.exists():
+            t = time.perf_counter()
+            make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
+                        gop=args.source_gop)
+            print(f"generated {args.clips} clips {w}x{h} x {args.source_frames} frames in "
+                  f"{time.perf_counter() - t:.1f} s", flush=True)
+        files = sorted(raw.glob("*.mp4"))
+        t = time.perf_counter()
+        res = [prepare_one(Job(str(f), out_path(str(f), str(raw), str(prep)), args.short_side, args.gop, 0.0, 20,
+                               "veryfast")) for f in files]
+        assert all(r["status"] != "failed" for r in res), res
+        bytes_raw = sum(f.stat().st_size for f in files)
+        bytes_prep = sum(f.stat().st_size for f in prep.glob("*.mp4"))
+        print(f"prepared {len(files)} clips in {time.perf_counter() - t:.1f} s "
+              f"({bytes_raw / 1e6:.1f} -> {bytes_prep / 1e6:.1f} MB)", flush=True)
+        for kind, folder in (("raw", raw), ("prepared", prep)):
+            cache = str(folder / "index.jsonl")
+            index = build_index(str(folder), cache_path=cache)
+            for frames in (int(v) for v in args.frames.split(",")):
+                for workers in (int(v) for v in args.workers.split(",")):
+                    iv = bench_ivfast(str(folder), cache, frames, args.batch, args.batches, workers)
+                    rel = bench_release(index, frames, args.batch, args.batches, workers, use_decord)
+                    row = {"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": workers,
+                           "ivfast_clips_per_s": round(iv, 2), "release_clips_per_s": round(rel, 2),
+                           "ratio": round(iv / rel, 2)}
                     rows.append(row)
-                    print(f"{path:9s} {codec:5s} {w}x{h} T={frames:2d}: {r['clips_per_s']:7.2f} clips/s "
-                          f"(decoded by {routed}, workers {workers}, threads {row['dali_threads']})", flush=True)
+                    print(f"{w}x{h} {kind:8s} T={frames:2d} workers={workers}: ivfast {iv:6.2f}  "
+                          f"release {rel:6.2f} clips/s  ratio {iv / rel:5.2f}", flush=True)
+    # the headline: ivfast on prepared data against the release-style loader on the raw files
+    for r in rows:
+        if r["data"] == "prepared":
+            base = next(x for x in rows if x["data"] == "raw" and all(x[k] == r[k] for k in ("source", "frames", "workers")))
+            r["ratio_vs_release_on_raw"] = round(r["ivfast_clips_per_s"] / base["release_clips_per_s"], 2)
+    print("\nsource   data      T  workers  ivfast  release  ratio  (prepared ivfast / raw release)")
+    for r in rows:
+        print(f"{r['source']:8s} {r['data']:8s} {r['frames']:2d}  {r['workers']:7d}  {r['ivfast_clips_per_s']:6.2f}  "
+              f"{r['release_clips_per_s']:7.2f}  {r['ratio']:5.2f}  {r.get('ratio_vs_release_on_raw', '')}")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu only",
-        "dali": (__import__("nvidia.dali").dali.__version__ if dali_ok else f"unavailable: {why}"),
-        "av": __import__("av").__version__,
-        "target_note": f"training consumes ~{TRAIN_CLIPS_PER_S:g} clips/s per A100; target >= "
-                       f"{3 * TRAIN_CLIPS_PER_S:g} clips/s per GPU from the DALI GPU path",
-        "note": args.note,
-        "args": vars(args),
+        "torch": torch.__version__, "av": __import__("av").__version__,
+        "release_decoder": "decord" if use_decord else "PyAV (decord not installed), default threading",
+        "clips": f"{args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
+                 f"(x264 veryfast), keyframe every {args.source_gop}",
+        "prepared": f"ivfast.data.prepare: short side {args.short_side}, keyframe every {args.gop}, x264 veryfast "
+                    "tune=fastdecode crf 20",
+        "note": args.note, "args": vars(args),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "shape"], extrasaction="ignore")
-        wr.writeheader()
-        wr.writerows(rows)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

@@ -94,3 +94,19 @@ def test_untimed_container_decodes_sequentially(tmp_path, monkeypatch):
     seen = count_frames(monkeypatch)
     got = pyav_mod.decode_frames(str(path), [1, 30, 39])
     assert [read_frame_number(f) for f in got] == [1, 30, 39] and seen["frames"] == 40
+
+
+def test_crop_resize_uint8_path_within_rounding_of_float_reference():
+    import torch
+    import torch.nn.functional as F
+
+    from ivfast.data.sampling import ClipPlan
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 61, 77, 3), dtype=np.uint8))
+    plan = ClipPlan(np.arange(3), (5, 3, 50, 47), True)
+    out = pyav_mod.crop_resize(x, plan, 24)
+    ref = x[:, 3:50, 5:55].permute(0, 3, 1, 2).float()
+    ref = F.interpolate(ref, size=(24, 24), mode="bilinear", align_corners=False, antialias=True).flip(-1)
+    ref = ref.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3)
+    assert out.shape == (3, 3, 24, 24) and out.dtype == torch.uint8
+    assert (out.int() - ref.int()).abs().max() <= 1

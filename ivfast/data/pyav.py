@@ -232,10 +232,12 @@ def crop_resize(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) 
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"frames must be [T, H, W, 3] uint8, got {tuple(x.shape)} {x.dtype}")
     cx, cy, cw, ch = plan.crop
-    x = x[:, cy:cy + ch, cx:cx + cw].permute(0, 3, 1, 2).float()          # T, 3, h, w
+    x = x[:, cy:cy + ch, cx:cx + cw].permute(0, 3, 1, 2)          # T, 3, h, w (channels-last memory)
     if (ch, cw) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=ch > size or cw > size)
+        # uint8 in, uint8 out: torch's channels-last uint8 bilinear kernel is ~10x faster on one
+        # core than resizing in float, and differs from the float path by rounding only (<= 1)
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=ch > size or cw > size)
     if plan.flip:
         x = x.flip(-1)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
+    return x.permute(1, 0, 2, 3).contiguous()
