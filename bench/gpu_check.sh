@@ -23,13 +23,14 @@ while [ $# -gt 0 ]; do
 done
 
 PY=${PYTHON:-python}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
 start=$(date +%s)
 # Seconds per part (sum + setup < 12 min; the run also stops giving time at TOTAL).
 TOTAL=700
 declare -A BUDGET=([preflight]=30 [dtypes]=75 [attention]=100 [decoder]=130 [stage1]=130 [stage2]=100 [tokens]=35)
 PARTS="preflight dtypes attention decoder stage1 stage2 tokens"
 if [ $dry = 1 ]; then
-  TOTAL=170
+  TOTAL=240
   for k in "${!BUDGET[@]}"; do BUDGET[$k]=40; done
 fi
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

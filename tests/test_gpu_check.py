@@ -16,7 +16,7 @@ import gpu_check as G  # noqa: E402
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check_dry.json"
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout, out.with_suffix(".log").read_text()
 
