@@ -445,3 +445,23 @@ def test_attention_uses_the_timed_backend(monkeypatch):
     assert len(calls) == 2
     out.sum().backward()                                            # timing left the real graph intact
     assert q.grad is not None
+
+
+# --------------------------------------------------------------------------- bench CLI
+def test_bench_train_step_smoke_names_the_switches(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [sorted(k for k, v in r.items() if v) for r in bench.plan_runs(["sync_free", "compile"], "cumulative")] \
+        == [[], ["sync_free"], ["compile", "sync_free"]]
+    assert bench.main(["--smoke", "--levers", "sync_free", "--steps", "1", "--warmup", "0",
+                       "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "train_step_smoke_cpu.json").read_text())
+    assert res["meta"]["measured"] is False
+    assert [r["levers_on"] for r in res["rows"]] == [["none"], ["sync_free"]]
+    assert set(res["rows"][1]["switches"]) == set(bench.LEVERS) and res["rows"][1]["step_ms"] > 0

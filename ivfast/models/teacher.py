@@ -212,6 +212,9 @@ class SiglipTeacher(nn.Module):
         # GELU in the GEMM epilogue: cuBLASLt's is the tanh form, i.e. gelu_pytorch_tanh only
         self._tanh_gelu = getattr(conf, "hidden_act", "") == "gelu_pytorch_tanh"
         self.fp8 = fp8
+        # False = the pre-issue-14 path (inside the caller's autocast, separate q/k/v GEMMs, GELU
+        # as its own pass): kept only so bench/bench_train_step.py can measure this lever
+        self.fast = True
         self._qkv: list = []
         self._fuse_qkv()
         if fp8:
@@ -268,17 +271,19 @@ class SiglipTeacher(nn.Module):
         B, N, D = x.shape
         h = layer.layer_norm1(x)
         a = layer.self_attn
-        if self._qkv[i] is not None:
-            qkv = F.linear(h, *self._qkv[i])               # one GEMM for q, k and v
+        shape = (B, N, self.heads, D // self.heads)
+        if not self.fast and hasattr(a, "q_proj"):          # (bench only: the old path)
+            q, k, v = a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape)
         else:
-            qkv = a.qkv_fp8(h)
-        q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).unbind(2)
+            # one GEMM for q, k and v
+            qkv = F.linear(h, *self._qkv[i]) if self._qkv[i] is not None else a.qkv_fp8(h)
+            q, k, v = qkv.view(B, N, 3, *shape[2:]).unbind(2)
         x = x + a.out_proj(attention(q, k, v, backend=self.backend).reshape(B, N, D))
         return x + self._mlp(layer.mlp, layer.layer_norm2(x))
 
     def _mlp(self, mlp, h):
         fc1 = mlp.fc1
-        if h.is_cuda and self._tanh_gelu and isinstance(fc1, nn.Linear) and fc1.bias is not None:
+        if self.fast and h.is_cuda and self._tanh_gelu and isinstance(fc1, nn.Linear) and fc1.bias is not None:
             # bias + tanh-GELU in cuBLASLt's epilogue: no separate pass over [rows, mlp_hidden]
             h2 = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
             return mlp.fc2(h2.view(*h.shape[:-1], -1))
@@ -308,6 +313,8 @@ class SiglipTeacher(nn.Module):
         # Autocast off: the frozen weights' dtype (bf16 on CUDA) is the compute dtype, so each
         # LayerNorm returns bf16 (fp32 statistics inside the kernel) instead of an fp32 tensor
         # that autocast re-casts for q, k, v and fc1 (~100 ms/step of traffic in stage 1, predicted).
+        if not self.fast:
+            return self._forward(video01)
         with torch.autocast(video01.device.type, enabled=False):
             return self._forward(video01)
 
