@@ -128,13 +128,15 @@ py::tuple tube_mask(int64_t B, int64_t T, int64_t H, int64_t W, double ratio, ui
   return py::make_tuple(keep_arr, mask_arr);
 }
 
-// V-JEPA multi-block masking (one mask set). The block size is drawn once per batch from one
-// uniform number (as V-JEPA does), block positions per sample; the union of the blocks is
+// V-JEPA multi-block masking (one mask set). The block size is drawn once per batch, temporal
+// scale, spatial scale and aspect ratio from three independent uniforms (counters 0, 1, 2; as
+// V-JEPA and the released jepa_mask.py do), block positions per sample; the union of the blocks is
 // masked. Rows are cut to a common K (the batch minimum, capped by max_keep): trim "random"
 // drops visible ids uniformly at random, "lowest" keeps the lowest ids (V-JEPA's behaviour).
 // Returns ids_keep [B, K]; ids_mask [B, N - K], every id not kept (dropped visible ids
 // included: what the predictor fills with mask tokens); and ids_pred [B, P], the block-masked
-// ids cut to the batch minimum the same way (what V-JEPA and the released code predict).
+// ids cut to the batch minimum the same way (what V-JEPA predicts; the released code predicts
+// every id not kept, i.e. ids_mask).
 py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t num_blocks, double smin, double smax,
                           double tmin, double tmax, double armin, double armax, uint64_t seed, int64_t max_keep,
                           const std::string& trim, int64_t min_keep, int64_t max_tries, int64_t threads) {
@@ -144,10 +146,11 @@ py::tuple multiblock_mask(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nu
   if (min_keep < 1) throw std::invalid_argument("min_keep must be >= 1");
   const int64_t N = T * H * W;
 
-  const double u = uniform(stream_key(seed, kBatchStream), 0);
-  const int64_t t = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(T) * (tmin + u * (tmax - tmin))));
-  const int64_t s_keep = static_cast<int64_t>(static_cast<double>(H * W) * (smin + u * (smax - smin)));
-  const double ar = armin + u * (armax - armin);
+  const uint64_t bkey = stream_key(seed, kBatchStream);
+  const double ut = uniform(bkey, 0), us = uniform(bkey, 1), ua = uniform(bkey, 2);
+  const int64_t t = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(T) * (tmin + ut * (tmax - tmin))));
+  const int64_t s_keep = static_cast<int64_t>(static_cast<double>(H * W) * (smin + us * (smax - smin)));
+  const double ar = armin + ua * (armax - armin);
   // nearbyint rounds half to even, as Python's round() in the reference.
   const int64_t h = std::min<int64_t>(H, std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(std::sqrt(s_keep * ar)))));
   const int64_t w = std::min<int64_t>(W, std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(std::sqrt(s_keep / ar)))));

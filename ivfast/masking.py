@@ -110,11 +110,12 @@ def tube_mask_reference(B: int, T: int, H: int, W: int, ratio: float, seed: int)
 
 
 def block_size(T: int, H: int, W: int, spatial: tuple, temporal: tuple, aspect: tuple, seed: int):
-    """(t, h, w) of this batch's blocks: one uniform draw sets scale and aspect, as V-JEPA."""
-    u = float(uniform(stream_key(seed, _BATCH_STREAM), [0])[0])
-    t = max(1, int(T * (temporal[0] + u * (temporal[1] - temporal[0]))))
-    s_keep = int(H * W * (spatial[0] + u * (spatial[1] - spatial[0])))
-    ar = aspect[0] + u * (aspect[1] - aspect[0])
+    """(t, h, w) of this batch's blocks: temporal scale, spatial scale and aspect ratio from three
+    independent uniforms (V-JEPA's and the released jepa_mask.py's scheme, not I-JEPA's one draw)."""
+    ut, us, ua = (float(v) for v in uniform(stream_key(seed, _BATCH_STREAM), np.arange(3, dtype=np.uint64)))
+    t = max(1, int(T * (temporal[0] + ut * (temporal[1] - temporal[0]))))
+    s_keep = int(H * W * (spatial[0] + us * (spatial[1] - spatial[0])))
+    ar = aspect[0] + ua * (aspect[1] - aspect[0])
     h = min(H, max(1, round(math.sqrt(s_keep * ar))))   # round(): half to even, as nearbyint
     w = min(W, max(1, round(math.sqrt(s_keep / ar))))
     return min(T, t), h, w
@@ -214,7 +215,8 @@ def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tu
     Dropped visible ids join ``ids_mask``, so keep + mask cover every position (the predictor
     fills all of ``ids_mask`` with mask tokens). With ``with_pred`` a third array ``ids_pred``
     [B, P] holds the block-masked ids only, cut to the batch minimum the same way: the
-    positions V-JEPA and the released code compute the loss on.
+    positions V-JEPA computes the loss on (``masking.predict=blocks``; the released code, and
+    ivfast's default ``predict=unseen``, use all of ``ids_mask``).
     """
     C = _native()
     if C is None:

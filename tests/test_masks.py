@@ -175,3 +175,22 @@ def test_cpp_releases_the_gil():
     assert first_half > 100, f"the main thread ran only {first_half} times in the first half of the C++ call"
     ref = masking.multiblock_mask(2048, 32, 16, 16, 8, (0.15, 0.15), seed=5, threads=2)
     assert np.array_equal(window["ids"][0], ref[0]) and np.array_equal(window["ids"][1], ref[1])
+
+
+def test_block_size_draws_scale_and_aspect_independently():
+    """V-JEPA / released jepa_mask.py: temporal scale, spatial scale and aspect ratio each get their
+    own uniform (counters 0, 1, 2 of the batch stream); one shared draw (I-JEPA) ties them."""
+    T, H, W = 16, 16, 16
+    ts, ss, ars = [], [], []
+    for seed in range(200):
+        t, h, w = masking.block_size(T, H, W, (0.1, 0.9), (0.2, 1.0), (0.5, 2.0), seed)
+        ts.append(t), ss.append(h * w), ars.append(h / w)
+        # the C++ sampler takes the same size: its one-block mask is a t x h x w box
+        _, mask = masking.multiblock_mask(1, T, H, W, 1, (0.1, 0.9), (0.2, 1.0), (0.5, 2.0), seed)
+        assert mask.shape[1] == t * h * w
+    u = masking.uniform(masking.stream_key(7, masking._BATCH_STREAM), np.arange(3, dtype=np.uint64))
+    assert masking.block_size(T, H, W, (0.1, 0.9), (0.2, 1.0), (0.5, 2.0), 7)[0] == max(1, int(T * (0.2 + u[0] * 0.8)))
+    rank = lambda v: np.argsort(np.argsort(v))
+    for a, b in ((ts, ss), (ts, ars), (ss, ars)):
+        rho = np.corrcoef(rank(a), rank(b))[0, 1]
+        assert abs(rho) < 0.4, f"block-size draws are correlated (rank corr {rho:.2f}): one shared uniform?"
