@@ -236,3 +236,21 @@ def test_torchrun_two_ranks_gloo_match_one_process(appearance_lists, tmp_path):
                          text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "ivnext" / "results.json").read_text())["num_val"] == 8
+
+
+def test_cache_key_follows_the_weights_file(tmp_path, appearance_lists):
+    """A run directory resolves to its newest checkpoint; rewriting the weights changes the key."""
+    import os
+    from safetensors.torch import save_file
+    from ivfast.eval.data import LabelledClips
+    enc = tiny_encoder()
+    w = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(1)}, str(w))
+    enc.weights_file = str(w)
+    ds = LabelledClips(str(appearance_lists[0]), ViewSpec(4, 32), mode="center")
+    cfg = EvalConfig()
+    k1 = eval_run.cache_key(cfg, enc, ds, "mean")
+    assert eval_run.cache_key(cfg, enc, ds, "mean") == k1
+    assert eval_run.cache_key(cfg, enc, ds, "tokens") != k1
+    os.utime(w, ns=(1, 1))
+    assert eval_run.cache_key(cfg, enc, ds, "mean") != k1

@@ -84,12 +84,11 @@ def encode(encoder, clips: torch.Tensor, device: torch.device, pool: str = "") -
 def cache_key(cfg: EvalConfig, encoder, ds: LabelledClips, what: str) -> str:
     """Checkpoint (path, size, mtime, random/seed), view settings, list file and mode -> a hash."""
     src = encoder.source
-    ck = Path(cfg.checkpoint)
     stat = []
-    for f in (ck, ck / "model.safetensors"):
-        if f.is_file():
-            s = f.stat()
-            stat = [str(f.resolve()), s.st_size, s.st_mtime_ns]
+    f = Path(getattr(encoder, "weights_file", "") or "")
+    if f.is_file():    # the resolved weights file (a run dir's newest checkpoint): a rewrite changes the key
+        st = f.stat()
+        stat = [str(f), st.st_size, st.st_mtime_ns]
     lst = Path(ds.list_path)
     info = {"encoder": src, "file": stat, "random_init": cfg.random_init, "seed": cfg.random_init_seed,
             "views": ds.spec.key(), "mode": ds.mode, "list": [str(lst.resolve()), lst.stat().st_mtime_ns],

@@ -221,4 +221,5 @@ def load_encoder(path: str | os.PathLike, num_frames: int = 0, img_size: int = 0
     else:
         source = f"random-init ({source})"
     enc.source = source
+    enc.weights_file = str(f.resolve())    # the feature cache keys on this file's size and mtime
     return enc.eval().requires_grad_(False)
