@@ -90,3 +90,40 @@ def test_gpu_tests_collect_without_pyav_and_dali(tmp_path):
     assert r.returncode == 0, text[-3000:]
     assert "error" not in text.lower(), text[-3000:]
     assert "test_gpu_vit_block_under_bf16_autocast" in text and " collected" in text
+
+
+def test_bare_tree_setup_maps_kernels_and_masks_without_C(tmp_path):
+    """The GPU machine's copy of the tree: nothing pip-installed, _C never built. Simulated here: a
+    copy of the tree, ivfast's editable-install finder removed, and a python whose `pip install` and
+    `setup.py build_ext` fail (as when cmake cannot build). The setup must map kernels/ as
+    ivfast.kernels (symlink, removed again at exit) and the check must still import ivfast.masking."""
+    import os
+    import shutil
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    tree = tmp_path / "tree"
+    for f in files:
+        src = ROOT / f
+        if src.is_file() and not f.startswith(("runs/", "bench/results/")):
+            (tree / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tree / f)
+    assert not (tree / "ivfast" / "kernels").exists() and not list((tree / "ivfast").glob("_C*.so"))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\n"
+                    f"case \" $* \" in *' -m pip '*|*' setup.py '*) echo 'simulated build failure' >&2; exit 1;; esac\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    out = tmp_path / "g.json"
+    env = {**os.environ, "PYTHON": str(fake), "PYTHONPATH": str(site), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--parts", "preflight", "--out", str(out)], cwd=tree,
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert "pip install failed" in r.stdout and "symlink" in r.stdout, r.stdout + r.stderr
+    imports = json.loads(out.read_text())["parts"]["preflight"]["imports"]
+    assert imports["ivfast.kernels"].startswith("ok") and imports["ivfast.masking"].startswith("ok"), imports
+    assert not imports["ivfast._C"].startswith("ok"), imports
+    assert not (tree / "ivfast" / "kernels").exists(), "the symlink made for the check is removed at exit"
