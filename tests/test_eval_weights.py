@@ -110,3 +110,11 @@ def test_load_encoder_round_trip_from_an_ivfast_checkpoint(tmp_path):
         (tmp_path / "bare").mkdir()
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bare" / "w.safetensors"))
         load_encoder(tmp_path / "bare" / "w.safetensors")
+
+
+def test_unused_release_keys_are_reported(caplog):
+    sd = {**release_state_dict(), "predictor.layers.0.weight": torch.zeros(2)}
+    with caplog.at_level("WARNING", logger="ivfast.models"):
+        enc_sd, _ = convert_release_state_dict(sd)
+    assert "predictor.layers.0.weight" in caplog.text and "1 keys not used" in caplog.text
+    assert "predictor.layers.0.weight" not in enc_sd

@@ -37,6 +37,7 @@ Ambiguities (also raised as errors where they matter):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import replace
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("ivfast.models")
 RELEASE_HEADS = {768: 12, 1024: 16, 1408: 16}     # internvideo_next_{base,large}, InternVideo2-1B
 
 
@@ -105,6 +107,11 @@ def convert_release_state_dict(sd: dict, prefix: str | None = None) -> tuple[dic
                 pool[rest[len("cross_attn."):]] = v
             else:
                 unused.append(pre + k)
+        elif k not in ("patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm_before.weight",
+                       "patch_embed.norm.weight", "cls_token", "pos_embed"):
+            unused.append(pre + k)
+    if unused:   # e.g. a stage-2 file's predictor: not part of the encoder
+        log.warning("release weights: %d keys not used by the encoder or pool, e.g. %s", len(unused), unused[:5])
     return enc, pool
 
 
