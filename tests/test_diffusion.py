@@ -223,3 +223,27 @@ def test_compile_impl_routes_through_torch_compile(monkeypatch):
             p.mul_(2.0)
     torch.testing.assert_close(twin(x, t, z), twin.forward_reference(x, t, z))
     assert not torch.allclose(twin(x, t, z), out)
+
+
+def test_bench_dry_run_on_cpu_writes_json(tmp_path):
+    """bench/bench_diffusion_mlp.py --tiny --device cpu (what the GPU check's dry run calls): runs,
+    measures eager and ivfast plus the cuBLAS-floor row, and writes the JSON document."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_diffusion_mlp.py"
+    spec = importlib.util.spec_from_file_location("bench_diffusion_mlp", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--modes", "fwd", "--warmup", "1",
+                       "--rep", "1", "--out", str(tmp_path), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    impls = {r["impl"]: r for r in doc["results"]}
+    assert set(impls) == {"cublas_floor", "eager", "triton"}, impls
+    assert all(r["median_ms"] > 0 for r in impls.values())
+    assert impls["triton"]["triton_vs_eager_rel_err"] < 1e-4
+    assert doc["meta"]["dtype"] == "fp32"
+    a = bench.parse_args(["--impls", "ivfast", "--max-autotune"])
+    assert a.impls == "triton" and a.compile_mode == "max-autotune-no-cudagraphs"
+    assert a.rows == "49152,24576" and a.shapes == "6x1536"
