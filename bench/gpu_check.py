@@ -559,7 +559,12 @@ def part_tokens(p: Part, dry: bool):
     if r.returncode != 0 or not found:
         p.set("tokens", {"error": (r.stderr or r.stdout).strip().splitlines()[-3:]})
         return
-    p.set("tokens", json.loads(found[-1].read_text()).get("rows"))
+    res = json.loads(found[-1].read_text())
+    p.set("tokens", res.get("rows"))
+    p.set("tokens_copy_gb_s", (res.get("meta") or {}).get("copy_bandwidth_gb_s"))
+    pct = [r["pct_copy_bw"] for r in res.get("rows") or [] if r.get("impl") == "triton" and r.get("pct_copy_bw")]
+    if pct:
+        p.set("triton_pct_of_copy", {"min": min(pct), "max": max(pct)})
 
 
 # --------------------------------------------------------------------------- table
@@ -590,7 +595,7 @@ def table(data: dict) -> str:
                    f"MFU {res.get('mfu')} (no teacher {res.get('mfu_without_teacher')}) "
                    f"{res.get('peak_mem_gib')} GiB oom {r.get('oom_batches', [])}")
         elif name == "tokens":
-            fig = f"copy {r.get('copy_gb_s')} GB/s"
+            fig = f"copy {r.get('copy_gb_s')} GB/s; triton token kernels % of copy {r.get('triton_pct_of_copy')}"
         if r.get("error"):
             fig += f"  ERROR {r['error']}"
         lines.append(f"{name:<10} {r.get('status', '?'):<8} {r.get('seconds', 0):>6}  {fig[:300]}")
