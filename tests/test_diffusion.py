@@ -247,3 +247,15 @@ def test_bench_dry_run_on_cpu_writes_json(tmp_path):
     a = bench.parse_args(["--impls", "ivfast", "--max-autotune"])
     assert a.impls == "triton" and a.compile_mode == "max-autotune-no-cudagraphs"
     assert a.rows == "49152,24576" and a.shapes == "6x1536"
+
+
+def test_diffusion_loss_takes_the_decoder_dtype_from_the_config():
+    """model.decoder.dtype (ivfast/config.py) reaches the decoder module."""
+    cfg = DecoderConfig(depth=1, width=16, impl="eager")
+    cfg.dtype = "bf16"
+    assert DiffusionLoss(cfg, target_dim=6, cond_dim=4).net.dtype == "bf16"
+    cfg.dtype = "fp32"
+    loss = DiffusionLoss(cfg, target_dim=6, cond_dim=4)
+    assert loss.net.dtype == "fp32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss.net(torch.randn(3, 6), torch.zeros(3, dtype=torch.long), torch.randn(3, 4)).dtype == torch.float32

@@ -242,21 +242,32 @@ class DiffusionDecoder(nn.Module):
             return DiffusionDecoder._compiled_reference(self, x, t, z)
         return self.forward_reference(x, t, z)
 
+    def _forward_impl(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        if self.impl == "triton":
+            ok, why = _triton_runnable(x.device)
+            if ok:
+                return self.forward_triton(x, t, z)
+            if not self._warned:
+                warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
+                              stacklevel=3)
+                self._warned = True
+        if self.dtype == "fp32":   # eager / compile: fp32 maths on fp32 inputs (autocast is off)
+            x, z = x.float(), z.float()
+        return self._forward_eager(x, t, z)
+
+    @torch.compiler.disable   # flips autocast / TF32 state: not something to trace into a graph
+    def _forward_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        with _precision(self.dtype, x.device):
+            return self._forward_impl(x, t, z)
+
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         self._check(x, t, z)
-        dt = self.compute_dtype(x.device)      # also validates self.dtype
-        with _precision(self.dtype, x.device):
-            if self.impl == "triton":
-                ok, why = _triton_runnable(x.device)
-                if ok:
-                    return self.forward_triton(x, t, z)
-                if not self._warned:
-                    warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
-                                  stacklevel=2)
-                    self._warned = True
-            if self.dtype == "fp32":   # eager / compile: fp32 maths on fp32 inputs (autocast is off)
-                x, z = x.to(dt), z.to(dt)
-            return self._forward_eager(x, t, z)
+        if self.dtype not in self.DTYPES:
+            raise ValueError(f"DiffusionDecoder dtype={self.dtype!r}: choose one of {self.DTYPES} "
+                             "(model.decoder.dtype)")
+        if self.dtype == "auto":    # the default: no state to switch, nothing hidden from torch.compile
+            return self._forward_impl(x, t, z)
+        return self._forward_with_precision(x, t, z)
 
 
 def _pad8(n: int) -> int:
@@ -558,7 +569,8 @@ class DiffusionLoss(nn.Module):
         self.cfg = cfg
         self.target_dim, self.cond_dim = target_dim, cond_dim
         self.net = DiffusionDecoder(target_dim, cond_dim, cfg.width, cfg.depth,
-                                    learn_sigma=cfg.learn_sigma, impl=cfg.impl)
+                                    learn_sigma=cfg.learn_sigma, impl=cfg.impl,
+                                    dtype=getattr(cfg, "dtype", "auto"))   # model.decoder.dtype, once wired
         self.train_diffusion = GaussianDiffusion.from_config(cfg.noise_schedule, cfg.train_steps,
                                                              cfg.learn_sigma)
         self._samplers: dict[int, GaussianDiffusion] = {}
