@@ -80,6 +80,10 @@ class DecoderConfig:
     sample_clip: float = 0.0            # sampler clamps predicted x0 to [-c, c]; 0 = off (released code)
     norm_pix: bool = False              # per-patch normalised targets (MAE norm_pix_loss)
     impl: KernelImpl = "triton"
+    # precision of the decoder MLP + diffusion loss: "fp32" = released (fp32 autocast, TF32 off for
+    # that region; the step's bf16 autocast is suspended around it), "bf16" = faster (bf16 autocast
+    # around the decoder, on CPU too)
+    dtype: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -125,6 +129,14 @@ class ModelConfig:
     final_target_renorm: bool = False
     # weight decay on predictor.pos_embed and predictor.mask_token (released: decayed); false: exempt
     decay_predictor_tokens: bool = True
+    # stage-2 output head: "mlp" = Linear(1024,1024) -> GELU -> Linear(1024,d) -> LayerNorm
+    # (released selfdist_decoder); "linear" = Linear(1024,d) -> LayerNorm (shallow, ivfast's old one)
+    stage2_head: Literal["mlp", "linear"] = "mlp"
+    # stage-2 position tables: "reinterpolate" = learnable tables of stage2_pos_frames frames,
+    # interpolated (linear in t) to num_frames on every forward, gradients reach the small tables
+    # (released); "once" = interpolated once at load, free num_frames-frame tables are trained
+    stage2_pos: Literal["reinterpolate", "once"] = "reinterpolate"
+    stage2_pos_frames: int = 16         # frames of the learnable tables with stage2_pos=reinterpolate
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -151,9 +163,10 @@ class MaskingConfig:
         BlockSpec(8, [0.15, 0.15]), BlockSpec(2, [0.7, 0.7])])
     max_keep: int = 0                   # cap on visible tokens per clip (0 = none)
     trim: Literal["random", "lowest"] = "random"   # how rows are cut to a common K
-    # stage 2 loss positions: "blocks" = block-masked tokens cut to the batch minimum (V-JEPA,
-    # released code); "unseen" = every token the encoder did not see (trimmed visible ones too)
-    predict: Literal["blocks", "unseen"] = "blocks"
+    # stage 2 loss positions: "unseen" = every token the encoder did not see, visible tokens dropped
+    # by the trim included (released: engines/jepa_mask.py masks_enc); "blocks" = the block-masked
+    # tokens only, cut to the batch minimum (V-JEPA's choice)
+    predict: Literal["blocks", "unseen"] = "unseen"
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ivfast import checkpoint as ckpt
 from ivfast.config import BlockSpec, Config, ConfigError, MaskingConfig, dump, load_config, presets
 from ivfast.masking import stream_key
+from ivfast.models.epd import purpose_seed
 from ivfast.metrics import MetricsLogger, PhaseTimer, device_peak_flops
 
 log = logging.getLogger("ivfast.train")
@@ -290,6 +291,9 @@ class Trainer:
                      "lr %.3g -> %.3g, warm-up %d", cfg.stage, self.device.type, self.world,
                      self.total_steps, self.steps_per_epoch, self.global_batch, o.batch_per_gpu, self.accum,
                      self.peak_lr, self.min_lr, self.warmup)
+            log.info("global batch %d = %d per GPU x %d GPUs x %d accumulation (asked %d) | lr x %.4g "
+                     "(global batch / 256): peak %.3g = %.3g x %.4g", self.global_batch, o.batch_per_gpu,
+                     self.world, self.accum, o.global_batch, scale, self.peak_lr, o.base_lr, scale)
             if self.global_batch != o.global_batch:
                 log.warning("optim.global_batch=%d is not a multiple of batch_per_gpu x world = %d: "
                             "using %d clips per step", o.global_batch, per_micro, self.global_batch)
@@ -368,7 +372,9 @@ class Trainer:
             with self.timer.phase("data", host=True):
                 batch = self._upload_next_batch()
             seed = step_seed(cfg.runtime.seed, self.step, micro, self.rank)
-            torch.manual_seed(seed)          # drop path, diffusion noise: a function of the step
+            # drop path's stream; the model derives the masks' and the diffusion's own streams
+            # from the same step seed (ivfast.models.epd.purpose_seed), so none re-uses another's
+            torch.manual_seed(purpose_seed(seed, "drop_path"))
             last = micro == self.accum - 1
             sync = model.no_sync() if (self.world > 1 and not last and hasattr(model, "no_sync")) \
                 else contextlib.nullcontext()

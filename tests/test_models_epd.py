@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from ivfast.config import load_config
 from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, _VideoInput, build_model,
-                               final_alignment_loss, load_stage1_weights, param_groups)
+                               final_alignment_loss, load_stage1_weights, param_groups, purpose_seed)
 
 
 def _video(B=2, T=4, S=56, seed=0):
@@ -327,8 +327,8 @@ def test_stage1_tube_masking():
 
 
 def test_stage2_loss_positions_follow_masking_predict(stage1, tmp_path):
-    """'blocks' (released / V-JEPA): the loss is on block-masked ids only, not on visible ids
-    dropped by the max_keep cut; 'unseen': on every id the encoder did not see."""
+    """'blocks' (V-JEPA): the loss is on block-masked ids only, not on visible ids dropped by the
+    max_keep cut; 'unseen' (released, default): on every id the encoder did not see."""
     _, s1 = stage1
     ckpt = _save_stage1(s1, tmp_path)
     base = ["stage=2", f"model.init_from={ckpt}", "masking.kind=multiblock", "model.attn_backend=sdpa",
@@ -342,3 +342,176 @@ def test_stage2_loss_positions_follow_masking_predict(stage1, tmp_path):
     assert unseen["predicted"] == unseen["masked"] == [4 * 16 - 20]
     assert blocks["predicted"][0] < blocks["masked"][0], "dropped visible ids must not be predicted"
     assert not torch.equal(blocks["loss"], unseen["loss"])
+
+
+# --------------------------------------------------------------------------- release fidelity (issue 12)
+def _release_loss_positions(keep, N):
+    """Plain transcription of the release (engines/jepa_mask.py:187-190, engine_for_stage2.py:77-78):
+    masks_enc = 1 everywhere, 0 at the kept context; the loss is at masks_enc.bool()."""
+    masks_enc = torch.ones(keep.shape[0], N)
+    for b in range(keep.shape[0]):
+        masks_enc[b, torch.as_tensor(keep[b]).long()] = 0
+    return masks_enc.bool()
+
+
+def test_stage2_default_loss_positions_are_the_releases(stage1, tmp_path):
+    """Default config (no masking.predict override): the loss is at every id outside the trimmed
+    visible set, dropped visible ids included; checked id by id against the release's logic."""
+    from ivfast.masking import multiblock_masks
+    _, s1 = stage1
+    cfg = load_config("demo", ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "masking.kind=multiblock",
+                               "model.attn_backend=sdpa", "masking.max_keep=20",
+                               "masking.blocks=[{num_blocks: 2, spatial_scale: [0.15, 0.15]}]"])
+    assert cfg.masking.predict == "unseen"
+    model = build_model(cfg)
+    seen = []
+    import ivfast.models.epd as epd
+    real = epd.ops.gather_tokens
+    def spy(x, ids, impl=None):
+        seen.append(ids.clone())
+        return real(x, ids, impl=impl)
+    epd.ops.gather_tokens, old = spy, real
+    try:
+        with torch.no_grad():
+            out = model(_video(), step_seed=5)
+    finally:
+        epd.ops.gather_tokens = old
+    N = 4 * 16
+    ((keep, _, _),) = multiblock_masks(cfg.masking, 2, *model.grid, seed=purpose_seed(5, "multiblock"), with_pred=True)
+    release = _release_loss_positions(keep, N)
+    assert out["predicted"] == [int(release[0].sum())] == [N - 20]
+    predicted = seen[-1]            # the targets' gather: the loss positions
+    for b in range(2):
+        assert torch.equal(predicted[b].long(), torch.nonzero(release[b]).flatten()), b
+
+
+def test_stage2_head_structure_and_init(stage1, tmp_path):
+    """Release selfdist_decoder: Linear(1024,1024)-GELU-Linear(1024,d)-LayerNorm; 'linear' keeps
+    the shallow Linear-LayerNorm. Small heads trunc-normal 0.02 with zero bias (the parent's init)."""
+    from ivfast.models.vit import MLPHead
+    _, s1 = stage1
+    base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "masking.kind=multiblock",
+            "model.attn_backend=sdpa"]
+    mlp = build_model(load_config("demo", base))
+    P, d = mlp.cfg.model.predictor.dim, mlp.cfg.model.encoder.dim
+    assert isinstance(mlp.head, MLPHead)
+    assert (mlp.head.fc1.in_features, mlp.head.fc1.out_features) == (P, P)
+    assert (mlp.head.fc2.in_features, mlp.head.fc2.out_features) == (P, d)
+    assert isinstance(mlp.head.norm, torch.nn.LayerNorm) and mlp.head.norm.normalized_shape == (d,)
+    z = torch.randn(3, P)
+    ref = mlp.head.norm(mlp.head.fc2(torch.nn.functional.gelu(mlp.head.fc1(z))))
+    torch.testing.assert_close(mlp.head(z), ref)
+    lin = build_model(load_config("demo", base + ["model.stage2_head=linear"]))
+    assert [type(m) for m in lin.head] == [torch.nn.Linear, torch.nn.LayerNorm]
+    for head in (mlp.head, lin.head):
+        for m in head.modules():
+            if isinstance(m, torch.nn.Linear):
+                assert 0.015 < m.weight.std().item() < 0.025 and not m.bias.any()
+
+
+def test_small_heads_trunc_normal_and_conv_default_patch_init():
+    torch.manual_seed(0)
+    model = build_model(load_config("demo", ["model.attn_backend=sdpa"]))
+    heads = [model.predictor.in_proj, *model.middle_heads, model.final_head]
+    for head in heads:
+        for m in (head.fc1, head.fc2):
+            # xavier would give sqrt(2 / (fan_in + fan_out)) = 0.125 at 64 x 64
+            assert 0.017 < m.weight.std().item() < 0.023, m
+            assert not m.bias.any()
+    pe = model.encoder.patch_embed           # the release's Conv3d keeps PyTorch's default init
+    bound = 1 / pe.in_features ** 0.5
+    assert pe.weight.abs().max() <= bound and pe.bias.abs().max() <= bound and pe.bias.abs().min() > 0
+    assert abs(pe.weight.std().item() - bound / 3 ** 0.5) < 0.1 * bound
+
+
+def test_decoder_precision_fp32_or_bf16(stage1):
+    """model.decoder.dtype=fp32 (released): the decoder's matmuls run in fp32 (TF32 off) even inside
+    the step's bf16 autocast; bf16: in bf16 even without autocast (CPU trainer)."""
+    cfg, model = stage1
+    seen = []
+    def hook(mod, args, out):
+        m = torch.backends.cuda.matmul
+        tf32 = m.fp32_precision != "ieee" if hasattr(m, "fp32_precision") else m.allow_tf32
+        seen.append((args[0].dtype, out.dtype, tf32))
+    lins = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in lins]
+    try:
+        for mode, autocast, want in (("fp32", True, torch.float32), ("bf16", False, torch.bfloat16)):
+            model.cfg.model.decoder.dtype = mode
+            seen.clear()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(_video(), step_seed=2)
+            assert seen and all(o == want for _, o, _ in seen), (mode, seen[:3])
+            if mode == "fp32":
+                assert all(i == torch.float32 and not tf32 for i, _, tf32 in seen)
+            assert torch.isfinite(out["loss_diffusion"])
+    finally:
+        model.cfg.model.decoder.dtype = "fp32"
+        for h in handles:
+            h.remove()
+
+
+def test_random_streams_are_independent_per_purpose(stage1, monkeypatch):
+    """The semantic-mask generator is not seeded like the global RNG (drop path) nor like the
+    diffusion draws: every purpose has its own stream from the step seed."""
+    import ivfast.masking as masking
+    from ivfast.train import step_seed
+    cfg, model = stage1
+    seed = step_seed(0, 3, 0, 0)
+    seeds = {p: purpose_seed(seed, p) for p in ("drop_path", "semantic", "multiblock", "tube", "diffusion")}
+    assert len(set(seeds.values())) == 5 and seed not in seeds.values()
+    got, manual = {}, []
+    real_mask, real_seed = masking.semantic_mask, torch.manual_seed
+    def spy_mask(*a, generator=None, **k):
+        got["mask_u"] = torch.rand(64, generator=generator.clone_state() if hasattr(generator, "clone_state")
+                                   else torch.Generator().manual_seed(generator.initial_seed()))
+        got["mask_seed"] = generator.initial_seed()
+        return real_mask(*a, generator=generator, **k)
+    monkeypatch.setattr(masking, "semantic_mask", spy_mask)
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (manual.append(int(s)), real_seed(s))[1])
+    real_seed(seeds["drop_path"])              # what the trainer sets before the forward
+    drop_u = torch.rand(64)
+    with torch.no_grad():
+        model(_video(), step_seed=seed)
+    assert got["mask_seed"] == seeds["semantic"] and got["mask_seed"] not in (seed, seeds["drop_path"])
+    assert not torch.allclose(got["mask_u"], drop_u), "drop path would re-use the mask's uniforms"
+    assert seeds["diffusion"] in manual, "the diffusion draws get their own stream"
+
+
+def test_stage2_position_tables_reinterpolated_every_forward(stage1, tmp_path):
+    """stage2_pos=reinterpolate (released): small learnable tables, interpolated to num_frames on
+    every forward, gradients reach them; checkpoints load between both modes; 'once' = free tables."""
+    from ivfast.models.vit import interpolate_pos_table
+    _, s1 = stage1
+    base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "model.num_frames=8", "data.num_frames=8",
+            "masking.kind=multiblock", "model.attn_backend=sdpa", "model.stage2_pos_frames=4"]
+    re = build_model(load_config("demo", base))
+    params = dict(re.named_parameters())
+    small = params["encoder.parametrizations.pos_embed.original"]
+    assert small.shape[0] == 4 + 4 * 16 and "encoder.pos_embed" not in params
+    assert re.encoder.pos_embed.shape[0] == 4 + 8 * 16
+    torch.testing.assert_close(small, s1.encoder.pos_embed)       # the stage-1 table, as is
+    torch.testing.assert_close(re.encoder.pos_embed, interpolate_pos_table(s1.encoder.pos_embed, 4, (4, 4, 4), (8, 4, 4)))
+    torch.testing.assert_close(re.teacher.pos_embed, re.encoder.pos_embed)
+    out = re(_video(T=8), step_seed=3)
+    out["loss"].backward()
+    assert small.grad is not None and small.grad.abs().sum() > 0
+    assert params["predictor.parametrizations.pos_embed.original"].grad is not None
+    groups = param_groups(re, 0.05)
+    assert "encoder.parametrizations.pos_embed.original" in groups[1]["names"]      # not decayed
+    assert "predictor.parametrizations.pos_embed.original" in groups[0]["names"]    # decayed (released)
+    # checkpoints: the small tables under stage2_pos_tables.*, the full-size ones as <module>.pos_embed
+    with torch.no_grad():
+        small.add_(0.25)
+    sd = re.state_dict()
+    assert sd["stage2_pos_tables.encoder.pos_embed"].shape == small.shape
+    torch.testing.assert_close(sd["encoder.pos_embed"], re.encoder.pos_embed.detach())
+    again = build_model(load_config("demo", base))
+    again.load_state_dict(sd)
+    torch.testing.assert_close(again.encoder.parametrizations.pos_embed.original, small)
+    once = build_model(load_config("demo", base + ["model.stage2_pos=once"]))
+    assert isinstance(once.encoder.pos_embed, torch.nn.Parameter) and once.encoder.pos_embed.shape[0] == 4 + 8 * 16
+    once.load_state_dict(sd)
+    torch.testing.assert_close(once.encoder.pos_embed, re.encoder.pos_embed.detach())
+    again.load_state_dict(once.state_dict())       # a free full-size table, resampled down
+    assert again.encoder.parametrizations.pos_embed.original.shape == small.shape

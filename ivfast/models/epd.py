@@ -9,18 +9,21 @@ Stage 1 (pixel reconstruction + semantic alignment), per clip:
 Stage 2 (latent prediction):
   frozen copy of the stage-1 encoder on all tokens -> targets; per V-JEPA mask set the student
   encoder on its visible tokens; the predictor runs ONCE over all mask sets stacked on the batch
-  axis (every set has all N positions) -> ``Linear -> LayerNorm`` -> loss at the masked positions
-  (``2 - 2 cos`` of L2-normalised vectors by default; ``l1`` / ``mse`` against layer-normalised
-  targets as V-JEPA).
+  axis (every set has all N positions) -> head (``Linear -> GELU -> Linear -> LayerNorm``, the
+  released ``selfdist_decoder``) -> loss at every position the encoder did not see (released;
+  ``masking.predict=blocks``: the block-masked ones only) (``2 - 2 cos`` of L2-normalised vectors
+  by default; ``l1`` / ``mse`` against layer-normalised targets as V-JEPA).
 
 Both take ``video`` [B, 3, T, H, W] as uint8 (normalised on device with the ImageNet mean/std,
 fused into the token gather) or as float already ImageNet-normalised, and a ``step_seed`` that
-fixes every random draw of the masks. They return a dict with ``loss`` (the scalar to backward),
+fixes every random draw: each purpose (semantic mask, multi-block masks, drop path, diffusion
+timesteps and noise) gets its own stream derived from it (``purpose_seed``). They return a dict with ``loss`` (the scalar to backward),
 each loss part (detached) and the token counts.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ivfast import ops
 from .predictor import Predictor
@@ -43,6 +47,65 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # token ARE decayed unless model.decay_predictor_tokens is false.
 NO_DECAY_NAMES = ("encoder.pos_embed", "encoder.cls_token", "align_pos")
 PREDICTOR_TOKEN_NAMES = ("predictor.pos_embed", "predictor.mask_token")
+
+
+# Independent random streams per purpose, all derived from the step seed (a purpose never re-uses
+# another's uniforms: the semantic-mask generator used to be seeded like torch.manual_seed).
+STREAMS = dict(drop_path=1, semantic=2, multiblock=3, tube=4, diffusion=5)
+
+
+def purpose_seed(step_seed: int, purpose: str) -> int:
+    """The seed of ``purpose``'s random stream at this step (63 bits, valid for torch generators)."""
+    from ivfast.masking import stream_key
+    return stream_key(int(step_seed) % (1 << 64), STREAMS[purpose]) >> 1
+
+
+class _DecoderPrecision:
+    """The diffusion decoder's precision region (``model.decoder.dtype``).
+
+    ``fp32`` (released ``forward_diff_loss`` under fp32 autocast): autocast off, TF32 off for
+    CUDA matmuls, restored on exit; the caller casts the inputs to fp32. ``bf16``: bf16 autocast
+    on (also on CPU, where the trainer itself runs without autocast).
+    """
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in ("fp32", "bf16"):
+            raise ValueError(f"model.decoder.dtype must be fp32 or bf16, got {mode!r}")
+        self.mode, self.dev = mode, device.type
+        self._tf32 = None
+
+    def __enter__(self):
+        if self.mode == "fp32":
+            self._ctx = torch.autocast(self.dev, enabled=False)
+            m = torch.backends.cuda.matmul
+            if hasattr(m, "fp32_precision"):       # newer API; reading allow_tf32 may raise then
+                self._tf32, m.fp32_precision = ("p", m.fp32_precision), "ieee"
+            else:
+                self._tf32, m.allow_tf32 = ("a", m.allow_tf32), False
+        else:
+            self._ctx = torch.autocast(self.dev, dtype=torch.bfloat16)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        if self._tf32 is not None:
+            kind, old = self._tf32
+            if kind == "p":
+                torch.backends.cuda.matmul.fp32_precision = old
+            else:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return False
+
+
+def _init_head(head: nn.Module) -> None:
+    """Released init of the small MLP heads: the parent's trunc-normal 0.02 / zero bias runs after
+    the heads' own xavier init (s1:682, s2:666), so every Linear ends up trunc-normal 0.02."""
+    for lin in head.modules():
+        if isinstance(lin, nn.Linear):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,6 +176,13 @@ class _Base(nn.Module):
         self.grid, self.num_cls = self.encoder.grid, enc.num_cls
         self.predictor = Predictor(m.predictor, enc.dim, enc.num_cls, self.grid, m.attn_backend, m.token_impl,
                                    learnable_pos=enc.learnable_pos)
+        # released init: the patch projection is a Conv3d the parent's init skips, so it keeps
+        # PyTorch's default (kaiming-uniform a=sqrt(5), the same as nn.Linear's default for the
+        # equivalent GEMM); the predictor's input projection is a small head (trunc-normal 0.02)
+        self.encoder.patch_embed.reset_parameters()
+        in_proj = getattr(self.predictor, "in_proj", None)
+        if in_proj is not None:
+            _init_head(in_proj)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -146,6 +216,8 @@ class Stage1Model(_Base):
         self.middle_heads = nn.ModuleList(MLPHead(enc.dim, Dt) for _ in self.student_layers)
         self.pool = AttentionPool(enc.dim, m.pool_heads, m.pool_dim, m.attn_backend)
         self.final_head = MLPHead(m.pool_dim, Dt)
+        for head in (*self.middle_heads, self.final_head):
+            _init_head(head)
         for lin in self.pool.modules():      # the encoder's init (trunc-normal 0.02) for the pool head
             if isinstance(lin, nn.Linear):
                 nn.init.trunc_normal_(lin.weight, std=0.02)
@@ -161,14 +233,26 @@ class Stage1Model(_Base):
         if mc.kind == "semantic":
             from ivfast.masking import semantic_mask
             gen = torch.Generator(device=device)
-            gen.manual_seed(int(step_seed) % (1 << 63))
+            gen.manual_seed(purpose_seed(step_seed, "semantic"))
             # per frame (released): every frame keeps the same share; else one ranking over the clip
             return semantic_mask(scores, mc.ratio, mode=mc.semantic_mode, random_fraction=mc.random_fraction,
                                  generator=gen, frames=Tg if mc.semantic_per_frame else None)
         if mc.kind == "tube":
             from ivfast.masking import tube_mask
-            return self._ids_to_device([tube_mask(B, Tg, Hg, Wg, mc.ratio, int(step_seed))], device)[0]
+            return self._ids_to_device([tube_mask(B, Tg, Hg, Wg, mc.ratio, purpose_seed(step_seed, "tube"))], device)[0]
         raise ValueError(f"stage 1 masks with masking.kind 'semantic' or 'tube', got {mc.kind!r}")
+
+    def _decode(self, target: torch.Tensor, z: torch.Tensor, step_seed: int) -> dict:
+        """Diffusion loss in ``model.decoder.dtype``, with its own timestep/noise stream."""
+        mode = self.cfg.model.decoder.dtype
+        net = getattr(self.decoder, "net", None)
+        if net is not None and "fp32" in getattr(net, "DTYPES", ()):
+            net.dtype = mode                     # the module's own precision switch, where it has one
+        torch.manual_seed(purpose_seed(step_seed, "diffusion"))   # not drop path's uniforms
+        with _DecoderPrecision(mode, target.device):
+            if mode == "fp32":
+                target, z = target.float(), z.float()
+            return self.decoder(target, z)
 
     def forward(self, video: torch.Tensor, step_seed: int) -> dict:
         m = self.cfg.model
@@ -197,7 +281,7 @@ class Stage1Model(_Base):
         z = self.predictor(x, ids_keep, ids_mask)
         z_m = ops.gather_tokens(z, ids_mask, impl=self.impl)
         target = inp.patches(ids_mask, p, tub, self.impl, norm_pix=m.decoder.norm_pix)
-        diff = self.decoder(target.reshape(-1, target.shape[-1]), z_m.reshape(-1, z_m.shape[-1]))
+        diff = self._decode(target.reshape(-1, target.shape[-1]), z_m.reshape(-1, z_m.shape[-1]), step_seed)
 
         # 6. alignment: middle layers at the visible tokens, and the pooled clip vector
         pos_vis = F.embedding(ids_keep.long(), self.align_pos[C:])
@@ -225,14 +309,79 @@ def _ignore_missing_teacher_keys(module, incompatible):
 
 
 # =========================================================================== stage 2
+_POS_MODULES = ("encoder", "predictor")     # the stage-2 student's position tables
+_SMALL = "stage2_pos_tables."               # checkpoint keys of the small learnable tables
+
+
+class _TimeResample(nn.Module):
+    """Parametrization: a learnable ``grid_from`` table seen as a ``grid_to`` table, interpolated
+    (linear in t) on every access, so gradients reach the small table (released stage 2)."""
+
+    def __init__(self, num_cls: int, grid_from: tuple, grid_to: tuple):
+        super().__init__()
+        self.num_cls, self.grid_from, self.grid_to = num_cls, tuple(grid_from), tuple(grid_to)
+
+    def forward(self, table: torch.Tensor) -> torch.Tensor:
+        return interpolate_pos_table(table, self.num_cls, self.grid_from, self.grid_to)
+
+    def right_inverse(self, table: torch.Tensor) -> torch.Tensor:
+        """A full-size table -> the small one (resampled down: approximate, used at construction
+        and for checkpoints that only hold full-size tables)."""
+        if table.shape[0] == self.num_cls + math.prod(self.grid_from):
+            return table
+        return interpolate_pos_table(table, self.num_cls, self.grid_to, self.grid_from)
+
+
+def _pos_to_checkpoint(module, state_dict, prefix, local_metadata):
+    """Checkpoints hold the small tables under ``stage2_pos_tables.*`` and, as ``<module>.pos_embed``,
+    the full-size tables they give (what evaluation and ``stage2_pos=once`` models read)."""
+    for name in _POS_MODULES:
+        k = f"{prefix}{name}.parametrizations.pos_embed.original"
+        if k in state_dict:
+            state_dict[f"{prefix}{_SMALL}{name}.pos_embed"] = state_dict.pop(k)
+            state_dict[f"{prefix}{name}.pos_embed"] = getattr(module, name).pos_embed.detach()
+
+
+def _pos_from_checkpoint(module, state_dict, prefix, *args):
+    for name in _POS_MODULES:
+        small, full = f"{prefix}{_SMALL}{name}.pos_embed", f"{prefix}{name}.pos_embed"
+        sub = getattr(module, name)
+        if not parametrize.is_parametrized(sub, "pos_embed"):
+            state_dict.pop(small, None)            # stage2_pos=once: the full-size table is the one
+            continue
+        dst = f"{prefix}{name}.parametrizations.pos_embed.original"
+        if small in state_dict:
+            state_dict[dst] = state_dict.pop(small)
+            state_dict.pop(full, None)             # derived from the small one
+        elif full in state_dict:                   # a stage2_pos=once checkpoint: resample it down
+            state_dict[dst] = sub.parametrizations.pos_embed[0].right_inverse(state_dict.pop(full))
+
+
+def _canonical(key: str) -> str:
+    return key.replace(".parametrizations.pos_embed.original", ".pos_embed")
+
+
 class Stage2Model(_Base):
     def __init__(self, cfg, teacher_dtype=torch.float32):
         super().__init__(cfg)
         m, enc = cfg.model, cfg.model.encoder
-        self.out_proj = nn.Linear(m.predictor.dim, enc.dim)
-        self.out_norm = nn.LayerNorm(enc.dim, eps=1e-5)
-        nn.init.trunc_normal_(self.out_proj.weight, std=0.02)
-        nn.init.zeros_(self.out_proj.bias)
+        if m.stage2_head == "mlp":      # released selfdist_decoder: MLP_Decoder(1024 -> d)
+            self.head = MLPHead(m.predictor.dim, enc.dim)
+        elif m.stage2_head == "linear":
+            self.head = nn.Sequential(nn.Linear(m.predictor.dim, enc.dim), nn.LayerNorm(enc.dim, eps=1e-5))
+        else:
+            raise ValueError(f"model.stage2_head must be mlp or linear, got {m.stage2_head!r}")
+        _init_head(self.head)
+        if m.stage2_pos not in ("reinterpolate", "once"):
+            raise ValueError(f"model.stage2_pos must be reinterpolate or once, got {m.stage2_pos!r}")
+        small_t = min(m.stage2_pos_frames, m.num_frames) // enc.tubelet
+        if m.stage2_pos == "reinterpolate" and enc.learnable_pos and small_t != self.grid[0]:
+            for name in _POS_MODULES:
+                parametrize.register_parametrization(
+                    getattr(self, name), "pos_embed",
+                    _TimeResample(self.num_cls, (small_t, *self.grid[1:]), self.grid), unsafe=True)
+        self.register_state_dict_post_hook(_pos_to_checkpoint)
+        self._register_load_state_dict_pre_hook(_pos_from_checkpoint, with_module=True)
         self.teacher = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
         self.sync_teacher()
         self.teacher.to(teacher_dtype)
@@ -242,7 +391,11 @@ class Stage2Model(_Base):
     @torch.no_grad()
     def sync_teacher(self):
         """Teacher := a frozen copy of the student encoder (called after loading stage-1 weights)."""
-        self.teacher.load_state_dict(self.encoder.state_dict())
+        sd = self.encoder.state_dict()
+        if parametrize.is_parametrized(self.encoder, "pos_embed"):   # the teacher gets the full-size table
+            del sd["parametrizations.pos_embed.original"]
+            sd["pos_embed"] = self.encoder.pos_embed.detach()
+        self.teacher.load_state_dict(sd)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
@@ -270,8 +423,9 @@ class Stage2Model(_Base):
             raise ValueError(f"stage 2 uses masking.kind 'multiblock', got {mc.kind!r}")
         from ivfast.masking import multiblock_masks
         # per set: visible ids, ids filled with mask tokens (all the rest), ids the loss is on
-        # (masking.predict: "blocks" = block-masked ids as V-JEPA / released, "unseen" = all the rest)
-        sets = self._ids_to_device(multiblock_masks(mc, B, *self.grid, seed=int(step_seed), with_pred=True), dev)
+        # (masking.predict: "unseen" = all the rest, as released; "blocks" = block-masked ids, V-JEPA)
+        sets = self._ids_to_device(multiblock_masks(mc, B, *self.grid, seed=purpose_seed(step_seed, "multiblock"),
+                                                    with_pred=True), dev)
         if mc.predict == "unseen":
             sets = [(keep, mask, mask) for keep, mask, _ in sets]
 
@@ -291,7 +445,7 @@ class Stage2Model(_Base):
         total = 0.0
         for i, (_, _, predict) in enumerate(sets):
             z_m = ops.gather_tokens(z[i * B:(i + 1) * B], predict, impl=self.impl)
-            pred = self.out_norm(self.out_proj(z_m))
+            pred = self.head(z_m)
             tgt = ops.gather_tokens(targets, predict, impl=self.impl)
             li = self._distance(pred, tgt)
             out[f"loss_set{i}"] = li.detach()
@@ -363,28 +517,32 @@ def load_stage1_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     sd = {_strip(k): v for k, v in load_file(str(f)).items()}
     if isinstance(model, Stage2Model):
         wanted = {k: v for k, v in model.state_dict().items()
-                  if k.startswith(("encoder.", "predictor."))}
+                  if k.startswith(("encoder.", "predictor.", _SMALL))}
+        for k in [k for k in wanted if k.startswith(_SMALL)]:
+            wanted.pop(k[len(_SMALL):], None)      # stage2_pos=reinterpolate: load the small table only
     elif isinstance(model, Stage1Model):
         wanted = dict(model.state_dict())          # teacher keys are already left out
     else:
         raise TypeError(f"load_stage1_weights expects a Stage1Model or Stage2Model, got {type(model).__name__}")
     grid_to = model.grid
-    new, missing, mismatched = {}, [], []
+    new, missing, mismatched, used = {}, [], [], set()
     for k, ref in wanted.items():
-        if k not in sd:
-            missing.append(k)
+        src = _canonical(k.removeprefix(_SMALL))
+        if src not in sd:
+            missing.append(src)
             continue
-        t = sd[k]
+        t = sd[src]
         if t.shape != ref.shape and k.endswith("pos_embed") and t.dim() == 2 and t.shape[1] == ref.shape[1]:
-            n_old = t.shape[0] - model.num_cls
+            n_old, n_new = t.shape[0] - model.num_cls, ref.shape[0] - model.num_cls
             hw = grid_to[1] * grid_to[2]
-            if n_old % hw == 0:
-                t = interpolate_pos_table(t, model.num_cls, (n_old // hw, grid_to[1], grid_to[2]), grid_to)
-                log.info("%s: position table interpolated from %d to %d frames", k, n_old // hw, grid_to[0])
+            if n_old % hw == 0 and n_new % hw == 0:
+                t = interpolate_pos_table(t, model.num_cls, (n_old // hw, *grid_to[1:]), (n_new // hw, *grid_to[1:]))
+                log.info("%s: position table interpolated from %d to %d frames", k, n_old // hw, n_new // hw)
         if t.shape != ref.shape:
             mismatched.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(ref.shape)}")
             continue
         new[k] = t.to(ref.dtype)
+        used.add(src)
     if missing or mismatched:
         raise ValueError(f"stage-1 checkpoint {f} does not fit this model: "
                          + (f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; " if missing else "")
@@ -394,7 +552,7 @@ def load_stage1_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     assert not result.unexpected_keys, result.unexpected_keys
     if isinstance(model, Stage2Model):
         model.sync_teacher()
-    unused = sorted(set(sd) - set(new))
+    unused = sorted(set(sd) - used)
     return unused
 
 
@@ -423,7 +581,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = _strip(name)
+        key = _canonical(_strip(name))
         if key in PREDICTOR_TOKEN_NAMES:
             use_decay = decay_pred
         else:
