@@ -90,7 +90,7 @@ def test_training_steps_2_to_5_make_no_host_reads(clip_list, tmp_path, stage):
 
 def test_the_counter_sees_a_host_sync(clip_list, tmp_path):
     """The probe works: the old per-step ``bool(isfinite(...))`` is caught."""
-    trainer = Trainer(tiny_cfg(clip_list, tmp_path))
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "runtime.max_steps=3"))
     trainer._sync_free = False       # the host-checked path (optimisers without found_inf)
     calls = _run_counting(trainer)
     assert any(name == "__bool__" for name, _ in calls)
