@@ -190,8 +190,9 @@ def test_dali_gpu_matches_pyav(tmp_path, vids):
 
 
 def test_pyav_and_dali_cpu_agree_within_codec_noise(tmp_path):
-    """Same frames, no resize: PyAV's RGB (4:2:0 -> 4:4:4 bilinear, then BT.601) matches DALI's
-    decoder to >= 45 dB; swscale's direct yuv420p -> rgb24 (the old path) did not (chroma)."""
+    """Same frames, no resize: PyAV's RGB (swscale, full chroma interpolation, accurate rounding)
+    matches DALI's decoder to >= 45 dB (bit-identical here); swscale's default yuv420p -> rgb24
+    (the old path) did not (chroma upsampling)."""
     import av
     from nvidia.dali import fn, pipeline_def, types
 
@@ -211,7 +212,7 @@ def test_pyav_and_dali_cpu_agree_within_codec_noise(tmp_path):
         pipe.feed_input("e", [np.fromfile(path, np.uint8)])
         dali = np.array(pipe.run()[0].as_tensor())[0].astype(np.float64)
         ours = decode_frames(path, idx)
-        assert psnr(ours, dali) >= 45, codec
+        assert psnr(ours, dali) >= 60, codec        # target >= 45 dB; bit-identical on these files
         with av.open(path) as c:
             old = np.stack([f.to_ndarray(format="rgb24") for k, f in enumerate(c.decode(video=0)) if k in idx])
         assert psnr(old, dali) < 42, codec          # the test sees the difference it guards against
