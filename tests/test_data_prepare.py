@@ -65,3 +65,10 @@ def test_prepare_scales_and_caps_fps(tmp_path):
     assert n == len(kept_frames(N, 25, 10)) == 20
     assert kept_frames(10, 30, 15) == [0, 2, 4, 6, 8] and kept_frames(5, 25, 0) == list(range(5))
     assert target_size(1280, 720, 256) == (456, 256) and target_size(64, 48, 256) == (64, 48)
+
+
+def test_cli_data_problems_are_one_line(tmp_path):
+    for cmd in (["prepare", tmp_path / "nope.csv", tmp_path / "out"], ["prepare", "", tmp_path / "out"]):
+        r = subprocess.run([sys.executable, "-m", "ivfast.data", *map(str, cmd)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
