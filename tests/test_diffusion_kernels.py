@@ -531,6 +531,9 @@ def test_kernels_compile_for_real_gpus_without_spills():
     specs = record_launches(decoder_launches, hints=True)
     names = {s["name"] for s in specs}
     assert names == {"_ln_mod_fwd_kernel", "_ln_mod_bwd_kernel", "_gate_bwd_kernel", "_dsilu_bwd_kernel"}, names
+    # what a fresh process JIT-compiles before its first decoder step (was ~90 autotuned GEMM
+    # binaries, issue 11 item 5): a handful of fixed-config row kernels, nothing to benchmark
+    assert len(specs) <= 10, [(s["name"], s["constexprs"]) for s in specs]
     result = compile_specs(with_bf16_variants(specs), targets=(80, 90), report=True)
     assert not result["failures"], "\n\n".join(result["failures"][:3])
     print("\n" + _spill_table(result["resources"]))
