@@ -32,6 +32,9 @@ Arithmetic (D6 W1536, 588 -> 1176, cond 1024; PREDICTIONS, no GPU has run this y
   about 1.0-1.1x torch.compile (47-52 ms) and 1.35-1.5x eager (68-72 ms); peak memory below eager
   (saved per block: x, u, h2; no h, no a). The issue's <= 1.10x-floor target needs the SiLU and
   residual passes fused into the GEMM epilogues (a persistent TMA kernel), which this does not do.
+* fp32 (``--dtype fp32``, TF32 off, the released code's precision; PREDICTED): the same 24.3 TFLOP
+  on the fp32 FMA pipes (H100 SXM peak 67 TFLOP/s, cuBLAS ~50-60 on these shapes) is about
+  400-500 ms fwd+bwd at 49 152 rows, ~10x the bf16 path; row-kernel traffic doubles to ~18 ms.
 * Default run time (predicted): 2 row counts x 3 impls x 2 modes, each ~0.3 s measuring, plus
   4 torch.compile graphs (fwd, fwd+bwd, x2 row counts; 20-40 s each) and the floor (~5 s):
   about 1.5-3 min on an H100.
