@@ -94,3 +94,19 @@ def test_cli_print_config_and_errors():
     bad = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "stage1_vitb",
                           "optim.bogus=1", "--print-config"], capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.bogus" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_presets_print_the_released_recipe():
+    """issue 12: the stage-1 / stage-2 presets' --print-config show the released values."""
+    def printed(name):
+        out = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", name, "--print-config"],
+                             capture_output=True, text=True, check=True).stdout
+        return from_dict(__import__("yaml").safe_load(out))
+    s1, s2 = printed("stage1_vitb"), printed("stage2_vitb")
+    assert s1.model.decoder.dtype == "fp32"                      # forward_diff_loss under fp32 autocast
+    assert s2.masking.predict == "unseen"                        # every position the encoder did not see
+    assert s2.model.stage2_head == "mlp"                         # selfdist_decoder = MLP_Decoder
+    assert (s2.model.stage2_pos, s2.model.stage2_pos_frames) == ("reinterpolate", 16)
+    assert (s2.optim.global_batch, s2.optim.batch_per_gpu) == (1792, 14)   # 14 x 128 GPUs, lr x 7
+    assert [b.num_blocks for b in s2.masking.blocks] == [8, 2] and s2.masking.max_keep == 1600
+    assert load_config("stage2_vitl").optim.global_batch == 1024

@@ -202,3 +202,16 @@ def test_demo_command_end_to_end(tmp_path):
     for stage in ("stage1", "stage2"):
         assert (out / stage / "metrics.jsonl").read_text().strip()
         assert list((out / stage / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_batch_rounding_and_lr_scaling_are_logged(clip_list, tmp_path, caplog):
+    """The global batch becomes per-GPU x GPUs x accumulation (the multiple of per-GPU x world
+    nearest optim.global_batch); the log says how, and how the lr was scaled (issue 12)."""
+    import logging
+    caplog.set_level(logging.INFO, logger="ivfast.train")
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "optim.global_batch=7"))
+    assert (trainer.accum, trainer.global_batch) == (4, 8)
+    msg = "\n".join(r.getMessage() for r in caplog.records)
+    assert "global batch 8 = 2 per GPU x 1 GPUs x 4 accumulation (asked 7)" in msg, msg
+    assert "lr x 0.03125 (global batch / 256)" in msg, msg
+    assert trainer.peak_lr == pytest.approx(trainer.cfg.optim.base_lr * 8 / 256)

@@ -133,7 +133,8 @@ def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = Fal
         for K, P in zip(keeps, preds):
             out["encoder"] += trained_encoder(K)
             out["predictor"] += 3 * predictor_flops(p, d, seq, dense_local)
-            out["heads"] += 3 * _lin(P, p.dim, d)
+            # stage-2 head at the loss positions: released MLP (P x P, then P x d) or the shallow Linear
+            out["heads"] += 3 * ((_lin(P, p.dim, p.dim) if m.stage2_head == "mlp" else 0) + _lin(P, p.dim, d))
         f = encoder_flops(e, N)
         out["teacher"] = f["patch"] + f["blocks"]
         out.update(visible=keeps, masked=preds)
