@@ -465,3 +465,23 @@ def test_bench_train_step_smoke_names_the_switches(tmp_path):
     assert res["meta"]["measured"] is False
     assert [r["levers_on"] for r in res["rows"]] == [["none"], ["sync_free"]]
     assert set(res["rows"][1]["switches"]) == set(bench.LEVERS) and res["rows"][1]["step_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_teacher_fast_path_matches_the_old_one():
+    """On a GPU: bias+tanh-GELU in the cuBLASLt epilogue, fused qkv and autocast off give the
+    old path's outputs to bf16 accuracy, and FP8 runs through torch._scaled_mm where available."""
+    from ivfast.models.teacher import teacher_agreement
+
+    teacher = _tiny_teacher(dtype="bf16").to("cuda", torch.bfloat16)
+    video = torch.rand(2, 3, 4, 56, 56, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        new = teacher(video.bfloat16())
+        teacher.fast = False
+        old = teacher(video.bfloat16())
+    agree = teacher_agreement(old, new, frames=4)
+    assert agree["middle_cos_min"] > 0.999 and agree["pooled_cos_min"] > 0.999, agree
+    if torch.cuda.get_device_capability() >= (8, 9):
+        fp8 = _tiny_teacher(dtype="bf16", fp8=True).to("cuda", torch.bfloat16)
+        agree = teacher_agreement(new, fp8(video.bfloat16()), frames=4)
+        assert agree["middle_cos_min"] > 0.97, agree

@@ -20,6 +20,7 @@ Equality with ``transformers``' own forward is tested on tiny random configs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,11 @@ def fp8_quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     q = (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8_gemm(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 class FP8Linear(nn.Module):
@@ -61,7 +67,7 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         xq, xs = fp8_quantize_rows(x2)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):
+        if x.is_cuda and _has_fp8_gemm(x.device.index or 0):
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
                                  bias=None if self.bias is None else self.bias.to(out_dtype), out_dtype=out_dtype)
         else:
