@@ -339,22 +339,6 @@ def _sdpa_pinned(F, sdpa_kernel, backend, q, k, v, mask):
                                               attn_mask=mask).transpose(1, 2)
 
 
-def _gemm_floor(dev, dry: bool, rows: int, width: int, cond: int):
-    """cuBLAS bf16 TFLOP/s on the decoder's big GEMM shapes: the rate the decoder's FLOPs could run at."""
-    import torch
-    dt = torch.float32 if dry else torch.bfloat16
-    shapes = [(rows, width, width), (rows, cond, 6 * width), (width, rows, width)]   # fwd, adaLN, dW
-    out = []
-    for M, K, N in shapes:
-        a = torch.randn(M, K, device=dev, dtype=dt)
-        b = torch.randn(K, N, device=dev, dtype=dt)
-        ms = _time_ms(lambda: a @ b, dev, reps=3 if dry else 10)
-        out.append({"M": M, "K": K, "N": N, "ms": round(ms, 4), "tflops": round(2 * M * K * N / ms / 1e9, 1)})
-    tot_f = sum(2 * r["M"] * r["K"] * r["N"] for r in out)
-    tot_ms = sum(r["ms"] for r in out)
-    return out, tot_f / tot_ms / 1e9
-
-
 def _bench_help(script: str) -> str:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
@@ -364,72 +348,63 @@ def _bench_help(script: str) -> str:
 
 
 def part_decoder(p: Part, dry: bool):
-    """Decoder D6 W1536 at 49 152 rows fwd+bwd: ivfast (triton) vs torch.compile vs eager, via
-    bench_diffusion_mlp.py's CLI (one process per impl, so a slow compile keeps the others), against a
-    cuBLAS floor for the same FLOPs."""
-    import torch
-    from ivfast.config import DecoderConfig
-    from ivfast.models.diffusion import DiffusionDecoder, decoder_flops
-    dev = _device(dry)
-    rows, depth, width = (48, 2, 32) if dry else (49152, 6, 1536)
-    target, cond = (588, 1024) if not dry else (12, 16)
-    flops = 3 * decoder_flops(rows, DecoderConfig(depth=depth, width=width, batch_mul=1), target, cond)
-    p.set("shape", {"rows": rows, "depth": depth, "width": width, "fwd_bwd_flops": flops})
-    per, rate = _gemm_floor(dev, dry, rows, width, cond)
-    p.set("gemm_floor", {"shapes": per, "tflops": round(rate, 1), "floor_ms": round(flops / rate / 1e9, 3)})
+    """Decoder D6 W1536 at 49 152 rows fwd+bwd: ivfast vs torch.compile (default mode) vs eager, and
+    the cuBLAS GEMM floor for the same GEMMs, via bench_diffusion_mlp.py's CLI, one process per
+    (dtype, impl) so that a slow compile / autotune keeps what the others measured. bf16 and fp32."""
     helptext = _bench_help("bench_diffusion_mlp.py")
-    dtypes = ["bf16"] + (["fp32"] if "fp32" in helptext else [])
-    if "fp32" not in dtypes:
-        p.set("fp32", "not measured: bench_diffusion_mlp.py --dtype has no fp32 choice")
-    if dry:    # the bench needs CUDA: check its CLI, time the eager module here at toy size
-        p.set("bench_cli", "ok: --rows --shapes --impls --modes --dtype --out --tag present"
-              if all(f in helptext for f in ("--rows", "--shapes", "--impls", "--modes", "--dtype", "--out", "--tag"))
-              else "MISSING FLAGS")
-        net = DiffusionDecoder(target, cond, width, depth, learn_sigma=True)
-        x, t = torch.randn(rows, target), torch.randint(0, 1000, (rows,))
-        z = torch.randn(rows, cond, requires_grad=True)
-        ms = _time_ms(lambda: net(x, t, z).sum().backward(), dev, reps=2)
-        p.add("results", {"impl": "eager", "dtype": "fp32", "median_ms": round(ms, 3)})
-        return
-    extra = ["--compile-mode", "default"] if "--compile-mode" in helptext else []
-    with_tmp = ROOT / "bench" / "results" / "_gpu_check_decoder"
-    for dtype in dtypes:
-        for impl in ("eager", "triton", "compile"):     # eager is quick; autotune / compile may time out
-            left = p.left() - 5
-            if impl == "triton" and dtype == dtypes[0]:
-                left = min(left, 0.6 * left + 20)         # leave torch.compile a chance
-            if left < 20:
-                p.add("results", {"impl": impl, "dtype": dtype, "skipped": "part budget spent"})
-                continue
-            tag = f"gpu_check_{impl}_{dtype}"
-            cmd = [sys.executable, str(ROOT / "bench" / "bench_diffusion_mlp.py"), "--rows", str(rows),
-                   "--shapes", f"{depth}x{width}", "--impls", impl, "--modes", "fwd+bwd", "--dtype", dtype,
-                   "--warmup", "10", "--rep", "50", "--out", str(with_tmp), "--tag", tag,
-                   *(extra if impl == "compile" else [])]
-            t0 = time.monotonic()
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=left, cwd=ROOT)
-            except subprocess.TimeoutExpired:
-                p.add("results", {"impl": impl, "dtype": dtype, "error": f"timeout after {left:.0f} s (compile/autotune)"})
-                continue
-            rec = {"impl": impl, "dtype": dtype, "wall_s": round(time.monotonic() - t0, 1)}
-            found = sorted(with_tmp.glob(f"*_{tag}.json"))
-            if r.returncode != 0 or not found:
-                rec["error"] = (r.stderr or r.stdout).strip().splitlines()[-1:] or f"rc {r.returncode}"
-            else:
-                res = [x for x in json.loads(found[-1].read_text())["results"] if x.get("mode") == "fwd+bwd"]
-                if res:
-                    rec.update({k: res[0].get(k) for k in ("median_ms", "tflops", "pct_peak", "peak_mem_mib",
-                                                             "triton_vs_eager_rel_err", "error") if k in res[0]})
-                    if rec.get("median_ms"):
-                        rec["pct_of_gemm_floor"] = round(100 * flops / rate / 1e9 / rec["median_ms"], 1)
+    need = ("--rows", "--shapes", "--impls", "--modes", "--dtype", "--json", "--no-floor", "--compile-mode")
+    missing = [f for f in need if f not in helptext]
+    if missing:
+        raise RuntimeError(f"bench_diffusion_mlp.py lacks {missing}: its CLI changed, update part_decoder")
+    if dry:    # toy shape on the CPU, eager only (the Triton interpreter would take ~20 s here)
+        runs, base = [("fp32", "eager")], ["--tiny", "--device", "cpu", "--warmup", "1", "--rep", "5"]
+    else:
+        runs = [(d, i) for d in ("bf16", "fp32") for i in ("eager", "triton", "compile")]
+        base = ["--rows", "49152", "--shapes", "6x1536", "--warmup", "10", "--rep", "50"]
+    p.set("shape", "rows 64, D2 W32 (dry run)" if dry else "rows 49152 (16 clips x 3072 masked), D6 W1536")
+    tmp = ROOT / "bench" / "results" / "_gpu_check_decoder"
+    floors_done = set()
+    for dtype, impl in runs:
+        left = p.left() - 5
+        if impl == "triton":
+            left = min(left, 0.6 * left + 20)          # leave torch.compile a chance
+        if left < (5 if dry else 20):
+            p.add("results", {"impl": impl, "dtype": dtype, "skipped": "part budget spent"})
+            continue
+        doc = tmp / f"{impl}_{dtype}.json"
+        doc.unlink(missing_ok=True)
+        cmd = [sys.executable, str(ROOT / "bench" / "bench_diffusion_mlp.py"), *base, "--impls", impl,
+               "--modes", "fwd+bwd", "--dtype", dtype, "--compile-mode", "default", "--out", str(tmp),
+               "--tag", f"gpu_check_{impl}_{dtype}", "--json", str(doc)]
+        if dtype in floors_done:
+            cmd.append("--no-floor")
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=left, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            p.add("results", {"impl": impl, "dtype": dtype, "error": f"timeout after {left:.0f} s (compile/autotune)"})
+            continue
+        rec = {"impl": impl, "dtype": dtype, "wall_s": round(time.monotonic() - t0, 1)}
+        if r.returncode != 0 or not doc.exists():
+            rec["error"] = ((r.stderr or r.stdout).strip().splitlines() or [f"rc {r.returncode}"])[-1][:300]
             p.add("results", rec)
+            continue
+        for x in json.loads(doc.read_text())["results"]:
+            if x.get("mode") != "fwd+bwd":
+                continue
+            if x.get("impl") == "cublas_floor":
+                floors_done.add(dtype)
+                p.set(f"gemm_floor_{dtype}", {"ms": x.get("median_ms"), "tflops": x.get("tflops")})
+            else:
+                rec.update({k: x.get(k) for k in ("median_ms", "tflops", "pct_peak", "pct_of_gemm_floor",
+                                                  "peak_mem_mib", "triton_vs_eager_rel_err", "error") if k in x})
+        p.add("results", rec)
     done = {(r["impl"], r["dtype"]): r.get("median_ms") for r in _load(p.path)["parts"]["decoder"].get("results", [])}
-    for dtype in dtypes:
-        tri = done.get(("triton", dtype))
-        if tri:
-            p.set(f"speedup_{dtype}", {o: round(done[(o, dtype)] / tri, 2) for o in ("eager", "compile")
-                                       if done.get((o, dtype))})
+    for dtype in ("bf16", "fp32"):
+        ivf = done.get(("triton", dtype))
+        if ivf:
+            p.set(f"ivfast_speedup_{dtype}", {o: round(done[(o, dtype)] / ivf, 2) for o in ("eager", "compile")
+                                              if done.get((o, dtype))})
 
 
 def _stage(p: Part, dry: bool, stage: int, batch: int):
@@ -586,7 +561,7 @@ def table(data: dict) -> str:
             fig = "; ".join(f"{x.get('shape')} {x.get('backend')} {x.get('fwd_bwd_tflops', x.get('error', x.get('skipped')))}"
                             for x in (r.get("results") or [])[:12])
         elif name == "decoder":
-            fig = f"floor {(r.get('gemm_floor') or {}).get('floor_ms')} ms; " + "; ".join(
+            fig = f"floor bf16 {(r.get('gemm_floor_bf16') or {}).get('ms')} fp32 {(r.get('gemm_floor_fp32') or {}).get('ms')} ms; " + "; ".join(
                 f"{x.get('impl')}/{x.get('dtype')} {x.get('median_ms', x.get('error', x.get('skipped')))}"
                 for x in r.get("results") or [])
         elif name in ("stage1", "stage2"):
