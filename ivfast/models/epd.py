@@ -507,8 +507,10 @@ def _strip(key: str) -> str:
 def load_stage1_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a stage-1 checkpoint (``model.safetensors`` with the Stage1Model state dict).
 
-    Into a ``Stage2Model``: encoder -> student AND frozen teacher, predictor -> predictor; position
-    tables are interpolated when the frame count differs (16 -> 32, linear in time). Into a
+    Into a ``Stage2Model``: encoder -> student AND frozen teacher, predictor -> predictor. With
+    ``model.stage2_pos=reinterpolate`` (released) the student's learnable tables keep
+    ``stage2_pos_frames`` frames and are interpolated on every forward; with ``once`` they are
+    interpolated here (16 -> 32, linear in time) and trained at full size. Into a
     ``Stage1Model``: everything but the frozen SigLIP teacher. Any missing key or shape mismatch
     raises, naming the keys. Returns the checkpoint keys that were not used.
     """
