@@ -362,7 +362,7 @@ def part_decoder(p: Part, dry: bool):
         runs = [(d, i) for d in ("bf16", "fp32") for i in ("eager", "triton", "compile")]
         base = ["--rows", "49152", "--shapes", "6x1536", "--warmup", "10", "--rep", "50"]
     p.set("shape", "rows 64, D2 W32 (dry run)" if dry else "rows 49152 (16 clips x 3072 masked), D6 W1536")
-    tmp = ROOT / "bench" / "results" / "_gpu_check_decoder"
+    tmp = p.path.parent / "_gpu_check_decoder"         # the bench's own files, next to the check's JSON
     floors_done = set()
     for dtype, impl in runs:
         left = p.left() - 5
@@ -519,7 +519,7 @@ def part_tokens(p: Part, dry: bool):
     if dry:
         p.set("bench_cli", "ok" if "--quick" in helptext and "--impls" in helptext else "MISSING FLAGS")
         return
-    out = ROOT / "bench" / "results" / "_gpu_check_tokens"
+    out = p.path.parent / "_gpu_check_tokens"
     left = p.left() - 5
     if left < 15:
         p.set("tokens", "skipped: part budget spent")
