@@ -88,6 +88,29 @@ def _size(batch) -> int:
     return (batch["video"] if isinstance(batch, dict) else batch).shape[0]
 
 
+def cpu_per_clip(fn, n: int) -> float:
+    """Clips per CPU-second of ``fn(i)`` in this process (FFmpeg's threads included): 'clips/s
+    per core', robust on a machine whose cores are shared (wall time is not)."""
+    fn(0)                                            # warm-up
+    t = time.process_time()
+    for i in range(n):
+        fn(i % n)
+    return n / (time.process_time() - t)
+
+
+def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) -> tuple[float, float]:
+    cfg = load_config("stage1_vitb", [
+        f"data.train_list={list_path}", f"data.index_cache={cache}", "data.backend=pyav",
+        f"data.num_frames={frames}", f"model.num_frames={frames}", "data.num_workers=0",
+        "optim.batch_per_gpu=1", "data.output=uint8", "data.verify=first"])
+    ds = build_loader(cfg, device="cpu").dataset
+    rel = ReleaseStyle(index, frames, use_decord=use_decord)
+    n = len(index)
+    iv = cpu_per_clip(lambda i: ds.decode_one(i, 0, 0), n)
+    rl = cpu_per_clip(lambda i: rel[i], n)
+    return iv, rl
+
+
 def bench_ivfast(list_path: str, cache: str, frames: int, batch: int, batches: int, workers: int) -> float:
     cfg = load_config("stage1_vitb", [
         f"data.train_list={list_path}", f"data.index_cache={cache}", "data.backend=pyav",
@@ -168,7 +191,13 @@ def main(argv=None) -> int:
             cache = str(folder / "index.jsonl")
             index = build_index(str(folder), cache_path=cache)
             for frames in (int(v) for v in args.frames.split(",")):
-                for workers in (int(v) for v in args.workers.split(",")):
+                iv, rel = bench_cpu(str(folder), cache, index, frames, use_decord)
+                rows.append({"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": "cpu-time",
+                             "ivfast_clips_per_s": round(iv, 2), "release_clips_per_s": round(rel, 2),
+                             "ratio": round(iv / rel, 2)})
+                print(f"{w}x{h} {kind:8s} T={frames:2d} per CPU-second: ivfast {iv:6.2f}  release {rel:6.2f} "
+                      f"clips/s/core  ratio {iv / rel:5.2f}", flush=True)
+                for workers in (int(v) for v in args.workers.split(",") if v):
                     iv = bench_ivfast(str(folder), cache, frames, args.batch, args.batches, workers)
                     rel = bench_release(index, frames, args.batch, args.batches, workers, use_decord)
                     row = {"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": workers,
@@ -182,14 +211,16 @@ def main(argv=None) -> int:
         if r["data"] == "prepared":
             base = next(x for x in rows if x["data"] == "raw" and all(x[k] == r[k] for k in ("source", "frames", "workers")))
             r["ratio_vs_release_on_raw"] = round(r["ivfast_clips_per_s"] / base["release_clips_per_s"], 2)
-    print("\nsource   data      T  workers  ivfast  release  ratio  (prepared ivfast / raw release)")
+    print("\nclips/s ('cpu-time': clips per CPU-second in one process, i.e. per core; else DataLoader wall clock)")
+    print("source   data      T   workers  ivfast  release  ratio  (prepared ivfast / raw release)")
     for r in rows:
-        print(f"{r['source']:8s} {r['data']:8s} {r['frames']:2d}  {r['workers']:7d}  {r['ivfast_clips_per_s']:6.2f}  "
+        print(f"{r['source']:8s} {r['data']:8s} {r['frames']:2d}  {r['workers']:>8}  {r['ivfast_clips_per_s']:6.2f}  "
               f"{r['release_clips_per_s']:7.2f}  {r['ratio']:5.2f}  {r.get('ratio_vs_release_on_raw', '')}")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "av": __import__("av").__version__,
+        "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
         "release_decoder": "decord" if use_decord else "PyAV (decord not installed), default threading",
         "clips": f"{args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
                  f"(x264 veryfast), keyframe every {args.source_gop}",
