@@ -673,8 +673,14 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    from ivfast.data import DataError   # lazy: keeps `--print-config` free of the data stack
     try:
         last = run(cfg, args.resume)
+    except DataError as e:
+        # a data problem found at start-up or mid-run (missing list, too many bad videos) is the
+        # user's to fix, like a config error: one line and exit 2, not a traceback
+        print(f"ivfast.train: data error: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
