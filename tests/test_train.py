@@ -215,3 +215,31 @@ def test_batch_rounding_and_lr_scaling_are_logged(clip_list, tmp_path, caplog):
     assert "global batch 8 = 2 per GPU x 1 GPUs x 4 accumulation (asked 7)" in msg, msg
     assert "lr x 0.03125 (global batch / 256)" in msg, msg
     assert trainer.peak_lr == pytest.approx(trainer.cfg.optim.base_lr * 8 / 256)
+
+
+def test_stage2_reinterpolated_tables_train_save_and_resume(clip_list, tmp_path):
+    """Stage 2 with the release's 16->32-style position tables (here 4 -> 8 frames): the small
+    tables train, checkpoints hold them, and a resumed run matches the uninterrupted one."""
+    s1 = Trainer(tiny_cfg(clip_list, tmp_path / "s1", "runtime.max_steps=1"))
+    last1 = s1.fit()
+    extra = ["stage=2", "masking.kind=multiblock", f"model.init_from={last1}", "model.num_frames=8",
+             "data.num_frames=8", "model.stage2_pos_frames=4", "runtime.ckpt_every=1", "runtime.keep_last=10",
+             "masking.blocks=[{num_blocks: 2, spatial_scale: [0.15, 0.15]}]", "runtime.max_steps=2"]
+    full = Trainer(tiny_cfg(clip_list, tmp_path / "full", *extra))
+    full.fit()
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000002" / ckpt.MODEL_FILE))
+    small = a["stage2_pos_tables.encoder.pos_embed"]
+    assert small.shape[0] == 4 + 4 * 16 and a["encoder.pos_embed"].shape[0] == 4 + 8 * 16
+    s1_table = load_file(str(last1 / ckpt.MODEL_FILE))["encoder.pos_embed"]
+    assert not torch.equal(small, s1_table), "the small table must be trained"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000001",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000001")
+    Trainer(tiny_cfg(clip_list, tmp_path / "resumed", *extra), resume="auto").fit()
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_00000002" / ckpt.MODEL_FILE))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+    # evaluation reads the full-size table of the stage-2 checkpoint
+    from ivfast.models.release_weights import load_encoder
+    enc = load_encoder(tmp_path / "full" / "checkpoints" / "step_00000002", config=full.cfg)
+    torch.testing.assert_close(enc.pos_embed, a["encoder.pos_embed"])

@@ -332,6 +332,26 @@ class _TimeResample(nn.Module):
         return interpolate_pos_table(table, self.num_cls, self.grid_to, self.grid_from)
 
 
+class _SmallTable:
+    """What ``stage2_pos_tables.<module>.pos_embed`` resolves to by attribute access: the small
+    learnable table. Distributed checkpointing (``get_model_state_dict``) walks every state-dict
+    key by getattr, so the checkpoint key must resolve; it is not a registered module (that
+    would put a second copy of the table in the state dict)."""
+
+    def __init__(self, owner: nn.Module, name: str):
+        self._owner, self._name = owner, name
+
+    @property
+    def pos_embed(self) -> torch.Tensor:
+        return getattr(self._owner, self._name).parametrizations.pos_embed.original
+
+
+class _SmallTables:
+    def __init__(self, owner: nn.Module):
+        for name in _POS_MODULES:
+            setattr(self, name, _SmallTable(owner, name))
+
+
 def _pos_to_checkpoint(module, state_dict, prefix, local_metadata):
     """Checkpoints hold the small tables under ``stage2_pos_tables.*`` and, as ``<module>.pos_embed``,
     the full-size tables they give (what evaluation and ``stage2_pos=once`` models read)."""
@@ -380,6 +400,7 @@ class Stage2Model(_Base):
                 parametrize.register_parametrization(
                     getattr(self, name), "pos_embed",
                     _TimeResample(self.num_cls, (small_t, *self.grid[1:]), self.grid), unsafe=True)
+            object.__setattr__(self, "stage2_pos_tables", _SmallTables(self))   # see _SmallTable
         self.register_state_dict_post_hook(_pos_to_checkpoint)
         self._register_load_state_dict_pre_hook(_pos_from_checkpoint, with_module=True)
         self.teacher = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
