@@ -435,6 +435,9 @@ def validate(cfg: Config) -> None:
          f"model.teacher.student_layers must index encoder blocks 0..{enc.depth - 1}")
     need(cfg.data.num_frames == m.num_frames,
          f"data.num_frames={cfg.data.num_frames} must equal model.num_frames={m.num_frames}")
+    need(m.stage2_pos_frames >= 1 and m.stage2_pos_frames % enc.tubelet == 0,
+         f"model.stage2_pos_frames={m.stage2_pos_frames} must be >= 1 and a multiple of model.encoder.tubelet="
+         f"{enc.tubelet} (the stage-1 checkpoint's num_frames; or model.stage2_pos=once)")
     need(cfg.data.min_frames >= 1, f"data.min_frames must be >= 1 (videos with fewer decodable frames are dropped), "
                                    f"got {cfg.data.min_frames}")
     need(cfg.data.img_size == m.img_size,

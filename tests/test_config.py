@@ -110,3 +110,8 @@ def test_presets_print_the_released_recipe():
     assert (s2.optim.global_batch, s2.optim.batch_per_gpu) == (1792, 14)   # 14 x 128 GPUs, lr x 7
     assert [b.num_blocks for b in s2.masking.blocks] == [8, 2] and s2.masking.max_keep == 1600
     assert load_config("stage2_vitl").optim.global_batch == 1024
+
+
+def test_stage2_pos_frames_checked():
+    with pytest.raises(ConfigError, match="stage2_pos_frames"):
+        load_config("stage2_vitb", ["model.stage2_pos_frames=0"])
