@@ -217,12 +217,14 @@ def predicted_peak_memory(cfg, batch: int | None = None) -> dict:
         teacher_out = B * m.num_frames * (m.teacher.img_size // tp) ** 2 * Dt * 2 * (len(m.teacher.middle_layers) + 1)
         out.update(decoder_and_heads=(dec_act + heads_act) / GiB)
     else:
-        keeps, _ = stage2_counts(cfg, batch=max(B, 2))
-        trainable = enc_params + pred_params + p.dim * e.dim
+        keeps, preds = stage2_counts(cfg, batch=max(B, 2))
+        mlp_head = m.stage2_head == "mlp"    # released head: one more p.dim x p.dim layer + GELU
+        trainable = enc_params + pred_params + p.dim * e.dim + (p.dim * p.dim if mlp_head else 0)
         teacher_params = enc_params
         enc_act = sum(B * (C + K) * e.depth * enc_tok for K in keeps)
         pred_act = len(keeps) * B * (C + N) * p.layers * pred_tok
-        heads_act = len(keeps) * B * N * 0.5 * (p.dim + e.dim) * 4 * 2   # fp32 projections + targets
+        # fp32 head activations + targets at the loss positions
+        heads_act = sum(B * P * ((3 if mlp_head else 1) * p.dim + e.dim) * 4 * 2 for P in preds)
         teacher_out = B * N * e.dim * 2
         out.update(decoder_and_heads=heads_act / GiB)
     # recomputation rebuilds one layer's full activations at a time
