@@ -287,6 +287,8 @@ class MLPHead(nn.Module):
         self.fc1 = nn.Linear(dim_in, dim_in)
         self.fc2 = nn.Linear(dim_in, dim_out)
         self.norm = nn.LayerNorm(dim_out, eps=1e-5)
+        # the release's heads init xavier here, but its parent model's init runs afterwards and
+        # leaves them trunc-normal 0.02: epd.py re-initialises every use (see _init_head)
         for m in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
