@@ -485,3 +485,24 @@ def test_cuda_teacher_fast_path_matches_the_old_one():
         fp8 = _tiny_teacher(dtype="bf16", fp8=True).to("cuda", torch.bfloat16)
         agree = teacher_agreement(new, fp8(video.bfloat16()), frames=4)
         assert agree["middle_cos_min"] > 0.97, agree
+
+
+def test_mask_ids_travel_in_one_buffer_per_dtype():
+    """Stage 2's mask arrays are packed into one host buffer per dtype (one pinned H2D copy on
+    CUDA) and unpacked to exactly the arrays that went in."""
+    import numpy as np
+    from ivfast.models.epd import ids_to_device, pack_ids, unpack_ids
+
+    rng = np.random.default_rng(0)
+    groups = [(rng.integers(0, 99, (3, 7)), rng.integers(0, 99, (3, 5)).astype(np.int32),
+               rng.integers(0, 99, (3,))),
+              (rng.integers(0, 99, (2, 4)), np.zeros((0,), np.int64), rng.integers(0, 9, (3, 1, 2)))]
+    flat, layout = pack_ids(groups)
+    assert sorted(str(t) for t in flat) == ["torch.int32", "torch.int64"]
+    assert flat[torch.int64].numel() == 21 + 3 + 8 + 0 + 6 and flat[torch.int32].numel() == 15
+    for got, want in ((unpack_ids(flat, layout), groups), (ids_to_device(groups, torch.device("cpu")), groups)):
+        for gg, wg in zip(got, want):
+            assert len(gg) == len(wg)
+            for g, w in zip(gg, wg):
+                assert g.shape == w.shape and g.dtype == torch.from_numpy(w).dtype
+                assert torch.equal(g, torch.from_numpy(w))

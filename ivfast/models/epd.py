@@ -188,9 +188,47 @@ class _Base(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def _ids_to_device(self, groups, device):
-        """NumPy id arrays (tuples of them, one tuple per mask set) as device tensors."""
-        return [tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True) for a in g)
-                for g in groups]
+        """NumPy id arrays (tuples of them, one tuple per mask set) as device tensors.
+
+        On CUDA all arrays of one dtype travel in ONE copy from a pinned host buffer: six small
+        copies from pageable memory each stage through a bounce buffer and block the host, which
+        serialises micro-steps under gradient accumulation. torch's caching host allocator keeps
+        the pinned buffer alive until the copy has run."""
+        return ids_to_device(groups, torch.device(device))
+
+
+def pack_ids(groups, pin: bool = False):
+    """Concatenate the id arrays of ``groups`` into one flat host tensor per dtype.
+
+    Returns ``(flat, layout)``: ``flat[dtype]`` is 1-D (pinned when ``pin``), ``layout`` mirrors
+    ``groups`` with ``(dtype, offset, shape)`` per array; :func:`unpack_ids` inverts it."""
+    arrays = [[np.ascontiguousarray(a) for a in g] for g in groups]
+    sizes: dict = {}
+    layout = []
+    for g in arrays:
+        row = []
+        for a in g:
+            t = torch.from_numpy(a).dtype
+            row.append((t, sizes.get(t, 0), tuple(a.shape)))
+            sizes[t] = sizes.get(t, 0) + a.size
+        layout.append(row)
+    flat = {t: torch.empty(n, dtype=t, pin_memory=pin) for t, n in sizes.items()}
+    for g, row in zip(arrays, layout):
+        for a, (t, off, _) in zip(g, row):
+            flat[t][off:off + a.size].copy_(torch.from_numpy(a.reshape(-1)))
+    return flat, layout
+
+
+def unpack_ids(flat, layout):
+    n = lambda shape: int(np.prod(shape)) if shape else 1     # noqa: E731
+    return [tuple(flat[t][off:off + n(shape)].view(shape) for t, off, shape in row) for row in layout]
+
+
+def ids_to_device(groups, device: torch.device):
+    if device.type != "cuda":
+        return [tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in g) for g in groups]
+    flat, layout = pack_ids(groups, pin=True)
+    return unpack_ids({t: v.to(device, non_blocking=True) for t, v in flat.items()}, layout)
 
 
 # =========================================================================== stage 1
