@@ -258,6 +258,33 @@ def test_index_time_bad_files_counted_and_threshold(tmp_path, clips):
     assert strict.bad_summary()["index"]["too_few_frames"] == 1 and strict.bad_summary()["samples"] == 7
 
 
+def test_log_step_summary_plans_no_epoch_and_caches_short_count(tmp_path, clips, monkeypatch):
+    """bad_summary() runs at every log step: its epoch counts are arithmetic (no re-permutation
+    of the epoch) and the short-video count is recounted only after a repair changed a length."""
+    import ivfast.data.loader as loader_mod
+
+    lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:7]) + [clips["short"]])
+    loader = build_loader(make_cfg(lst, tmp_path))
+    for drop_last in (False, True):                  # same counts as the real plan
+        loader.drop_last = drop_last
+        assert loader.epoch_stats() == loader._epoch_plan()[2]
+    loader.drop_last = False
+    before = loader.bad_summary()
+    assert before["short"] == 1 and before["samples"] == 8 and before["padded"] == 1
+
+    def no_plan(*a, **k):
+        raise AssertionError("a log-step summary re-planned the epoch")
+    monkeypatch.setattr(loader_mod, "shard_epoch", no_plan)
+    infos = loader.dataset.index.infos
+    sid = int(loader.dataset.usable[0])
+    real = infos[sid].frames
+    monkeypatch.setattr(infos[sid], "frames", 2)     # a length changed behind the cache's back...
+    assert loader.bad_summary()["short"] == 1        # ...is not recounted (cached)
+    loader._repair_version += 1                      # what _apply_repairs does on a clamp
+    assert loader.bad_summary()["short"] == 2
+    monkeypatch.setattr(infos[sid], "frames", real)
+
+
 def test_decode_time_bad_file_replaced_and_counted(tmp_path, clips, caplog):
     lst = write_list(tmp_path / "l.txt", list(clips["vp9"][:5]) + [clips["corrupt"]])
     cfg = make_cfg(lst, tmp_path, max_bad_fraction=0.5)

@@ -69,6 +69,14 @@ def normalize(video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- epoch plan
+def epoch_counts(n: int, per_step: int, drop_last: bool) -> dict:
+    """How many of an epoch's ``n`` usable samples are used, padded (repeated) and dropped."""
+    if drop_last:
+        used = (n // per_step) * per_step
+        return {"samples": n, "padded": 0, "dropped": n - used}
+    return {"samples": n, "padded": math.ceil(n / per_step) * per_step - n, "dropped": 0}
+
+
 def shard_epoch(ids: np.ndarray, *, seed: int, epoch: int, rank: int, world_size: int,
                 batch_size: int, drop_last: bool) -> tuple[np.ndarray, np.ndarray, dict]:
     """This rank's batches for one epoch: (ids [nb, B], repeat [nb, B], stats).
@@ -81,6 +89,7 @@ def shard_epoch(ids: np.ndarray, *, seed: int, epoch: int, rank: int, world_size
     if n == 0:
         raise DataError("no usable videos: every file in the list is bad (see the summary above)")
     perm = np.asarray(ids)[np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 7]).permutation(n)]
+    stats = epoch_counts(n, per_step, drop_last)
     if drop_last:
         nb = n // per_step
         if nb == 0:
@@ -88,13 +97,11 @@ def shard_epoch(ids: np.ndarray, *, seed: int, epoch: int, rank: int, world_size
                             f"{batch_size} with data.drop_last=true; set data.drop_last=false or use more videos")
         used = nb * per_step
         order, rep = perm[:used], np.zeros(used, np.int64)
-        stats = {"samples": n, "padded": 0, "dropped": n - used}
     else:
         nb = math.ceil(n / per_step)
         total = nb * per_step
         pos = np.arange(total)
         order, rep = perm[pos % n], pos // n
-        stats = {"samples": n, "padded": total - n, "dropped": 0}
     mine = slice(rank, None, world_size)
     return order[mine].reshape(nb, batch_size), rep[mine].reshape(nb, batch_size), stats
 
@@ -248,6 +255,7 @@ class ClipLoader:
         self.decode_bad_files: dict[str, str] = {}    # path -> reason (distinct files)
         self.dali_fallback_batches = 0
         self.repaired: dict[str, int] = {}            # path -> decodable length found while training
+        self._repair_version = 0                      # bumped per repair: invalidates short_count's cache
         self.backend, self.dali = backend, None
         if backend == "dali":
             gpu = self.device.type == "cuda"
@@ -274,7 +282,8 @@ class ClipLoader:
             self.epoch_bad.clear()
 
     def epoch_stats(self) -> dict:
-        return self._epoch_plan()[2]
+        # arithmetic only: the log step used to re-permute the whole epoch for these counts
+        return epoch_counts(len(self.dataset.usable), self.world_size * self.batch_size, self.drop_last)
 
     def path_of(self, sample_id: int) -> str:
         return self.dataset.index.infos[int(sample_id)].path
@@ -309,9 +318,15 @@ class ClipLoader:
                 **self.epoch_stats()}
 
     def short_count(self) -> int:
-        """Usable videos with fewer frames than a clip (sampled with repeated frames)."""
-        infos = self.dataset.index.infos
-        return sum(1 for i in self.dataset.usable if infos[int(i)].frames < self.dataset.num_frames)
+        """Usable videos with fewer frames than a clip (sampled with repeated frames); cached
+        until a repair changes a length (a Python pass over ~1 M videos at every log step costs
+        ~0.1 s of host time while the GPU waits)."""
+        key = self._repair_version
+        if getattr(self, "_short_cache", (None, 0))[0] != key:
+            infos = self.dataset.index.infos
+            n = sum(1 for i in self.dataset.usable if infos[int(i)].frames < self.dataset.num_frames)
+            self._short_cache = (key, n)
+        return self._short_cache[1]
 
     def _apply_repairs(self, repairs) -> None:
         """Workers clamp their copy of the index; bring the clamp here and into the cache, so
@@ -323,6 +338,7 @@ class ClipLoader:
             if self.dataset.index.infos[sid].frames != frames:     # not yet applied in this process
                 self.dataset.repair(sid, BadSample("truncated", path, "", decoded=frames))
             self.repaired[path] = frames
+            self._repair_version += 1
             changed = True
             log.info("video %s: the stream ends after %d frames (the container lists more); length clamped, "
                      "clip sampled again from it", path, frames)
