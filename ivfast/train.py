@@ -359,8 +359,16 @@ class Trainer:
                 return next(self._it)
             except StopIteration:
                 pass
-        self._it = iter(self.loader)     # the loader moves on to its next epoch by itself
-        return next(self._it)
+        # The loader moves on to its next epoch by itself. A run resumed from a checkpoint taken
+        # at the very end of an epoch first gets that epoch's (empty) remainder: try once more.
+        for _ in range(2):
+            self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                continue
+        from ivfast.data import DataError
+        raise DataError("the data loader yields no batches in two epochs running; check data.train_list")
 
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model

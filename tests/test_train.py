@@ -76,6 +76,26 @@ def test_resume_matches_uninterrupted_run(clip_list, tmp_path, workers, global_b
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_resume_from_a_checkpoint_at_an_epoch_end(clip_list, tmp_path):
+    """A checkpoint taken at the last step of an epoch (pre-emption lands there as often as
+    anywhere) resumes into the next epoch and equals the uninterrupted run."""
+    extra = ["optim.epochs=2", "runtime.ckpt_every=1", "runtime.keep_last=10"]
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path / "full", *extra))
+    trainer.fit()
+    m = trainer.total_steps
+    n = len(trainer.loader)                        # the last step of epoch 0
+    assert 0 < n < m
+    shutil.copytree(tmp_path / "full" / "checkpoints" / f"step_{n:08d}",
+                    tmp_path / "resumed" / "checkpoints" / f"step_{n:08d}")
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path / "resumed", *extra), resume="auto")
+    assert trainer.step == n
+    trainer.fit()
+    a = load_file(str(tmp_path / "full" / "checkpoints" / f"step_{m:08d}" / ckpt.MODEL_FILE))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / f"step_{m:08d}" / ckpt.MODEL_FILE))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
 def test_nonfinite_loss_skips_update_and_stops(clip_list, tmp_path):
     cfg = tiny_cfg(clip_list, tmp_path, "runtime.max_nonfinite=2")
     trainer = Trainer(cfg)
