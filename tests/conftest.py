@@ -14,6 +14,18 @@ if not HAS_CUDA:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session")
+def clip_list(tmp_path_factory):
+    """Eight tiny VP9 clips and their list, shared by the training-loop tests (read-only)."""
+    from ivfast.data.synth import make_videos
+
+    d = tmp_path_factory.mktemp("clips")
+    paths = make_videos(d, num=8, codec="vp9", frames=16, size=(96, 80), seed=1)
+    listing = d / "train.csv"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    return listing
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

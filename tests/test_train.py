@@ -19,17 +19,6 @@ from ivfast.train import NonFiniteLossError, Trainer, lr_at
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def clip_list(tmp_path_factory):
-    from ivfast.data.synth import make_videos
-
-    d = tmp_path_factory.mktemp("clips")
-    paths = make_videos(d, num=8, codec="vp9", frames=16, size=(96, 80), seed=1)
-    listing = d / "train.csv"
-    listing.write_text("".join(f"{p}\n" for p in paths))
-    return listing
-
-
 def tiny_cfg(clip_list, out, *extra):
     return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
                                 "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1",
