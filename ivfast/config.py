@@ -348,14 +348,19 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
+def _preset_path(name_or_path: str, config_dir: Path, names: list[str], what: str = "config") -> Path:
+    """A preset name in ``config_dir`` or a YAML path; a clear error naming the presets otherwise."""
     path = Path(name_or_path)
-    if not path.suffix and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.suffix and (config_dir / f"{name_or_path}.yaml").exists():
+        path = config_dir / f"{name_or_path}.yaml"
     if not path.exists():
-        raise ConfigError(f"config {name_or_path!r} not found: give a preset name "
-                          f"({', '.join(presets())}) or a path to a YAML file")
-    data = _read_yaml(path)
+        raise ConfigError(f"{what} {name_or_path!r} not found: give a preset name "
+                          f"({', '.join(names)}) or a path to a YAML file")
+    return path
+
+
+def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
+    data = _read_yaml(_preset_path(name_or_path, CONFIG_DIR, presets()))
     base = data.pop("base", None)   # a preset may extend another one
     if base:
         if base in _seen:
@@ -364,16 +369,17 @@ def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
     return data
 
 
-def _set_key(data: dict, dotted: str, raw: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested mapping, checking the key exists."""
+def _set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: str = "config") -> None:
+    """Apply one ``a.b.c=value`` override to a nested mapping, checking the key exists in the
+    dataclass tree ``root`` (default :class:`Config`; the eval config passes its own)."""
     parts = dotted.split(".")
-    cls: Any = Config
+    cls: Any = root or Config
     node = data
     for i, part in enumerate(parts):
         fields = _fields(cls)
         where = ".".join(parts[:i]) or "the top level"
         if part not in fields:
-            raise ConfigError(f"unknown config key {dotted!r}: {part!r} is not in {where}; "
+            raise ConfigError(f"unknown {what} key {dotted!r}: {part!r} is not in {where}; "
                               f"valid keys there: {sorted(fields)}")
         tp = fields[part]
         if i == len(parts) - 1:

@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from ivfast.config import ConfigError, _build, _fields
+from ivfast.config import ConfigError, _build, _preset_path, _read_yaml, _set_key
 
 EVAL_CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -197,20 +195,6 @@ def validate(cfg: EvalConfig) -> None:
         need(p.features == "cached", f"probe.head={p.head} works on cached features (probe.features=cached)")
 
 
-def _set(data: dict, dotted: str, raw: str) -> None:
-    parts = dotted.split(".")
-    cls, node = EvalConfig, data
-    for i, part in enumerate(parts):
-        fields = _fields(cls)
-        if part not in fields:
-            raise ConfigError(f"unknown eval config key {dotted!r}; valid keys there: {sorted(fields)}")
-        if i == len(parts) - 1:
-            node[part] = raw if fields[part] is str else (yaml.safe_load(raw) if raw != "" else "")
-            return
-        node = node.setdefault(part, {})
-        cls = fields[part]
-
-
 def eval_presets() -> list[str]:
     return sorted(p.stem for p in EVAL_CONFIG_DIR.glob("*.yaml"))
 
@@ -219,16 +203,10 @@ def load_eval_config(name_or_path: str = "", overrides=()) -> EvalConfig:
     """An eval preset name (``ivfast/eval/configs/NAME.yaml``), a YAML path, or "" (defaults)."""
     data: dict = {}
     if name_or_path:
-        path = Path(name_or_path)
-        if not path.suffix and (EVAL_CONFIG_DIR / f"{name_or_path}.yaml").exists():
-            path = EVAL_CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(f"eval config {name_or_path!r} not found: give a preset ({', '.join(eval_presets())}) "
-                              f"or a YAML path")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(_preset_path(name_or_path, EVAL_CONFIG_DIR, eval_presets(), what="eval config"))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         k, raw = ov.split("=", 1)
-        _set(data, k.strip(), raw.strip())
+        _set_key(data, k.strip(), raw.strip(), root=EvalConfig, what="eval config")
     return _build(EvalConfig, data)
