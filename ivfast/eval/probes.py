@@ -42,12 +42,8 @@ class _SelfBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class _CrossBlock(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+class _CrossBlock(_SelfBlock):
+    """The same pre-norm block, its queries (not normalised) attending over the normalised tokens."""
 
     def forward(self, q, x):
         h = self.norm1(x)
