@@ -191,7 +191,7 @@ def make_fn(net, impl: str, mode: str, x, t, z, g, compiled):
     """One call of the decoder in ``net.dtype`` (the module sets autocast / TF32 itself)."""
     if impl == "compile":
         def fwd(x, t, z):
-            with D._precision(net.dtype, x.device):
+            with D.decoder_precision(net.dtype, x.device):
                 if net.dtype == "fp32":
                     x, z = x.float(), z.float()
                 return compiled(net, x, t, z)

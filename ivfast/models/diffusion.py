@@ -257,7 +257,7 @@ class DiffusionDecoder(nn.Module):
 
     @torch.compiler.disable   # flips autocast / TF32 state: not something to trace into a graph
     def _forward_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        with _precision(self.dtype, x.device):
+        with decoder_precision(self.dtype, x.device):
             return self._forward_impl(x, t, z)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
@@ -275,7 +275,7 @@ def _pad8(n: int) -> int:
     return -n % 8
 
 
-class _precision:
+class decoder_precision:
     """Context of a decoder call: ``"fp32"`` turns autocast and TF32 off (restored on exit);
     ``"bf16"`` turns bf16 autocast on (the eager/compile impls follow it; the Triton impl casts
     itself); ``"auto"`` changes nothing."""

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ivfast import ops
+from .diffusion import decoder_precision
 from .predictor import Predictor
 from .teacher import build_teacher
 from .vit import AttentionPool, MLPHead, VisionTransformer, interpolate_pos_table, set_pos_table, sincos_3d
@@ -58,44 +59,6 @@ def purpose_seed(step_seed: int, purpose: str) -> int:
     """The seed of ``purpose``'s random stream at this step (63 bits, valid for torch generators)."""
     from ivfast.masking import stream_key
     return stream_key(int(step_seed) % (1 << 64), STREAMS[purpose]) >> 1
-
-
-class _DecoderPrecision:
-    """The diffusion decoder's precision region (``model.decoder.dtype``).
-
-    ``fp32`` (released ``forward_diff_loss`` under fp32 autocast): autocast off, TF32 off for
-    CUDA matmuls, restored on exit; the caller casts the inputs to fp32. ``bf16``: bf16 autocast
-    on (also on CPU, where the trainer itself runs without autocast).
-    """
-
-    def __init__(self, mode: str, device: torch.device):
-        if mode not in ("fp32", "bf16"):
-            raise ValueError(f"model.decoder.dtype must be fp32 or bf16, got {mode!r}")
-        self.mode, self.dev = mode, device.type
-        self._tf32 = None
-
-    def __enter__(self):
-        if self.mode == "fp32":
-            self._ctx = torch.autocast(self.dev, enabled=False)
-            m = torch.backends.cuda.matmul
-            if hasattr(m, "fp32_precision"):       # newer API; reading allow_tf32 may raise then
-                self._tf32, m.fp32_precision = ("p", m.fp32_precision), "ieee"
-            else:
-                self._tf32, m.allow_tf32 = ("a", m.allow_tf32), False
-        else:
-            self._ctx = torch.autocast(self.dev, dtype=torch.bfloat16)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        if self._tf32 is not None:
-            kind, old = self._tf32
-            if kind == "p":
-                torch.backends.cuda.matmul.fp32_precision = old
-            else:
-                torch.backends.cuda.matmul.allow_tf32 = old
-        return False
 
 
 def _init_head(head: nn.Module) -> None:
@@ -287,7 +250,7 @@ class Stage1Model(_Base):
         if net is not None and "fp32" in getattr(net, "DTYPES", ()):
             net.dtype = mode                     # the module's own precision switch, where it has one
         torch.manual_seed(purpose_seed(step_seed, "diffusion"))   # not drop path's uniforms
-        with _DecoderPrecision(mode, target.device):
+        with decoder_precision(mode, target.device):   # also covers the loss maths around the MLP
             if mode == "fp32":
                 target, z = target.float(), z.float()
             return self.decoder(target, z)
