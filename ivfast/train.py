@@ -438,17 +438,15 @@ class Trainer:
         for them. The loader pins its clip buffers, so non_blocking copies are real async copies."""
         if self._copy_stream is None:
             batch = self._next_batch()
-            if self.cfg.runtime.recon_every:    # a clip for the reconstruction grid (stage 1, off by default)
-                self._last_video = batch["video"][:1]
-            return batch
-        with torch.cuda.stream(self._copy_stream):
-            batch = self._next_batch()
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self._copy_stream)
-        for v in batch.values():
-            if torch.is_tensor(v) and v.is_cuda:
-                v.record_stream(compute)     # the copy stream's allocation is used on compute
-        if self.cfg.runtime.recon_every:
+        else:
+            with torch.cuda.stream(self._copy_stream):
+                batch = self._next_batch()
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self._copy_stream)
+            for v in batch.values():
+                if torch.is_tensor(v) and v.is_cuda:
+                    v.record_stream(compute)     # the copy stream's allocation is used on compute
+        if self.cfg.runtime.recon_every:        # a clip for the reconstruction grid (stage 1, off by default)
             self._last_video = batch["video"][:1]
         return batch
 
