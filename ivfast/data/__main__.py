@@ -4,8 +4,11 @@ and whether every frame decodes; totals at the end. Exit status 0 when all decod
 ``frames`` is the number of frames that decode (with the default full decode) and
 ``container_frames`` what the container lists; a difference is a note, not a bad file.
 
-``python -m ivfast.data prepare LIST OUT_DIR``: re-encode a data set for fast loading (see
-``ivfast.data.prepare``)."""
+``python -m ivfast.data prepare LIST OUT_DIR [--shards MB]``: re-encode a data set for fast loading
+(see ``ivfast.data.prepare``); ``python -m ivfast.data shard LIST OUT_DIR``: pack a list's files
+into tar shards (webdataset layout) with a list that keeps random access (``ivfast.data.shards``).
+
+Paths may be tar shard members (``<file>.tar#<member>``, see ``ivfast.data.shards``)."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +18,17 @@ import sys
 from collections import Counter
 
 from .index import VIDEO_EXTS, DataError, probe, read_list
+from .shards import absolute, source_of, tar_videos
 
 
 def _targets(args: list[str], root: str) -> list[str]:
     out: list[str] = []
     for a in args:
-        if os.path.isdir(a) or (os.path.isfile(a) and os.path.splitext(a)[1].lower() not in VIDEO_EXTS):
-            out.extend(e.path for e in read_list(a, root))     # a directory or a list file
+        if os.path.isfile(a) and a.lower().endswith(".tar"):        # a shard: its videos
+            out.extend(m for m in tar_videos(a))
+        elif os.path.isdir(a) or (os.path.isfile(a) and os.path.splitext(a)[1].lower() not in VIDEO_EXTS):
+            # a directory or a list file (a shard member keeps its byte range from the list)
+            out.extend(source_of(e.path, e.offset, e.size, lookup=False) for e in read_list(a, root))
         else:
             out.append(a)                                       # a video (or a missing path)
     return out
@@ -29,7 +36,7 @@ def _targets(args: list[str], root: str) -> list[str]:
 
 def inspect_file(path: str, full: bool = True) -> dict:
     """Probe one file and, with ``full``, decode every frame to prove it decodes."""
-    info = probe(os.path.abspath(path), full=full)
+    info = probe(absolute(path), full=full)
     return {"path": path, "codec": info.codec, "frames": info.frames, "container_frames": info.container_frames,
             "fps": round(info.fps, 3), "width": info.width, "height": info.height,
             "duration": round(info.duration, 3), "decodes": info.ok, "verified": info.verified,
@@ -38,7 +45,8 @@ def inspect_file(path: str, full: bool = True) -> dict:
 
 def inspect(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m ivfast.data inspect", description=__doc__)
-    ap.add_argument("paths", nargs="+", help="video files, list files (CSV/TSV/released format) or directories")
+    ap.add_argument("paths", nargs="+", help="video files, list files (CSV/TSV/released format), directories, "
+                    "tar shards or shard members (SHARD.tar#MEMBER)")
     ap.add_argument("--root", default="", help="prefix for relative paths in list files")
     ap.add_argument("--json", action="store_true", help="one JSON object per file, then a totals object")
     ap.add_argument("--quick", action="store_true", help="decode only the first frame (the probe)")
@@ -78,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "prepare":
         from .prepare import main as prepare_main
         return prepare_main(argv[1:])
+    if argv and argv[0] == "shard":
+        from .shards import main as shard_main
+        return shard_main(argv[1:])
     if not argv or argv[0] != "inspect":
         print("usage: python -m ivfast.data inspect PATHS_OR_LIST [--json] [--quick] [--root DIR]\n"
-              "       python -m ivfast.data prepare LIST OUT_DIR [--short-side 256] [--gop 16] [--fps-cap F]",
+              "       python -m ivfast.data prepare LIST OUT_DIR [--short-side 256] [--gop 16] [--fps-cap F] "
+              "[--shards MB]\n"
+              "       python -m ivfast.data shard LIST OUT_DIR [--shard-mb 1024]",
               file=sys.stderr)
         return 2
     return inspect(argv[1:])

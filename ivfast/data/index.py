@@ -4,7 +4,9 @@ probe every file once with PyAV, cache the result keyed by (path, size, mtime).
 List formats accepted by :func:`read_list`:
 
 * **CSV / TSV**: ``path[,label]`` per line; an optional header row names the columns
-  (``path``, ``label``, ``source``, ``start_sec``, ``end_sec``) in any order.
+  (``path``, ``label``, ``source``, ``start_sec``, ``end_sec``, ``offset``, ``size``) in any order.
+  A path ``<file>.tar#<member>`` is a member of a tar shard, with ``offset``/``size`` the byte
+  range of its data (``ivfast.data.shards``; without them the tar's headers are read).
 * **The released InternVideo-Next format**, fields split by single spaces:
   ``source path total_sec start_sec end_sec label`` (6 fields) or, without the source,
   ``path total_sec start_sec end_sec label`` (5 fields). Times of -1 mean the whole video.
@@ -27,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from .shards import Member, absolute, is_member_path, open_video, source_of, split_member_path
 
 log = logging.getLogger("ivfast.data")
 
@@ -61,6 +65,8 @@ class Entry:
     source: str = ""
     start_sec: float = -1.0
     end_sec: float = -1.0
+    offset: int = -1         # a tar shard member (path '<tar>#<member>'): its data's byte range
+    size: int = -1
 
 
 @dataclass
@@ -80,10 +86,16 @@ class VideoInfo:
     verified: bool = False   # every frame was decoded once (probe(full=True))
     container_frames: int = 0   # what the container says (header count, or packets); 0 = unknown
     note: str = ""           # a harmless oddity, e.g. fewer frames decode than the container lists
+    member_offset: int = -1  # a tar shard member: its data's byte range (size/mtime are the tar's)
+    member_size: int = -1
 
     @property
     def ok(self) -> bool:
         return not self.error
+
+    def source(self) -> str:
+        """What the decoders open: the path, or a :class:`~ivfast.data.shards.Member` of a shard."""
+        return source_of(self.path, self.member_offset, self.member_size, lookup=False)
 
 
 @dataclass
@@ -156,10 +168,10 @@ def _read_delimited(lines: list[str], delim: str, root: str, list_path: str) -> 
     if rows and rows[0] and rows[0][0].strip().lower() == "path":
         columns = [c.strip().lower() for c in rows[0]]
         rows = rows[1:]
-        unknown = set(columns) - {"path", "label", "source", "start_sec", "end_sec"}
+        unknown = set(columns) - {"path", "label", "source", "start_sec", "end_sec", "offset", "size"}
         if unknown:
             raise DataError(f"{list_path}: unknown columns {sorted(unknown)} in the header; "
-                            "known: path, label, source, start_sec, end_sec")
+                            "known: path, label, source, start_sec, end_sec, offset, size")
     entries = []
     for n, row in enumerate(rows):
         if not row or not row[0].strip():
@@ -170,7 +182,8 @@ def _read_delimited(lines: list[str], delim: str, root: str, list_path: str) -> 
                 path=_resolve(rec["path"], root),
                 label=int(rec["label"]) if rec.get("label", "") != "" else -1,
                 source=rec.get("source", ""),
-                start_sec=float(rec.get("start_sec") or -1), end_sec=float(rec.get("end_sec") or -1)))
+                start_sec=float(rec.get("start_sec") or -1), end_sec=float(rec.get("end_sec") or -1),
+                offset=int(rec.get("offset") or -1), size=int(rec.get("size") or -1)))
         except ValueError as e:
             raise DataError(f"{list_path}: row {n + 1} {row!r} is malformed ({e})") from e
     return entries
@@ -223,16 +236,27 @@ def probe(path: str, full: bool = False) -> VideoInfo:
 
     info = VideoInfo(path=path)
     try:
-        st = os.stat(path)
+        st = os.stat(split_member_path(path)[0] if is_member_path(path) else path)
     except OSError as e:
         info.error, info.detail = "missing", str(e)
         return info
     info.size, info.mtime_ns = st.st_size, st.st_mtime_ns
-    if st.st_size == 0:
+    if is_member_path(path):    # a tar shard member: its byte range must lie inside the tar
+        try:
+            path = source_of(path, getattr(path, "offset", -1), getattr(path, "size", -1))
+        except Exception as e:
+            info.error, info.detail = "missing", f"{type(e).__name__}: {e}"
+            return info
+        info.member_offset, info.member_size = path.offset, path.size
+        if path.offset + path.size > st.st_size:
+            info.error, info.detail = "truncated", (f"the shard has {st.st_size} bytes and ends inside this member "
+                                                    f"(bytes {path.offset}..{path.offset + path.size})")
+            return info
+    if (info.member_size if is_member_path(path) else st.st_size) == 0:
         info.error, info.detail = "empty", "file has 0 bytes"
         return info
     try:
-        container = av.open(path, metadata_errors="ignore")
+        container = open_video(path, metadata_errors="ignore")
     except Exception as e:
         info.error, info.detail = "unreadable", f"{type(e).__name__}: {e}"
         return info
@@ -348,10 +372,14 @@ def save_cache(cache_path: str, infos: Iterable[VideoInfo]) -> bool:
 
 
 def _cache_valid(rec: VideoInfo | None, path: str, full: bool = False) -> bool:
+    """A cached record still describes ``path``: same size and mtime (the tar's, for a shard
+    member, and then also the same byte range in it)."""
     if rec is None or (full and rec.ok and not rec.verified):
         return False
+    if isinstance(path, Member) and (rec.member_offset, rec.member_size) != (path.offset, path.size):
+        return False
     try:
-        st = os.stat(path)
+        st = os.stat(split_member_path(path)[0] if is_member_path(path) else path)
     except OSError:
         return rec.error == "missing"
     return rec.error != "missing" and rec.size == st.st_size and rec.mtime_ns == st.st_mtime_ns
@@ -368,6 +396,21 @@ def probe_many(paths: list[str], workers: int = 0, full: bool = False) -> list[V
         return list(ex.map(fn, paths, chunksize=max(1, min(256, len(paths) // (4 * workers)))))
 
 
+def check_shards(entries: list[Entry], list_path: str) -> None:
+    """A tar shard the list refers to that does not exist is a set-up error (a whole shard of
+    samples, usually an unmounted or mistyped data root), not a bad file: one clear line."""
+    tars: dict[str, int] = {}
+    for e in entries:
+        if is_member_path(e.path):
+            tar = split_member_path(os.path.abspath(e.path))[0]
+            tars[tar] = tars.get(tar, 0) + 1
+    missing = [t for t in tars if not os.path.isfile(t)]
+    if missing:
+        raise DataError(f"{list_path}: shard {missing[0]} does not exist ({len(missing)} of {len(tars)} shards "
+                        f"missing, {sum(tars[t] for t in missing)} samples); check data.root / the mount, or "
+                        "write the shards again (python -m ivfast.data shard LIST OUT_DIR)")
+
+
 def build_index(list_path: str, root: str = "", cache_path: str = "", workers: int = 0,
                 use_cache: bool = True, full: bool = False) -> DatasetIndex:
     """Read the list and probe every file not already in the cache (by path, size and mtime).
@@ -376,9 +419,10 @@ def build_index(list_path: str, root: str = "", cache_path: str = "", workers: i
     quick probe are redone.
     """
     entries = read_list(list_path, root)
+    check_shards(entries, list_path)
     cache_path = cache_path or default_cache_path(list_path)
     cached = load_cache(cache_path) if use_cache else {}
-    paths = [os.path.abspath(e.path) for e in entries]
+    paths = [absolute(source_of(e.path, e.offset, e.size, lookup=False)) for e in entries]
     todo = sorted({p for p in paths if not _cache_valid(cached.get(p), p, full)})
     if todo:
         log.info("probing %d of %d files (%d from cache %s)", len(todo), len(set(paths)),

@@ -49,6 +49,7 @@ from ivfast.ops import channel_constant
 from . import dali as dali_mod
 from .index import DataError, DatasetIndex, build_index, save_cache
 from .pyav import BadSample, crop_resize, decode_frames
+from .shards import read_array
 from .sampling import ClipPlan, plan_clip, sample_rng
 
 log = logging.getLogger("ivfast.data")
@@ -148,7 +149,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def decode_one(self, sid: int, epoch: int, rep: int) -> torch.Tensor:
         plan = self.plan(sid, epoch, rep)
-        frames = decode_frames(self.index.infos[sid].path, plan.frames, threads=self.decode_threads)
+        # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
+        frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads)
         return crop_resize(frames, plan, self.size)
 
     def repair(self, sid: int, err: BadSample) -> int | None:
@@ -454,9 +456,11 @@ class ClipLoader:
         first_err: dict[int, BadSample] = {}
         data, keep = [], []
         for k in on_dali:
-            path = ds.index.infos[int(ids[k])].path
+            path = ds.index.infos[int(ids[k])].source()
             try:
-                data.append(np.fromfile(path, dtype=np.uint8))
+                # DALI decodes the bytes it is handed: a shard member's bytes are read from the tar
+                # directly (its file reader, which cannot open tar members, is not used)
+                data.append(read_array(path))
                 keep.append(k)
             except OSError as e:
                 first_err[k] = BadSample("missing", path, str(e))

@@ -15,6 +15,12 @@ optional frame-rate cap, and H.264 tuned for fast decoding (no CABAC or deblocki
   (CSV with a header, which every ivfast command reads); files that fail are left out and
   listed in ``OUT_DIR/failed.txt``.
 * A summary: files done / skipped / failed, bytes in and out, wall time.
+* ``--shards MB``: then pack the outputs, in list order, into uncompressed tar shards of about
+  MB megabytes each (webdataset layout, ``OUT_DIR/shards/shard-NNNNNN.tar``) and write
+  ``OUT_DIR/shards.csv``, whose rows give each sample's shard member and byte range: the loader
+  reads a sample in place, by id, so exact resume is kept (see ``ivfast.data.shards``). Each
+  shard is verified (bytes and a full decode of every video) before its rename; a rerun keeps
+  shards that match. The loose files stay (they are what makes the re-encode resumable).
 """
 from __future__ import annotations
 
@@ -157,10 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps-cap", type=float, default=0.0, help="drop frames above this rate (0: keep all)")
     ap.add_argument("--crf", type=int, default=20, help="x264 quality (lower = better, larger)")
     ap.add_argument("--preset", default="veryfast", help="x264 preset")
+    ap.add_argument("--shards", type=float, default=0.0, metavar="MB",
+                    help="then pack the outputs into tar shards of about MB megabytes (0: no shards)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes")
     args = ap.parse_args(argv)
     if args.gop < 1:
         print("error: --gop must be >= 1", file=sys.stderr)
+        return 2
+    if args.shards < 0:
+        print(f"error: --shards must be >= 0 MB (0: no shards), got {args.shards}", file=sys.stderr)
         return 2
     try:
         entries = read_list(args.list, args.root)
@@ -196,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({b_out / max(1, b_in):.2f}x); list {os.path.join(args.out_dir, 'list.csv')}")
     for r in failed[:10]:
         print(f"  failed: {r['src']}: {r['error']}", file=sys.stderr)
+    if args.shards > 0 and ok:
+        from .shards import Sample, pack
+
+        lst, s = pack([Sample(os.path.abspath(r["dst"]), e.label, e.source, e.start_sec, e.end_sec, r["frames"])
+                       for e, r in ok], args.out_dir, args.shards)
+        print(f"packed {s['samples']} samples into {s['shards']} shards ({s['written']} written, {s['kept']} kept) "
+              f"in {s['seconds']:.1f} s, {s['bytes'] / 1e6:.1f} MB; list {lst}")
     return 0 if not failed else 1
 
 

@@ -114,8 +114,6 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     stream or frames whose size changes mid-stream; 'unreadable' when the container cannot
     be opened).
     """
-    import av
-
     idx = np.asarray(indices, dtype=np.int64)
     if idx.ndim != 1 or idx.size == 0 or idx.min() < 0:
         raise ValueError(f"indices must be a non-empty 1-D list of frame numbers >= 0, got {idx}")
@@ -123,7 +121,9 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     wanted_set = set(wanted)
     got: dict[int, np.ndarray] = {}
     try:
-        container = av.open(path)
+        from .shards import open_video   # a path, or a tar shard member
+
+        container = open_video(path)
     except Exception as e:
         raise BadSample("unreadable", path, f"{type(e).__name__}: {e}") from e
     with container:
@@ -143,7 +143,10 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
         keys: list[int] = []        # numbers of the keyframes seen while decoding from the start
 
         def skip_now() -> bool:     # asked by iter_frames before each packet
-            on = skip_nonref and st["regular"] and pts0 is not None and st["w"] - st["k"] > SKIP_MARGIN
+            # k == -1 right after a seek: the position is unknown until the first frame, and
+            # skipping there would drop a wanted B-frame just after the keyframe (a restart)
+            on = (skip_nonref and st["regular"] and pts0 is not None and st["k"] >= 0
+                  and st["w"] - st["k"] > SKIP_MARGIN)
             if on:
                 st["by_pts"] = True
             return on
