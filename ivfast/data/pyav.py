@@ -50,7 +50,11 @@ def iter_frames(container, stream, skip_nonref=None):
     err: Exception | None = None
     after_err = 0
     packets = container.demux(stream)
+    # the codec context outlives an abandoned iterator (a seek starts a new one while the old
+    # one had switched skipping on): start from the decoder's real state, not from a guess
     skipping = False
+    if skip_nonref is not None:
+        ctx.skip_frame = "DEFAULT"
     while True:
         try:
             packet = next(packets)
