@@ -207,3 +207,103 @@ def test_gpu_vit_block_under_bf16_autocast():
         ref = blk(x.detach())
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     assert torch.isfinite(x.grad).all()
+
+
+# --------------------------------------------------------------------------- packed sequences (stage 2)
+def _packed(runs, H=2, D=8, dtype=torch.float32, seed=1):
+    """Packed q, k, v [1, L, H, D] for ``runs`` of (count, length), and the per-run [c, n, H, D] views."""
+    L = sum(c * n for c, n in runs)
+    qkv = [t.reshape(1, L, H, D).detach().requires_grad_() for t in _qkv(B=1, N=L, H=H, D=D, dtype=dtype, seed=seed)]
+    return qkv, A.Segments(runs, "cpu")
+
+
+def _per_sequence(q, k, v, seg):
+    """Independent oracle: attention of each sequence alone (float64, explicit loop over sequences)."""
+    outs, start = [], 0
+    for c, n in seg.runs:
+        for _ in range(c):
+            sl = slice(start, start + n)
+            outs.append(_naive(q[:, sl], k[:, sl], v[:, sl]))
+            start += n
+    return torch.cat(outs, 1)
+
+
+def test_segments_layout():
+    seg = A.Segments([(2, 5), (3, 2)], "cpu")
+    assert seg.total == 16 and seg.num_seqs == 5 and seg.max_len == 5 and seg.sizes() == [10, 6]
+    assert seg.cu_seqlens().tolist() == [0, 5, 10, 12, 14, 16] and seg.cu_seqlens().dtype == torch.int32
+    assert seg.seq_ids().tolist() == [0] * 5 + [1] * 5 + [2, 2, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="runs"):
+        A.Segments([(2, 0)], "cpu")
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
+def test_packed_attention_segments_forward_backward(backend):
+    """The segment path (CPU / no flash-attn) equals attention of each sequence alone, grads too;
+    odd, unequal lengths as stage 2's two mask sets have."""
+    (q, k, v), seg = _packed([(2, 23), (2, 9)])
+    out = A.packed_attention(q, k, v, seg, backend=backend)
+    ref = _per_sequence(q, k, v, seg)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(A.packed_attention_reference(q, k, v, seg).double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    g = torch.autograd.grad((out * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref * w.double()).sum(), (q, k, v))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+    assert A.used_backends()["cpu float32 d8 packed"] == "segments"
+
+
+def test_packed_attention_flex_document_mask_forward():
+    """FlexAttention with the document mask (the CUDA path without flash-attn), run eagerly on CPU."""
+    (q, k, v), seg = _packed([(2, 23), (2, 9)])
+    q, k, v = q.detach(), k.detach(), v.detach()       # no FlexAttention backward on CPU
+    with torch.no_grad():
+        out = A.packed_attention(q, k, v, seg, backend="flex")
+        torch.testing.assert_close(out.double(), _per_sequence(q, k, v, seg), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_flash_varlen_call(monkeypatch):
+    """The flash_attn_varlen_func call: [total, H, D] inputs, int32 cu_seqlens of every sequence,
+    the longest length, and an FA3-style (out, lse) tuple unwrapped. A stand-in runs the maths."""
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        calls.append((q.shape, cu_q.dtype, cu_q.tolist(), max_q, max_k))
+        assert cu_q is cu_k and q.dim() == 3
+        cu = cu_q.tolist()
+        outs = [_naive(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(cu[:-1], cu[1:])]
+        return torch.cat(outs).to(q.dtype), None
+
+    monkeypatch.setattr(A, "_flash_varlen", lambda: (fake_varlen, "fa3"))
+    monkeypatch.setattr(A, "VARLEN_DEVICES", ("cpu",))
+    (q, k, v), seg = _packed([(2, 7), (3, 4)], dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = A.packed_attention(q, k, v, seg)
+    assert calls == [((26, 2, 8), torch.int32, [0, 7, 14, 18, 22, 26], 7, 7)]
+    torch.testing.assert_close(out.float(), _per_sequence(q, k, v, seg).float(), atol=2e-2, rtol=2e-2)
+    assert A.used_backends()["cpu bfloat16 d8 packed"] == "flash_attn_varlen:fa3"
+    with torch.no_grad():       # fp32 inputs: flash cannot take them, the segment path runs
+        calls.clear()
+        A.packed_attention(q.float(), k.float(), v.float(), seg)
+        assert not calls
+
+
+def test_packed_attention_errors(monkeypatch):
+    (q, k, v), seg = _packed([(2, 5)])
+    with pytest.raises(ValueError, match=r"\[1, 10, H, D\]"):
+        A.packed_attention(q[:, :9], k[:, :9], v[:, :9], seg)
+    monkeypatch.setattr(A, "_flash_varlen", lambda: None)
+    with pytest.raises(RuntimeError, match="flash-attn is not importable"):
+        A.packed_attention(q, k, v, seg, backend="flash_attn")
+
+
+def test_packing_pays_policy(monkeypatch):
+    """auto packs on CUDA with FA3, or FA2 before Hopper; never on CPU or without flash-attn."""
+    assert not A.packing_pays(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for fv, cap, want in [(None, (9, 0), False), ("fa2", (9, 0), False), ("fa2", (8, 0), True), ("fa3", (9, 0), True)]:
+        monkeypatch.setattr(A, "_flash_varlen", lambda fv=fv: None if fv is None else (object(), fv))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cap=cap: cap)
+        assert A.packing_pays(cuda) is want, (fv, cap)

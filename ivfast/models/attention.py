@@ -30,6 +30,8 @@ default outside training); training forbids it unless model.attn_allow_dense_fal
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import math
 from typing import Literal
@@ -87,6 +89,7 @@ def used_backends() -> dict[str, str]:
     chosen at trace time; ``sdpa:compiler`` when inductor picks the SDPA kernel itself)."""
     rep = {_key_name(k): name for k, name in _resolved.items()}
     rep.update({_key_name(k) + " compiled": name for k, name in _compiled_resolved.items()})
+    rep.update({_key_name(k) + " packed": name for k, name in _resolved_packed.items()})
     return rep
 
 
@@ -309,6 +312,164 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int 
             _record(key, "math")
         return attention_reference(q, k, v, window)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+# --------------------------------------------------------------------------- packed sequences
+# Stage 2 runs the student encoder over two mask sets with different visible counts; packing
+# both sets' sequences back to back on one token axis turns two passes into one (every op but
+# attention is per token). Attention must then stay inside each sequence: block-diagonal.
+class Segments:
+    """Sequences packed back to back on the token axis of a ``[1, L, ...]`` tensor.
+
+    ``runs`` lists ``(count, length)`` pairs: ``count`` sequences of ``length`` tokens each, in
+    order (stage 2: ``(B, num_cls + K0), (B, num_cls + K1)``). The lengths are host ints (from
+    tensor shapes), so nothing here copies to or syncs with the device; the device tensors
+    (``cu_seqlens``, ``seq_ids``) are made with ``arange`` on first use and kept for the pass."""
+
+    def __init__(self, runs, device):
+        if not runs or any(c < 1 or n < 1 for c, n in runs):
+            raise ValueError(f"packed segments need (count >= 1, length >= 1) runs, got {runs}")
+        self.runs, self.device = tuple((c, n) for c, n in runs), torch.device(device)
+        self.total = sum(c * n for c, n in self.runs)
+        self.num_seqs = sum(c for c, _ in self.runs)
+        self.max_len = max(n for _, n in self.runs)
+        self._cu = self._ids = None
+
+    def sizes(self) -> list:
+        """Tokens per run (what ``torch.split`` of the packed axis into runs needs)."""
+        return [c * n for c, n in self.runs]
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 ``[num_seqs + 1]`` sequence starts and the end (flash-attn's varlen layout)."""
+        if self._cu is None:
+            parts, off = [torch.zeros(1, dtype=torch.int32, device=self.device)], 0
+            for c, n in self.runs:
+                parts.append(off + n * torch.arange(1, c + 1, dtype=torch.int32, device=self.device))
+                off += c * n
+            self._cu = torch.cat(parts)
+        return self._cu
+
+    def seq_ids(self) -> torch.Tensor:
+        """int32 ``[L]``: the sequence index of every packed token (the document of a flex mask)."""
+        if self._ids is None:
+            parts, base = [], 0
+            for c, n in self.runs:
+                parts.append(base + torch.arange(c * n, dtype=torch.int32, device=self.device) // n)
+                base += c
+            self._ids = torch.cat(parts)
+        return self._ids
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_varlen():
+    """``(flash_attn_varlen_func, "fa3" | "fa2")`` or None. Imported lazily: only packed stage 2
+    needs it. FA3 (``flash_attn_interface``, Hopper) first: FA2 is slower on Hopper than the
+    timed cuDNN kernel the per-set loop gets."""
+    for mod, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+        try:
+            fn = getattr(importlib.import_module(mod), "flash_attn_varlen_func")
+        except Exception:   # not installed, or built for another torch
+            continue
+        return fn, name
+    return None
+
+
+def packing_pays(device: torch.device) -> bool:
+    """``model.stage2_pack_sets=auto``: pack only where one varlen kernel is at least as fast as the
+    per-set kernels, i.e. on CUDA with FA3, or FA2 before Hopper. On an H100 FA2 runs hd-64
+    attention ~30 % slower than cuDNN (timed per set), which costs more (~5 ms/step in stage 2)
+    than packing saves (~1-2 ms); see bench/results/train_step_levers_PREDICTED.md."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    fv = _flash_varlen()
+    if fv is None:
+        return False
+    return fv[1] == "fa3" or torch.cuda.get_device_capability(device) < (9, 0)
+
+
+_resolved_packed: dict[tuple, str] = {}
+VARLEN_DEVICES = ("cuda",)     # where flash_attn_varlen_func runs (tests add "cpu" with a stand-in)
+
+
+def _record_packed(key: tuple, name: str) -> None:
+    if _resolved_packed.get(key) != name:
+        _resolved_packed[key] = name
+        log.info("attention backend for packed %s calls: %s", _key_name(key), name)
+
+
+def packed_attention_reference(q, k, v, segments: Segments) -> torch.Tensor:
+    """fp32 block-diagonal attention over packed ``[1, L, H, D]`` inputs (test oracle)."""
+    ids = segments.seq_ids()
+    allowed = ids[:, None] == ids[None, :]
+    qf, kf, vf = (t[0].transpose(0, 1).float() for t in (q, k, v))     # [H, L, D]
+    s = (qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+    return (s.softmax(-1) @ vf).transpose(0, 1).unsqueeze(0).to(q.dtype)
+
+
+_flex_packed_compiled = None
+
+
+def _packed_flex(q, k, v, segments: Segments):
+    """FlexAttention with a document mask (token i sees token j iff same sequence)."""
+    global _flex_packed_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    ids, L = segments.seq_ids(), q.shape[1]
+
+    def same_sequence(b, h, qi, ki):
+        return ids[qi] == ids[ki]
+
+    block_mask = getattr(segments, "_block_mask", None)
+    if block_mask is None:     # once per packed pass (the layout changes with every batch)
+        block_mask = create_block_mask(same_sequence, None, None, L, L, device=q.device)
+        segments._block_mask = block_mask
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _flex_packed_compiled is None:   # dynamic: the packed length changes every batch
+            _flex_packed_compiled = torch.compile(flex_attention, dynamic=True)
+        fn = _flex_packed_compiled
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, *,
+                     backend: Backend = "auto") -> torch.Tensor:
+    """Attention within each sequence of packed ``[1, L, H, D]`` inputs; returns ``[1, L, H, D]``.
+
+    * ``flash_attn_varlen_func`` (FA3, else FA2): one kernel over all sequences, for ``auto`` on
+      CUDA with fp16/bf16 inputs when importable, and for ``flash_attn``;
+    * ``flex``: FlexAttention with a document mask;
+    * otherwise ("segments"): one dense :func:`attention` call per run of equal-length
+      sequences (the per-set kernels, timed SDPA choice included; exact on CPU).
+    """
+    if q.dim() != 4 or q.shape[0] != 1 or q.shape[1] != segments.total or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"packed attention expects q, k, v [1, {segments.total}, H, D] (the segments' tokens), "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        q, k, v = _unify_dtypes(q, k, v)
+    key = (q.device.type, q.dtype, q.shape[-1], False)
+    fv = _flash_varlen() if backend in ("auto", "flash_attn") else None
+    if backend == "flash_attn" and fv is None:
+        raise RuntimeError("attention backend 'flash_attn' was chosen for packed stage 2 but flash-attn is not "
+                           "importable; pip install flash-attn, or choose backend 'auto'")
+    if fv is not None and q.device.type in VARLEN_DEVICES and q.dtype in (torch.float16, torch.bfloat16):
+        cu = segments.cu_seqlens()
+        out = fv[0](q[0], k[0], v[0], cu, cu, segments.max_len, segments.max_len)
+        out = out[0] if isinstance(out, tuple) else out      # some FA3 builds also return the LSE
+        if not torch.compiler.is_compiling():
+            _record_packed(key, f"flash_attn_varlen:{fv[1]}")
+        return out.unsqueeze(0)
+    if backend == "flex":
+        if not torch.compiler.is_compiling():
+            _record_packed(key, "flex:document")
+        return _packed_flex(q, k, v, segments)
+    if not torch.compiler.is_compiling():
+        _record_packed(key, "segments")
+    outs = []
+    for (c, n), qs, ks, vs in zip(segments.runs, *(t.split(segments.sizes(), 1) for t in (q, k, v))):
+        # split (not slicing): its backward writes the gradient in one concatenation
+        o = attention(*(t.reshape(c, n, *t.shape[2:]) for t in (qs, ks, vs)), backend=backend)
+        outs.append(o.reshape(1, c * n, *o.shape[2:]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 # --------------------------------------------------------------------------- SDPA backend by timing
