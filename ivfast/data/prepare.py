@@ -45,6 +45,7 @@ class Job:
     fps_cap: float
     crf: int
     preset: str
+    bframes: int = 0        # B-frames between references; 0: every frame decodes in display order
 
 
 def out_path(entry_path: str, base: str, out_dir: str) -> str:
@@ -86,7 +87,14 @@ def prepare_one(job: Job) -> dict:
     except OSError as e:
         return {**rec, "status": "failed", "error": f"missing: {e}"}
     if os.path.exists(job.dst):
-        return {**rec, "status": "skipped", "bytes_out": os.path.getsize(job.dst)}
+        # finished earlier: its frame count is the one it was verified with (our mp4 header lists
+        # it exactly), so a rerun describes it as the first run did (shard metadata stays the same)
+        try:
+            with av.open(job.dst) as done:
+                frames = max(0, done.streams.video[0].frames)
+        except Exception:
+            frames = 0
+        return {**rec, "status": "skipped", "bytes_out": os.path.getsize(job.dst), "frames": frames}
     os.makedirs(os.path.dirname(job.dst) or ".", exist_ok=True)
     tmp = f"{job.dst}.tmp{os.getpid()}.mp4"
     try:
@@ -101,7 +109,7 @@ def prepare_one(job: Job) -> dict:
                 o = out.add_stream("libx264", rate=Fraction(out_fps).limit_denominator(1001),
                                    options={"preset": job.preset, "tune": "fastdecode", "crf": str(job.crf),
                                             # exact GOP: a keyframe every gop frames, no scene-cut extras
-                                            "x264-params": f"keyint={job.gop}:min-keyint={job.gop}:scenecut=0"})
+                                            "x264-params": f"keyint={job.gop}:min-keyint={job.gop}:scenecut=0:bframes={job.bframes}"})
                 o.pix_fmt = "yuv420p"
                 o.gop_size = job.gop
                 size = None
