@@ -225,3 +225,13 @@ def test_missing_shard_is_one_line_error_and_cache_key_has_byte_range(prepared, 
         build_loader(cfg_for(lst, tmp_path))
     assert "\n" not in str(e.value) and "1 of 5 shards" in str(e.value)
     shutil.rmtree(tmp_path / "d")
+
+
+def test_train_with_a_missing_shard_ends_with_one_line(tmp_path):
+    lst = tmp_path / "l.csv"
+    lst.write_text(f"path,label,offset,size\n{tmp_path / 'gone' / 'shard-000000.tar'}#000000_a.mp4,1,512,100\n")
+    r = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", "demo", f"runtime.output_dir={tmp_path / 'run'}",
+                        "demo=false", f"data.train_list={lst}"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ivfast.train: data error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1 and "shard-000000.tar does not exist" in lines[0]
