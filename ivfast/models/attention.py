@@ -30,7 +30,6 @@ default outside training); training forbids it unless model.attn_allow_dense_fal
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import math
@@ -360,18 +359,27 @@ class Segments:
         return self._ids
 
 
-@functools.lru_cache(maxsize=None)
+_UNSET = object()
+_varlen_found = _UNSET
+
+
 def _flash_varlen():
     """``(flash_attn_varlen_func, "fa3" | "fa2")`` or None. Imported lazily: only packed stage 2
     needs it. FA3 (``flash_attn_interface``, Hopper) first: FA2 is slower on Hopper than the
-    timed cuDNN kernel the per-set loop gets."""
-    for mod, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
-        try:
-            fn = getattr(importlib.import_module(mod), "flash_attn_varlen_func")
-        except Exception:   # not installed, or built for another torch
-            continue
-        return fn, name
-    return None
+    timed cuDNN kernel the per-set loop gets. A compiled graph cannot import: it reads what an
+    eager call found (``Stage2Model.pack_sets`` asks first, through ``packing_pays``)."""
+    global _varlen_found
+    if _varlen_found is _UNSET:
+        if torch.compiler.is_compiling():
+            return None
+        _varlen_found = None
+        for mod, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+            try:
+                _varlen_found = getattr(importlib.import_module(mod), "flash_attn_varlen_func"), name
+                break
+            except Exception:   # not installed, or built for another torch
+                continue
+    return _varlen_found
 
 
 def packing_pays(device: torch.device) -> bool:
@@ -379,9 +387,9 @@ def packing_pays(device: torch.device) -> bool:
     per-set kernels, i.e. on CUDA with FA3, or FA2 before Hopper. On an H100 FA2 runs hd-64
     attention ~30 % slower than cuDNN (timed per set), which costs more (~5 ms/step in stage 2)
     than packing saves (~1-2 ms); see bench/results/train_step_levers_PREDICTED.md."""
+    fv = _flash_varlen()           # also resolves the import before any compiled graph needs it
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    fv = _flash_varlen()
     if fv is None:
         return False
     return fv[1] == "fa3" or torch.cuda.get_device_capability(device) < (9, 0)
