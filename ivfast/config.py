@@ -137,6 +137,10 @@ class ModelConfig:
     # (released); "once" = interpolated once at load, free num_frames-frame tables are trained
     stage2_pos: Literal["reinterpolate", "once"] = "reinterpolate"
     stage2_pos_frames: int = 16         # frames of the learnable tables with stage2_pos=reinterpolate
+    # stage 2: both mask sets' visible tokens in ONE encoder pass with per-sequence (varlen)
+    # attention; auto = only where a varlen kernel is as fast as the per-set ones (CUDA with FA3,
+    # or FA2 before Hopper), false = one pass per set (exact same maths either way)
+    stage2_pack_sets: Literal["auto", True, False] = "auto"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

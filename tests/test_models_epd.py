@@ -515,3 +515,151 @@ def test_stage2_position_tables_reinterpolated_every_forward(stage1, tmp_path):
     torch.testing.assert_close(once.encoder.pos_embed, re.encoder.pos_embed.detach())
     again.load_state_dict(once.state_dict())       # a free full-size table, resampled down
     assert again.encoder.parametrizations.pos_embed.original.shape == small.shape
+
+
+# --------------------------------------------------------------------------- stage-2 step levers (issue 14)
+def _stage2(stage1, tmp_path, *extra):
+    _, s1 = stage1
+    base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "masking.kind=multiblock",
+            "model.attn_backend=sdpa", "model.encoder.drop_path=0.0", *extra]
+    return build_model(load_config("demo", base))
+
+
+def test_stage2_packed_sets_equal_per_set_loop(stage1, tmp_path):
+    """model.stage2_pack_sets=true (one encoder pass over both mask sets, per-sequence attention)
+    gives the loss and every gradient of the per-set loop; odd, unequal visible counts, re-interpolated
+    position tables, 3 clips. auto on CPU keeps the loop."""
+    model = _stage2(stage1, tmp_path, "model.num_frames=8", "data.num_frames=8", "model.stage2_pos_frames=4",
+                    "masking.max_keep=37")
+    with torch.no_grad():              # LayerScale 1e-5 (stage-1 init) would hide the encoder blocks
+        for blk in model.encoder.blocks:
+            blk.ls1.gamma.uniform_(0.3, 1.0)
+            blk.ls2.gamma.uniform_(0.3, 1.0)
+    model.train()
+    assert not model.pack_sets(torch.device("cpu"))            # auto: the loop on CPU
+    video = _video(B=3, T=8, seed=4)
+    runs = {}
+    for pack in (False, True):
+        model.cfg.model.stage2_pack_sets = pack
+        model.zero_grad()
+        out = model(video, step_seed=0)
+        out["loss"].backward()
+        runs[pack] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (ref, g_ref), (got, g) = runs[False], runs[True]
+    K0, K1 = got["visible"]
+    assert K0 % 2 == 1 and K0 != K1, got["visible"]
+    assert got["visible"] == ref["visible"]
+    torch.testing.assert_close(got["loss"], ref["loss"], atol=1e-6, rtol=1e-6)
+    assert g.keys() == g_ref.keys() and "encoder.parametrizations.pos_embed.original" in g
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_stage2_pack_sets_config_checked(stage1, tmp_path):
+    with pytest.raises(ValueError, match="stage2_pack_sets"):
+        load_config("demo", ["model.stage2_pack_sets=maybe"])
+    model = _stage2(stage1, tmp_path)
+    model.cfg.model.stage2_pack_sets = "yes"
+    with pytest.raises(ValueError, match="stage2_pack_sets must be auto, true or false"):
+        Stage2Model(model.cfg)
+
+
+def _teacher_probe(model):
+    """Records, for each teacher call, whether autocast was on and the dtype the blocks saw."""
+    seen = []
+    model.teacher.blocks[0].register_forward_pre_hook(
+        lambda mod, args: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype)))
+    return seen
+
+
+def test_stage2_teacher_runs_outside_autocast_on_bf16_weights(stage1, tmp_path, monkeypatch):
+    """Under autocast whose dtype is the teacher's weights' (CUDA training; CPU autocast simulates
+    it) the frozen teacher runs with autocast off, in bf16 throughout; the old path (teacher_fast
+    off, the bench's baseline) ran inside autocast. Targets agree within bf16 rounding, also with
+    the CUDA-only fused paths (GELU epilogue, LayerScale addcmul) switched on for CPU."""
+    from ivfast.models import vit
+    model = _stage2(stage1, tmp_path, "model.teacher.dtype=bf16")
+    with torch.no_grad():      # visible LayerScale, so the blocks (and their fused paths) matter
+        for blk in model.teacher.blocks:
+            blk.ls1.gamma.uniform_(0.3, 1.0)
+            blk.ls2.gamma.uniform_(0.3, 1.0)
+    assert all(p.dtype == torch.bfloat16 for p in model.teacher.parameters())
+    seen = _teacher_probe(model)
+    N = model.encoder.num_tokens
+    patches = _VideoInput(_video(), 4, 56).patches(torch.arange(N, dtype=torch.int32).expand(2, N), 14, 1, "eager")
+
+    def targets(fast):
+        model.teacher_fast = fast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model._teacher_tokens(patches)
+
+    old = targets(False)
+    assert seen[-1] == (True, torch.bfloat16)
+    new = targets(True)
+    assert seen[-1] == (False, torch.bfloat16), "the teacher must not run under autocast"
+    assert old.dtype == new.dtype == torch.bfloat16
+    torch.testing.assert_close(new.float(), old.float(), atol=3e-2, rtol=2e-2)
+
+    calls = {"addmm_act": 0, "addcmul": 0}
+    real_act, real_addcmul = torch._addmm_activation, torch.addcmul
+
+    def spy_act(*a, **k):
+        calls["addmm_act"] += 1
+        return real_act(*a, **k)
+
+    def spy_addcmul(*a, **k):
+        calls["addcmul"] += 1
+        return real_addcmul(*a, **k)
+    monkeypatch.setattr(torch, "_addmm_activation", spy_act)
+    monkeypatch.setattr(torch, "addcmul", spy_addcmul)
+    targets(True)
+    assert calls == {"addmm_act": 0, "addcmul": 0}, "CPU keeps the unfused path"
+    monkeypatch.setattr(vit, "FUSED_FROZEN_DEVICES", ("cuda", "cpu"))
+    fused = targets(True)
+    depth = len(model.teacher.blocks)
+    assert calls == {"addmm_act": depth, "addcmul": 2 * depth}
+    # CPU's epilogue GELU is the erf form, CUDA's the tanh form of the module: both within bf16 noise
+    torch.testing.assert_close(fused.float(), old.float(), atol=3e-2, rtol=2e-2)
+    # the student never takes the frozen paths
+    assert not any(getattr(m, "gelu_epilogue", False) or getattr(m, "fused_residual", False)
+                   for m in model.encoder.modules())
+
+
+def test_stage2_teacher_fp32_cpu_path_unchanged(stage1, tmp_path):
+    """CPU, fp32 weights, no autocast: the teacher call is the plain module call, bit for bit;
+    fp32 weights under bf16 autocast (teacher.dtype=fp32) keep running inside autocast."""
+    model = _stage2(stage1, tmp_path)
+    seen = _teacher_probe(model)
+    N = model.encoder.num_tokens
+    patches = torch.randn(2, N, model.encoder.patch_dim)
+    assert torch.equal(model._teacher_tokens(patches), model.teacher(patches, None)[0])
+    assert seen[-1] == (False, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model._teacher_tokens(patches)
+    assert seen[-1] == (True, torch.float32)
+
+
+def test_stage2_sync_teacher_after_stage1_load_is_identical(stage1, tmp_path):
+    """After loading stage-1 weights the teacher is the encoder: same tensors, same outputs on all
+    tokens (fp32, eval); a later sync_teacher follows the encoder; frozen, eval, fused flags set."""
+    _, s1 = stage1
+    model = _stage2(stage1, tmp_path)
+    enc_sd = model.encoder.state_dict()
+    t_sd = model.teacher.state_dict()
+    assert t_sd.keys() == enc_sd.keys()
+    for k, v in t_sd.items():
+        assert torch.equal(v, enc_sd[k]), k
+        if k != "pos_embed":
+            assert torch.equal(v, s1.state_dict()["encoder." + k]), k
+    N = model.encoder.num_tokens
+    patches = torch.randn(2, N, model.encoder.patch_dim)
+    model.encoder.eval()
+    with torch.no_grad():
+        assert torch.equal(model._teacher_tokens(patches), model.encoder(patches, None)[0])
+        model.encoder.blocks[1].mlp.fc1.weight.add_(0.5)
+        assert not torch.equal(model._teacher_tokens(patches), model.encoder(patches, None)[0])
+    model.sync_teacher()
+    with torch.no_grad():
+        assert torch.equal(model._teacher_tokens(patches), model.encoder(patches, None)[0])
+    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+    assert all(b.fused_residual and b.mlp.gelu_epilogue for b in model.teacher.blocks)

@@ -137,3 +137,73 @@ def test_attention_pool_matches_manual():
     a = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
     ref = pool.proj((a @ v).transpose(1, 2).reshape(2, 16))
     torch.testing.assert_close(pool(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- packed mask sets (stage 2)
+def _packed_case(B=3, counts=(23, 10), seed=0, **kw):
+    """An encoder with non-trivial LayerScale (1e-5 would hide the blocks) and two sets of visible
+    tokens, odd and unequal counts, each row its own sorted random ids."""
+    torch.manual_seed(seed)
+    enc = VisionTransformer(EncoderConfig(**dict(dict(dim=32, depth=3, heads=4, patch_size=4, num_cls=4,
+                                                      drop_path=0.0), **kw)), num_frames=4, img_size=16,
+                            attn_backend="sdpa")
+    with torch.no_grad():
+        for blk in enc.blocks:
+            blk.ls1.gamma.uniform_(0.3, 1.0)
+            blk.ls2.gamma.uniform_(0.3, 1.0)
+    N = enc.num_tokens
+    ids = [torch.stack([torch.randperm(N)[:K].sort().values for _ in range(B)]).int() for K in counts]
+    patches = [torch.randn(B, K, enc.patch_dim, requires_grad=True) for K in counts]
+    return enc, patches, ids
+
+
+@pytest.mark.parametrize("act_checkpoint", [False, True])
+def test_packed_sets_equal_separate_passes(act_checkpoint):
+    """Both mask sets in one packed pass = one pass per set: outputs, returned layers, and the
+    gradients of every parameter (position table, cls tokens, LayerScale) and of the patches."""
+    enc, patches, ids = _packed_case(act_checkpoint=act_checkpoint)
+    enc.train()
+    w = [torch.randn(p.shape[0], 4 + p.shape[1], 32) for p in patches]
+
+    def run(packed):
+        enc.zero_grad()
+        for p in patches:
+            p.grad = None
+        if packed:
+            outs = enc(patches, ids, return_layers=[0, 2])
+        else:
+            outs = [enc(p, i, return_layers=[0, 2]) for p, i in zip(patches, ids)]
+        loss = sum(((x + f[0]) * wi).sum() for (x, f), wi in zip(outs, w))
+        loss.backward()
+        grads = {n: q.grad.clone() for n, q in enc.named_parameters()}
+        return outs, grads, [p.grad.clone() for p in patches]
+
+    ref, g_ref, pg_ref = run(False)
+    got, g, pg = run(True)
+    for (x, f), (xr, fr) in zip(got, ref):
+        assert x.shape == xr.shape
+        torch.testing.assert_close(x, xr, atol=1e-5, rtol=1e-5)
+        for a, b in zip(f, fr):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    for a, b in zip(pg, pg_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_drop_path_is_per_sequence():
+    """Drop path in a packed pass: one keep/drop draw per sequence (as unpacked), not per pack."""
+    from ivfast.models.attention import Segments
+    from ivfast.models.vit import drop_path_packed
+    seg = Segments([(40, 5), (40, 3)], "cpu")
+    torch.manual_seed(0)
+    y = drop_path_packed(torch.ones(1, seg.total, 2), 0.5, True, seg)[0, :, 0]
+    per_seq = [part.unique() for part in y.split([5] * 40 + [3] * 40)]
+    assert all(len(u) == 1 for u in per_seq), "a sequence is dropped or kept as a whole"
+    kept = torch.stack([u[0] for u in per_seq])
+    assert set(kept.tolist()) == {0.0, 2.0} and 20 <= int((kept > 0).sum()) <= 60
+    assert drop_path_packed(torch.ones(1, seg.total, 2), 0.5, False, seg).eq(1).all()
+    enc, patches, ids = _packed_case(drop_path=0.3)
+    enc.train()
+    outs = enc(patches, ids)
+    assert all(torch.isfinite(x).all() for x, _ in outs)

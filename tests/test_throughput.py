@@ -187,6 +187,21 @@ def test_student_compiles_without_graph_breaks_and_bounded_recompiles():
     assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 5 visible counts"
     dynamo.reset()
 
+    # stage 2 packed (model.stage2_pack_sets): both mask sets in one traced pass, the two visible
+    # counts changing every batch
+    def packed(K0, K1):
+        (p0, i0), (p1, i1) = visible(K0), visible(K1)
+        return [p0, p1], [i0, i1]
+    e = dynamo.explain(enc)(*packed(N // 4, N // 7))
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(enc, backend=counter)
+    for K0, K1 in ((N // 4, N // 7), (N // 2, N // 5), (N // 3, N // 9), (N // 5 + 1, N // 6), (N // 2 + 1, N // 8 + 3)):
+        compiled(*packed(K0, K1))
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for 5 packed visible-count pairs"
+    dynamo.reset()
+
 
 # --------------------------------------------------------------------------- predictor checkpointing (lever 5)
 @pytest.mark.parametrize("mode", ["full", "selective"])

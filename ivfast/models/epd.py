@@ -404,11 +404,29 @@ class Stage2Model(_Base):
             object.__setattr__(self, "stage2_pos_tables", _SmallTables(self))   # see _SmallTable
         self.register_state_dict_post_hook(_pos_to_checkpoint)
         self._register_load_state_dict_pre_hook(_pos_from_checkpoint, with_module=True)
+        if m.stage2_pack_sets not in ("auto", True, False):
+            raise ValueError(f"model.stage2_pack_sets must be auto, true or false, got {m.stage2_pack_sets!r}")
         self.teacher = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
+        # False = the pre-issue-14 teacher (inside the step's autocast, GELU and LayerScale as
+        # their own passes): kept only so bench/bench_train_step.py can measure this lever
+        self.teacher_fast = True
         self.sync_teacher()
         self.teacher.to(teacher_dtype)
         if m.stage2_loss not in ("cosine", "l1", "mse"):
             raise ValueError(f"model.stage2_loss must be cosine, l1 or mse, got {m.stage2_loss!r}")
+
+    @property
+    def teacher_fast(self) -> bool:
+        return self._teacher_fast
+
+    @teacher_fast.setter
+    def teacher_fast(self, on: bool) -> None:
+        self._teacher_fast = bool(on)
+        for blk in getattr(self, "teacher", nn.Module()).modules():
+            if hasattr(blk, "fused_residual"):
+                blk.fused_residual = self._teacher_fast
+            if hasattr(blk, "gelu_epilogue"):
+                blk.gelu_epilogue = self._teacher_fast
 
     @torch.no_grad()
     def sync_teacher(self):
@@ -420,6 +438,7 @@ class Stage2Model(_Base):
         self.teacher.load_state_dict(sd)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        self.teacher_fast = self.teacher_fast      # the teacher's fused frozen paths follow the switch
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -434,6 +453,30 @@ class Stage2Model(_Base):
         if kind == "l1":
             return (pred.float() - tgt).abs().mean()
         return (pred.float() - tgt).square().mean()
+
+    @torch.no_grad()
+    def _teacher_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher over all tokens: ``[B, num_cls + N, d]`` in its weights' dtype.
+
+        Under autocast whose dtype is the teacher's weight dtype (CUDA training: bf16 weights,
+        ``model.teacher.dtype=auto``), autocast is switched off: the weights' dtype is the compute
+        dtype already, so autocast only adds a cast check per op; off, the teacher's MLP can take
+        its GELU in the GEMM epilogue (vit.Mlp) and RMSNorm/attention keep bf16. With other
+        weights (``teacher.dtype=fp32`` under bf16 autocast) it runs as before, inside autocast."""
+        dev = patches.device.type
+        wdt = self.teacher.patch_embed.weight.dtype
+        if (self.teacher_fast and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+                and torch.get_autocast_dtype(dev) == wdt):
+            with torch.autocast(dev, enabled=False):
+                return self.teacher(patches, None)[0]
+        return self.teacher(patches, None)[0]
+
+    def pack_sets(self, device: torch.device) -> bool:
+        """``model.stage2_pack_sets``: both mask sets in one encoder pass (auto: where it pays)."""
+        from .attention import packing_pays
+        pays = packing_pays(device)     # also finds flash-attn varlen before a compiled encoder runs
+        choice = self.cfg.model.stage2_pack_sets
+        return pays if choice == "auto" else bool(choice)
 
     def forward(self, video: torch.Tensor, step_seed: int) -> dict:
         m, mc = self.cfg.model, self.cfg.masking
@@ -453,13 +496,14 @@ class Stage2Model(_Base):
 
         with torch.no_grad():
             all_ids = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N)
-            tx, _ = self.teacher(inp.patches(all_ids, p, tub, self.impl), None)
-            targets = tx[:, C:]
+            targets = self._teacher_tokens(inp.patches(all_ids, p, tub, self.impl))[:, C:]
 
-        seqs = []
-        for keep, mask, _ in sets:
-            x, _ = self.encoder(inp.patches(keep, p, tub, self.impl), keep)
-            seqs.append(self.predictor.assemble(x, keep, mask))
+        visible = [inp.patches(keep, p, tub, self.impl) for keep, _, _ in sets]
+        if self.pack_sets(video.device):   # one encoder pass over both sets (varlen attention)
+            xs = [x for x, _ in self.encoder(visible, [keep for keep, _, _ in sets])]
+        else:
+            xs = [self.encoder(vis, keep)[0] for vis, (keep, _, _) in zip(visible, sets)]
+        seqs = [self.predictor.assemble(x, keep, mask) for x, (keep, mask, _) in zip(xs, sets)]
         # every mask set covers all N positions: one predictor pass over the stacked sets
         z = self.predictor.run(torch.cat(seqs, 0))
         out = dict(visible=[k.shape[1] for k, _, _ in sets], masked=[mk.shape[1] for _, mk, _ in sets],

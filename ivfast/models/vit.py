@@ -26,7 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
+from .attention import Segments, attention, packed_attention
+
+# Devices where the frozen stage-2 teacher's fused paths run (GELU in cuBLASLt's GEMM epilogue,
+# LayerScale + residual in one addcmul). CUDA only: CPU's _addmm_activation uses the erf GELU,
+# not the tanh form, and the CPU fp32 path stays bit-identical to the unfused one. Tests patch it.
+FUSED_FROZEN_DEVICES = ("cuda",)
 
 
 # --------------------------------------------------------------------------- positions
@@ -132,6 +137,15 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def drop_path_packed(x: torch.Tensor, p: float, training: bool, segments: Segments) -> torch.Tensor:
+    """Stochastic depth on packed sequences ``[1, L, d]``: one draw per sequence, as unpacked."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = torch.empty(segments.num_seqs, device=x.device, dtype=x.dtype).bernoulli_(keep)
+    return x * mask[segments.seq_ids()].view(1, -1, 1) / keep
+
+
 class Attention(nn.Module):
     """Self-attention with fused qkv (no bias), QK-norm over the full width, proj with bias."""
 
@@ -143,12 +157,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, segments: Segments | None = None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = self.q_norm(q), self.k_norm(k)
         shape = (B, N, self.heads, C // self.heads)
-        o = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), backend=self.backend)
+        if segments is None:
+            o = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), backend=self.backend)
+        else:   # packed sequences [1, L, C]: attention stays inside each one
+            o = packed_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), segments, backend=self.backend)
         return self.proj(o.reshape(B, N, C))
 
 
@@ -157,8 +174,14 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.gelu_epilogue = False      # the frozen stage-2 teacher sets it (Stage2Model.sync_teacher)
 
     def forward(self, x):
+        if (self.gelu_epilogue and x.device.type in FUSED_FROZEN_DEVICES and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.fc1.weight.dtype):
+            # bias + tanh-GELU in cuBLASLt's epilogue: no separate pass over [tokens, hidden]
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], -1))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -173,10 +196,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, ls_init) if ls_init > 0 else nn.Identity()
         self.drop_path = drop_path
+        self.fused_residual = False     # the frozen stage-2 teacher sets it (Stage2Model.sync_teacher)
 
-    def forward(self, x):
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+    def _add(self, x, branch, ls, segments):
+        if (self.fused_residual and isinstance(ls, LayerScale) and not self.training
+                and x.device.type in FUSED_FROZEN_DEVICES):
+            return torch.addcmul(x, branch, ls.gamma)      # x + gamma * branch in one pass
+        if segments is None:
+            return x + drop_path(ls(branch), self.drop_path, self.training)
+        return x + drop_path_packed(ls(branch), self.drop_path, self.training, segments)
+
+    def forward(self, x, segments: Segments | None = None):
+        x = self._add(x, self.attn(self.norm1(x), segments), self.ls1, segments)
+        return self._add(x, self.mlp(self.norm2(x)), self.ls2, segments)
 
 
 class VisionTransformer(nn.Module):
@@ -240,19 +272,39 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[: self.num_cls]).expand(B, -1, -1)
         return torch.cat([cls, x + pos], dim=1)
 
-    def forward(self, patches: torch.Tensor, ids: torch.Tensor | None = None,
-                return_layers: Sequence[int] = ()):
-        x = self.embed(patches, ids)
+    def forward(self, patches, ids=None, return_layers: Sequence[int] = ()):
+        """One clip batch, or (``patches`` and ``ids`` lists, one entry per mask set) several
+        packed into one pass: then a list of ``(x, feats)`` per set, equal to separate calls
+        (but for the drop-path draws)."""
+        if isinstance(patches, (list, tuple)):
+            return self._forward_packed(patches, ids, return_layers)
+        x, feats = self._blocks(self.embed(patches, ids), None, return_layers)
+        return x, feats
+
+    def _blocks(self, x, segments, return_layers):
         feats = {}
         want = set(return_layers)
         for i, blk in enumerate(self.blocks):
             if self.act_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, segments, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, segments)
             if i in want:
                 feats[i] = x
         return x, [feats[i] for i in return_layers]
+
+    def _forward_packed(self, patches, ids, return_layers):
+        if ids is None or len(ids) != len(patches):
+            raise ValueError("a packed encoder call needs one ids tensor per patches tensor")
+        xs = [self.embed(p, i) for p, i in zip(patches, ids)]            # [B_s, num_cls + K_s, d] each
+        segments = Segments([(t.shape[0], t.shape[1]) for t in xs], xs[0].device)
+        x = torch.cat([t.reshape(1, -1, t.shape[-1]) for t in xs], 1)    # [1, sum B_s (num_cls + K_s), d]
+        x, feats = self._blocks(x, segments, return_layers)
+
+        def unpack(t):
+            return [part.view(ref.shape) for part, ref in zip(t.split(segments.sizes(), 1), xs)]
+        per_set_feats = list(zip(*[unpack(f) for f in feats])) if feats else [[] for _ in xs]
+        return [(xo, list(fo)) for xo, fo in zip(unpack(x), per_set_feats)]
 
 
 class AttentionPool(nn.Module):
