@@ -13,11 +13,15 @@ Levers (each a switch; off = the code before issue 14):
   sync_free    no host sync in the step: fused AdamW skips non-finite updates through found_inf
                (off: bool(isfinite(...)) every step)
   compile      torch.compile of the encoder and every predictor layer (runtime.compile=auto on CUDA)
-  teacher      stage-1 SigLIP teacher with autocast off, fused q/k/v GEMM, GELU epilogue
-               (off: inside the step's autocast, separate q/k/v, GELU pass); stage 1 only
+  teacher      frozen teacher with autocast off on its bf16 weights: stage 1's SigLIP with fused
+               q/k/v GEMM and GELU epilogue (off: inside the step's autocast, separate q/k/v,
+               GELU pass); stage 2's ViT with GELU epilogue and LayerScale+residual in one
+               addcmul (off: inside autocast, GELU and LayerScale as their own passes)
   attn_timed   SDPA kernel picked by timing (cuDNN / flash / efficient) instead of first-that-runs
   fp8_teacher  stage-1 teacher GEMMs in row-wise FP8 (Hopper/Ada); stage 1 only
   pred_ckpt    model.predictor.act_checkpoint=selective (a memory lever: costs time, saves GiB)
+  pack_sets    model.stage2_pack_sets=true: both mask sets in one encoder pass, varlen attention
+               (off: one pass per set); stage 2 only
 
 ``--plan cumulative`` (default): all off, then the levers switched on one after another in the
 order given; ``single``: all off, then each alone; ``all``: all off and all on. The batch is the
@@ -51,8 +55,8 @@ from ivfast.models import attention as attn  # noqa: E402
 from ivfast.models.epd import build_model, param_groups  # noqa: E402
 from ivfast.models.flops import flops_per_clip, predicted_peak_memory  # noqa: E402
 
-LEVERS = ("sync_free", "compile", "teacher", "attn_timed", "fp8_teacher", "pred_ckpt")
-STAGE1_ONLY = {"teacher", "fp8_teacher"}
+LEVERS = ("sync_free", "compile", "teacher", "attn_timed", "fp8_teacher", "pred_ckpt", "pack_sets")
+STAGE_ONLY = {1: {"fp8_teacher"}, 2: {"pack_sets"}}     # levers that exist in one stage only
 
 
 def plan_runs(levers: list[str], plan: str) -> list[dict]:
@@ -90,7 +94,8 @@ def fake_stage1_checkpoint(preset2: str, overrides: list[str], out: Path) -> str
 
 def make_cfg(preset: str, sw: dict, batch: int, overrides: list[str], stage1_ckpt: str = ""):
     ov = [f"model.teacher.fp8={str(sw['fp8_teacher']).lower()}",
-          f"model.predictor.act_checkpoint={'selective' if sw['pred_ckpt'] else 'none'}", *overrides]
+          f"model.predictor.act_checkpoint={'selective' if sw['pred_ckpt'] else 'none'}",
+          f"model.stage2_pack_sets={str(sw['pack_sets']).lower()}", *overrides]
     if batch:
         ov.append(f"optim.batch_per_gpu={batch}")
     if preset == "demo":
@@ -106,7 +111,9 @@ def run_steps(cfg, sw: dict, device: torch.device, steps: int, warmup: int) -> t
     attn._timed_choice.clear()
     model = build_model(cfg).to(device)
     if hasattr(model, "teacher") and hasattr(model.teacher, "fast"):
-        model.teacher.fast = sw["teacher"]
+        model.teacher.fast = sw["teacher"]          # stage 1's SigLIP
+    if hasattr(model, "teacher_fast"):
+        model.teacher_fast = sw["teacher"]          # stage 2's ViT
     if sw["compile"]:
         model.encoder.compile()
         for layer in model.predictor.layers:
@@ -186,8 +193,8 @@ def main(argv=None) -> int:
             stage = 1 if preset == "demo" or preset.startswith("stage1") else 2
             seen = set()
             for sw in plan_runs(levers, args.plan):
-                if stage == 2:          # the stage-1 teacher levers do not exist in stage 2
-                    sw = {k: (v and k not in STAGE1_ONLY) for k, v in sw.items()}
+                other = STAGE_ONLY[2 if stage == 1 else 1]   # the other stage's levers do not exist here
+                sw = {k: (v and k not in other) for k, v in sw.items()}
                 if tuple(sorted(sw.items())) in seen:
                     continue
                 seen.add(tuple(sorted(sw.items())))

@@ -663,3 +663,39 @@ def test_stage2_sync_teacher_after_stage1_load_is_identical(stage1, tmp_path):
         assert torch.equal(model._teacher_tokens(patches), model.encoder(patches, None)[0])
     assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
     assert all(b.fused_residual and b.mlp.gelu_epilogue for b in model.teacher.blocks)
+
+
+@pytest.mark.gpu
+def test_cuda_stage2_teacher_and_packed_sets_match_the_old_paths(stage1, tmp_path):
+    """On a GPU under bf16 autocast: the teacher outside autocast (GELU epilogue, addcmul) gives
+    the old path's targets to bf16 accuracy; packed sets (flash varlen or segments) give the
+    loop's loss and gradients to bf16 accuracy."""
+    model = _stage2(stage1, tmp_path, "model.teacher.dtype=bf16", "runtime.device=cuda",
+                    "model.attn_backend=auto").cuda()
+    with torch.no_grad():
+        for blk in (*model.encoder.blocks, *model.teacher.blocks):
+            blk.ls1.gamma.uniform_(0.3, 1.0)
+            blk.ls2.gamma.uniform_(0.3, 1.0)
+    N = model.encoder.num_tokens
+    video = _video().cuda()
+    patches = _VideoInput(video, 4, 56).patches(torch.arange(N, dtype=torch.int32, device="cuda").expand(2, N),
+                                                14, 1, "eager")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model.teacher_fast = False
+        old = model._teacher_tokens(patches).float()
+        model.teacher_fast = True
+        new = model._teacher_tokens(patches).float()
+    cos = torch.nn.functional.cosine_similarity(old, new, dim=-1)
+    assert cos.min() > 0.999, cos.min()
+    model.train()
+    runs = {}
+    for pack in (False, True):
+        model.cfg.model.stage2_pack_sets = pack
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(video, step_seed=0)
+        out["loss"].backward()
+        runs[pack] = out["loss"].item(), torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+    (l0, g0), (l1, g1) = runs[False], runs[True]
+    assert abs(l0 - l1) <= 1e-2 * abs(l0), (l0, l1)
+    assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
