@@ -184,7 +184,7 @@ def test_corrupt_member_is_a_bad_sample_and_cut_shard_a_bad_file(prepared, tmp_p
     lst, entries = _copy_shards(prepared, tmp_path / "d")
     bad = entries[2]
     with open(bad.path.rsplit("#", 1)[0], "r+b") as f:   # scramble the middle of a member in place
-        a, b = bad.offset + int(bad.size * 0.4), bad.offset + int(bad.size * 0.6)
+        a, b = bad.offset + int(bad.size * 0.25), bad.offset + int(bad.size * 0.9)
         f.seek(a)
         f.write(np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes())
     loader = build_loader(cfg_for(lst, tmp_path, max_bad_fraction=0.5))
@@ -235,3 +235,23 @@ def test_train_with_a_missing_shard_ends_with_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ivfast.train: data error:")]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(lines) == 1 and "shard-000000.tar does not exist" in lines[0]
+
+
+def test_shard_cli_packs_a_list_as_it_is(prepared, tmp_path):
+    out = tmp_path / "packed"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "shard-000000.tar.tmp999").write_bytes(b"half a shard")   # an interrupted run
+    (out / "shards" / "shard-000007.tar").write_bytes(b"")                      # from a longer plan
+    r = subprocess.run([sys.executable, "-m", "ivfast.data", "shard", str(prepared["list"]), str(out),
+                        "--shard-mb", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "packed 5 samples into 1 shards (1 written, 0 kept)" in r.stdout, r.stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-000000.tar"]
+    entries = read_list(out / "shards.csv")
+    assert [e.label for e in entries] == list(range(5))
+    m = build_index(str(out / "shards.csv"), cache_path=str(tmp_path / "i.jsonl")).infos[3].source()
+    assert stamps(decode_frames(m, [39, 0, 20])) == [39, 0, 20]      # the raw file, B-frames, one keyframe
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{tmp_path / 'nope.mp4'} 1\n")
+    r = subprocess.run([sys.executable, "-m", "ivfast.data", "shard", str(bad), str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr

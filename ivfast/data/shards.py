@@ -102,16 +102,19 @@ def absolute(source: str) -> str:
     return os.path.abspath(source)
 
 
-_LOOKUPS: dict[str, dict[str, tuple[int, int]]] = {}
+_LOOKUPS: dict[tuple, dict[str, tuple[int, int]]] = {}
 
 
 def lookup_member(tar: str, name: str) -> tuple[int, int]:
-    """(offset, size) of ``name``'s data in ``tar`` by reading the tar's headers (cached per tar)."""
-    table = _LOOKUPS.get(tar)
+    """(offset, size) of ``name``'s data in ``tar`` by reading the tar's headers (cached per tar
+    version: path, size, mtime)."""
+    st = os.stat(tar)
+    key = (tar, st.st_size, st.st_mtime_ns)
+    table = _LOOKUPS.get(key)
     if table is None:
         with tarfile.open(tar, "r:") as t:      # "r:": uncompressed only (offsets must be file offsets)
             table = {m.name: (m.offset_data, m.size) for m in t.getmembers() if m.isfile()}
-        _LOOKUPS[tar] = table
+        _LOOKUPS[key] = table
     if name not in table:
         raise FileNotFoundError(f"{tar} has no member {name!r}")
     return table[name]
@@ -226,7 +229,8 @@ class Sample:
 
 def sample_key(position: int, file: str) -> str:
     stem = os.path.splitext(os.path.basename(file))[0]
-    return f"{position:06d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)}"
+    # no dots (webdataset splits the key at the first one); short enough for a ustar name (100)
+    return f"{position:06d}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)[:80]}"
 
 
 def plan_shards(samples: list[Sample], max_bytes: int) -> list[list[int]]:
@@ -321,6 +325,9 @@ def pack(samples: list[Sample], out_dir: str, shard_mb: float, verify: bool = Tr
         raise ValueError(f"shard size must be > 0 MB, got {shard_mb}")
     shard_dir = os.path.join(out_dir, "shards")
     os.makedirs(shard_dir, exist_ok=True)
+    for name in os.listdir(shard_dir):        # left by an interrupted run (never renamed: unverified)
+        if re.fullmatch(r"shard-\d{6}\.tar\.tmp\d+", name):
+            os.unlink(os.path.join(shard_dir, name))
     plan = plan_shards(samples, int(shard_mb * 1e6))
     members: list[Member | None] = [None] * len(samples)
     done = kept = 0
