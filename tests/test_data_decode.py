@@ -129,3 +129,31 @@ def test_prepared_file_seeks_without_restarts(tmp_path, monkeypatch):
         assert [read_frame_number(f) for f in got] == idx
         assert seen["frames"] < 16 * len(idx), idx          # GOP-sized work per sample, not the file
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("key", [("h264b", 30), ("vp9", 16), ("mjpeg", 0)])
+def test_crop_conversion_bit_identical_to_full_frame(vids, key, monkeypatch):
+    """decode_frames(crop=...) converts only a box around the crop to RGB; the pixels must be
+    those of converting the whole frame and slicing (odd sizes, odd offsets, frame edges)."""
+    path = str(vids[key])
+    idx = [0, 7, 40, 41, 89]
+    full = pyav_mod.decode_frames(path, idx)
+    crops = [(0, 0, W, H), (1, 1, 37, 29), (3, 0, 60, 80), (W - 33, H - 27, 33, 27), (10, 11, 1, 1),
+             (0, 5, W, 51), (17, 2, 49, 77)]
+    boxes = []
+    real = pyav_mod.CropConverter._build
+
+    def spy(self, *a):            # the box path must really run (not the full-frame fallback)
+        real(self, *a)
+        boxes.append(self.crop)
+    monkeypatch.setattr(pyav_mod.CropConverter, "_build", spy)
+    for x, y, w, h in crops:
+        got = pyav_mod.decode_frames(path, idx, crop=(x, y, w, h))
+        assert got.shape == (len(idx), h, w, 3)
+        np.testing.assert_array_equal(got, full[:, y:y + h, x:x + w], err_msg=f"{key} crop {(x, y, w, h)}")
+    assert len(boxes) >= len(crops) - 2          # all but the (near-)whole-frame crops use a box
+
+
+def test_crop_outside_the_frame_is_a_clear_error(vids):
+    with pytest.raises(pyav_mod.BadSample, match="lies outside the 96x80 frame.*rebuild the index"):
+        pyav_mod.decode_frames(str(vids[("h264", 8)]), [0, 3], crop=(50, 0, 60, 40))

@@ -48,7 +48,7 @@ from ivfast.ops import channel_constant
 
 from . import dali as dali_mod
 from .index import DataError, DatasetIndex, build_index, save_cache
-from .pyav import BadSample, crop_resize, decode_frames
+from .pyav import BadSample, decode_frames, resize_flip
 from .shards import read_array
 from .sampling import ClipPlan, plan_clip, sample_rng
 
@@ -150,8 +150,10 @@ class ClipDataset(torch.utils.data.Dataset):
     def decode_one(self, sid: int, epoch: int, rep: int) -> torch.Tensor:
         plan = self.plan(sid, epoch, rep)
         # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
-        frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads)
-        return crop_resize(frames, plan, self.size)
+        # only the crop is converted to RGB (bit-identical to cropping full frames)
+        frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads,
+                               crop=plan.crop)
+        return resize_flip(frames, plan, self.size)
 
     def repair(self, sid: int, err: BadSample) -> int | None:
         """Clamp a quick-probed video whose stream ended early to the frames it gave.

@@ -5,6 +5,7 @@ config asks for it, and as the reference the DALI path is tested against.
 """
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -93,8 +94,11 @@ TIMED_FORMATS = ("mov", "mp4", "m4a", "3gp", "matroska", "webm", "avi")
 
 
 def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP,
-                  skip_nonref: bool = True) -> np.ndarray:
+                  skip_nonref: bool = True, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Decode the frames at ``indices`` (display order, repeats allowed) -> [T, H, W, 3] uint8 RGB.
+
+    ``crop`` (x, y, w, h): return only that region, [T, h, w, 3], the same pixels as slicing
+    the full frames, but only the region (and a small margin) is converted to RGB.
 
     Frame k is the k-th frame the decoder outputs, as in the index's frame count and DALI's
     ``frames`` argument. The work between samples is cut three ways, none of which changes
@@ -123,6 +127,7 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
         raise ValueError(f"indices must be a non-empty 1-D list of frame numbers >= 0, got {idx}")
     wanted = [int(w) for w in np.unique(idx)]
     wanted_set = set(wanted)
+    convert = CropConverter(crop) if crop is not None else to_rgb
     got: dict[int, np.ndarray] = {}
     try:
         from .shards import open_video   # a path, or a tar shard member
@@ -203,13 +208,13 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
                     st["k"] = k
                     if k in got or k not in wanted_set:
                         continue
-                    got[k] = to_rgb(frame)
+                    got[k] = convert(frame)
                 if w not in got:
                     if st["by_pts"] and k > w:          # skipped or timestamps jumped this number
                         raise _Restart
                     break                               # the stream ended first
         except _Restart:
-            return decode_frames(path, indices, threads, seek_gap=0, skip_nonref=False)
+            return decode_frames(path, indices, threads, seek_gap=0, skip_nonref=False, crop=crop)
         except Exception as e:
             raise BadSample("decode_error", path, f"near frame {st['k']}: {type(e).__name__}: {e}") from e
     missing = [w for w in wanted if w not in got]
@@ -243,6 +248,65 @@ def to_rgb(frame) -> np.ndarray:
     return frame.reformat(format="rgb24", interpolation=_RGB_FLAGS, threads=1).to_ndarray(threads=1)
 
 
+CROP_MARGIN = 2    # pixels of context kept around a crop for the chroma interpolation (1 suffices)
+MIN_BOX = (64, 16)   # smallest box converted (narrower boxes, < ~40 px, were seen off by 1)
+_BOX_FORMATS = ("yuv420p", "yuvj420p")   # where the box conversion is tested bit-exact
+
+
+class CropConverter:
+    """RGB of one crop region (x, y, w, h) of each frame: [h, w, 3] uint8, the same pixels as
+    ``to_rgb(frame)[y:y + h, x:x + w]``, but only a box around the crop is converted.
+
+    At the training crop scales (0.66-1.0 of the short side) that is 1.5-3x less swscale
+    work. The box goes through libavfilter's ``crop`` (a view of the decoded frame: no copy,
+    and the frame's colour properties, chroma siting included, stay; a frame rebuilt from
+    NumPy planes loses the siting and converts differently). Its corner is on even pixels and
+    it keeps ``CROP_MARGIN`` pixels of context, so every crop pixel is bit-identical to a
+    full-frame conversion (tests/test_data_decode.py). Other pixel formats convert the whole
+    frame and slice it.
+    """
+
+    def __init__(self, crop: tuple[int, int, int, int]):
+        self.crop = tuple(int(v) for v in crop)
+        self._key = None
+        self._graph = None
+        self._inner = (0, 0)
+
+    def __call__(self, frame) -> np.ndarray:
+        x, y, w, h = self.crop
+        W, H = frame.width, frame.height
+        if x < 0 or y < 0 or w < 1 or h < 1 or x + w > W or y + h > H:
+            raise ValueError(f"crop {self.crop} lies outside the {W}x{H} frame "
+                             "(the index's frame size is stale: rebuild the index cache)")
+        fmt = frame.format.name
+        if fmt not in _BOX_FORMATS or (w * h) * 10 > W * H * 9:      # ~whole frame: no gain
+            return to_rgb(frame)[y:y + h, x:x + w]
+        if self._key != (W, H, fmt):
+            self._build(W, H, fmt)
+        self._graph.push(frame)
+        box = self._graph.pull()
+        bx, by = self._inner
+        return to_rgb(box)[by:by + h, bx:bx + w]
+
+    def _build(self, W: int, H: int, fmt: str) -> None:
+        import av
+
+        x, y, w, h = self.crop
+        # tiny boxes take other swscale code paths, which round differently: keep a minimum size
+        ex, ey = max(CROP_MARGIN, (MIN_BOX[0] - w + 1) // 2), max(CROP_MARGIN, (MIN_BOX[1] - h + 1) // 2)
+        x0, y0 = max(0, x - ex) & ~1, max(0, y - ey) & ~1
+        x1, y1 = min(W, x + w + ex), min(H, y + h + ey)
+        x1, y1 = min(W, x1 + (x1 - x0) % 2), min(H, y1 + (y1 - y0) % 2)    # even sizes inside the frame
+        g = av.filter.Graph()
+        src = g.add_buffer(width=W, height=H, format=fmt, time_base=Fraction(1, 1000))
+        crop = g.add("crop", f"w={x1 - x0}:h={y1 - y0}:x={x0}:y={y0}:exact=1")
+        sink = g.add("buffersink")
+        src.link_to(crop)
+        crop.link_to(sink)
+        g.configure()
+        self._graph, self._key, self._inner = g, (W, H, fmt), (x - x0, y - y0)
+
+
 class _Restart(Exception):
     """Timestamps cannot be trusted for this file: decode it from the start."""
 
@@ -253,14 +317,21 @@ def crop_resize(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) 
     Bilinear with antialiasing when shrinking, rounded to uint8: the same operations the DALI
     graph applies (``fn.resize`` with a region of interest, linear, antialias on).
     """
+    cx, cy, cw, ch = plan.crop
+    return resize_flip(frames[:, cy:cy + ch, cx:cx + cw], plan, size)
+
+
+def resize_flip(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) -> "torch.Tensor":
+    """Already-cropped [T, h, w, 3] uint8 frames (``decode_frames(..., crop=plan.crop)``) ->
+    [3, T, size, size] uint8: the resize and flip of :func:`crop_resize`."""
     import torch   # here, so that the inspect CLI and synth start without importing torch
     import torch.nn.functional as F
 
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"frames must be [T, H, W, 3] uint8, got {tuple(x.shape)} {x.dtype}")
-    cx, cy, cw, ch = plan.crop
-    x = x[:, cy:cy + ch, cx:cx + cw].permute(0, 3, 1, 2)          # T, 3, h, w (channels-last memory)
+    ch, cw = x.shape[1], x.shape[2]
+    x = x.permute(0, 3, 1, 2)                                      # T, 3, h, w (channels-last memory)
     if (ch, cw) != (size, size):
         # uint8 in, uint8 out: torch's channels-last uint8 bilinear kernel is ~10x faster on one
         # core than resizing in float, and differs from the float path by rounding only (<= 1)
