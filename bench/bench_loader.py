@@ -3,7 +3,8 @@ raw and prepared (``python -m ivfast.data prepare``).
 
 Clips: 10 s at 30 fps (300 frames), H.264 with B-frames, a keyframe every 250 frames (as
 typical uploads), moving patterns at ``--sizes``. Prepared: the same files re-encoded by
-``ivfast.data.prepare`` (short side 256, a keyframe every ``--gop`` frames).
+``ivfast.data.prepare`` (short side 256, a keyframe every ``--gops`` frames, one prepared
+copy per value, no B-frames).
 
 Loaders, both in a torch DataLoader with the same workers, batch, TSN frame choice and
 224 px crop, uint8 [B, 3, T, 224, 224] out:
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, default=8, help="generated clips per size")
     ap.add_argument("--source-frames", type=int, default=300, help="frames per clip (30 fps: 10 s)")
     ap.add_argument("--source-gop", type=int, default=250)
-    ap.add_argument("--gop", type=int, default=16, help="keyframe interval of the prepared files")
+    ap.add_argument("--gops", default="1,4,16", help="keyframe intervals of the prepared copies (comma list)")
     ap.add_argument("--short-side", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--batches", type=int, default=3, help="timed batches after one warm-up batch")
@@ -168,10 +169,10 @@ def main(argv=None) -> int:
         use_decord = False
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="ivfast_bench_"))
     rows = []
+    sizes_mb: dict[str, float] = {}
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
         raw = data_dir / f"raw_{w}x{h}"
-        prep = data_dir / f"prep_{w}x{h}_g{args.gop}"
         if not raw.exists():
             t = time.perf_counter()
             make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
@@ -179,15 +180,21 @@ def main(argv=None) -> int:
             print(f"generated {args.clips} clips {w}x{h} x {args.source_frames} frames in "
                   f"{time.perf_counter() - t:.1f} s", flush=True)
         files = sorted(raw.glob("*.mp4"))
-        t = time.perf_counter()
-        res = [prepare_one(Job(str(f), out_path(str(f), str(raw), str(prep)), args.short_side, args.gop, 0.0, 20,
-                               "veryfast")) for f in files]
-        assert all(r["status"] != "failed" for r in res), res
         bytes_raw = sum(f.stat().st_size for f in files)
-        bytes_prep = sum(f.stat().st_size for f in prep.glob("*.mp4"))
-        print(f"prepared {len(files)} clips in {time.perf_counter() - t:.1f} s "
-              f"({bytes_raw / 1e6:.1f} -> {bytes_prep / 1e6:.1f} MB)", flush=True)
-        for kind, folder in (("raw", raw), ("prepared", prep)):
+        sources = [("raw", raw)]
+        for gop in (int(g) for g in args.gops.split(",") if g):
+            prep = data_dir / f"prep_{w}x{h}_g{gop}_b0"
+            t = time.perf_counter()
+            res = [prepare_one(Job(str(f), out_path(str(f), str(raw), str(prep)), args.short_side, gop, 0.0, 20,
+                                   "veryfast", bframes=0)) for f in files]
+            assert all(r["status"] != "failed" for r in res), res
+            bytes_prep = sum(f.stat().st_size for f in prep.glob("*.mp4"))
+            print(f"prepared {len(files)} clips (gop {gop}) in {time.perf_counter() - t:.1f} s "
+                  f"({bytes_raw / 1e6:.1f} -> {bytes_prep / 1e6:.1f} MB, {bytes_prep / bytes_raw:.1f}x)", flush=True)
+            sources.append((f"prepared g{gop}", prep))
+            sizes_mb[f"{w}x{h} g{gop}"] = round(bytes_prep / 1e6, 2)
+        sizes_mb[f"{w}x{h} raw"] = round(bytes_raw / 1e6, 2)
+        for kind, folder in sources:
             cache = str(folder / "index.jsonl")
             index = build_index(str(folder), cache_path=cache)
             for frames in (int(v) for v in args.frames.split(",")):
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
                           f"release {rel:6.2f} clips/s  ratio {iv / rel:5.2f}", flush=True)
     # the headline: ivfast on prepared data against the release-style loader on the raw files
     for r in rows:
-        if r["data"] == "prepared":
+        if r["data"].startswith("prepared"):
             base = next(x for x in rows if x["data"] == "raw" and all(x[k] == r[k] for k in ("source", "frames", "workers")))
             r["ratio_vs_release_on_raw"] = round(r["ivfast_clips_per_s"] / base["release_clips_per_s"], 2)
     print("\nclips/s ('cpu-time': clips per CPU-second in one process, i.e. per core; else DataLoader wall clock)")
@@ -224,8 +231,9 @@ def main(argv=None) -> int:
         "release_decoder": "decord" if use_decord else "PyAV (decord not installed), default threading",
         "clips": f"{args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
                  f"(x264 veryfast), keyframe every {args.source_gop}",
-        "prepared": f"ivfast.data.prepare: short side {args.short_side}, keyframe every {args.gop}, x264 veryfast "
-                    "tune=fastdecode crf 20",
+        "prepared": f"ivfast.data.prepare: short side {args.short_side}, keyframe every {args.gops} frames "
+                    "('prepared gK' rows), no B-frames, x264 veryfast tune=fastdecode crf 20",
+        "megabytes": sizes_mb,
         "note": args.note, "args": vars(args),
     }
     out = Path(args.out)

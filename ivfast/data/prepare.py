@@ -4,9 +4,17 @@ trains fast.
 Sparse TSN sampling of raw uploads (keyframe every ~250 frames, full source resolution)
 decodes nearly every frame of every video. Prepared files have the short side scaled to
 ``--short-side`` (default 256, just above a 224 crop), a keyframe every ``--gop`` frames (the
-loader then seeks to the keyframe before each sample instead of decoding through), an
-optional frame-rate cap, and H.264 tuned for fast decoding (no CABAC or deblocking,
-``tune=fastdecode``), which CPU decoders and NVDEC both decode fast.
+loader then seeks to the keyframe before each sample instead of decoding through), no
+B-frames by default (``--bframes``), an optional frame-rate cap, and H.264 tuned for fast
+decoding (no CABAC or deblocking, ``tune=fastdecode``), which CPU decoders and NVDEC both
+decode fast.
+
+``--gop`` trades disk for decoding: with 16 TSN samples from a 10 s, 30 fps clip, a sample
+costs one keyframe plus on average (gop - 1) / 2 frames. Measured on one core, synthetic
+340x256 clips (bench/results/loader_prepare_gop_cpu.json): gop 1 (every frame a keyframe,
+the default) ~37 clips/s, gop 4 ~27, gop 16 ~15-16; files 7x, 5.4x and 3.6x the raw ones
+there (synthetic patterns compress unusually well between frames: expect a smaller ratio on
+real video, and measure yours with the summary line).
 
 * Parallel over processes, with a progress bar; resumable: an output is written to a
   temporary name, verified by a full decode (frame count), then renamed, so an existing
@@ -167,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--root", default="", help="prefix for relative paths in the list")
     ap.add_argument("--short-side", type=int, default=256, help="short side in pixels (never upscaled); 0 keeps the size")
-    ap.add_argument("--gop", type=int, default=16, help="a keyframe every this many frames")
+    ap.add_argument("--gop", type=int, default=1,
+                    help="a keyframe every this many frames (1: all-intra, fastest; larger: smaller files)")
+    ap.add_argument("--bframes", type=int, default=0, help="x264 B-frames between references (0: none)")
     ap.add_argument("--fps-cap", type=float, default=0.0, help="drop frames above this rate (0: keep all)")
     ap.add_argument("--crf", type=int, default=20, help="x264 quality (lower = better, larger)")
     ap.add_argument("--preset", default="veryfast", help="x264 preset")
@@ -177,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.gop < 1:
         print("error: --gop must be >= 1", file=sys.stderr)
+        return 2
+    if args.bframes < 0:
+        print(f"error: --bframes must be >= 0, got {args.bframes}", file=sys.stderr)
         return 2
     if args.shards < 0:
         print(f"error: --shards must be >= 0 MB (0: no shards), got {args.shards}", file=sys.stderr)
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.root or os.path.commonpath([os.path.dirname(os.path.abspath(e.path)) for e in entries])
     os.makedirs(args.out_dir, exist_ok=True)
     jobs = [Job(os.path.abspath(e.path), out_path(e.path, base, args.out_dir), args.short_side, args.gop,
-                args.fps_cap, args.crf, args.preset) for e in entries]
+                args.fps_cap, args.crf, args.preset, args.bframes) for e in entries]
     t0 = time.time()
     from tqdm import tqdm
 
