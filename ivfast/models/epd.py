@@ -7,8 +7,9 @@ Stage 1 (pixel reconstruction + semantic alignment), per clip:
   of the student's attention-pooled vector (final) with the teacher's per-frame pooled vectors
   (L2-normalised, averaged over frames, not re-normalised: ``final_alignment_loss``).
 Stage 2 (latent prediction):
-  frozen copy of the stage-1 encoder on all tokens -> targets; per V-JEPA mask set the student
-  encoder on its visible tokens; the predictor runs ONCE over all mask sets stacked on the batch
+  frozen copy of the stage-1 encoder on all tokens -> targets (autocast off on its bf16 weights);
+  per V-JEPA mask set the student encoder on its visible tokens (``model.stage2_pack_sets``: both
+  sets in one pass with per-sequence attention, the same maths); the predictor runs ONCE over all mask sets stacked on the batch
   axis (every set has all N positions) -> head (``Linear -> GELU -> Linear -> LayerNorm``, the
   released ``selfdist_decoder``) -> loss at every position the encoder did not see (released;
   ``masking.predict=blocks``: the block-masked ones only) (``2 - 2 cos`` of L2-normalised vectors
