@@ -22,6 +22,10 @@ Backends, in the order ``"auto"`` tries them:
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` when chosen explicitly and installed.
 * ``math``: the plain PyTorch reference below (``attention_reference``); also the test oracle.
 
+``packed_attention(q, k, v, segments)`` is attention within each of several sequences packed on
+one token axis (stage 2's two mask sets in one encoder pass): flash-attn's varlen kernel, a
+FlexAttention document mask, or one dense call per run of equal-length sequences.
+
 ``used_backends()`` returns what each kind of call resolved to (compiled calls included); the
 training loop prints it and writes it to metrics.jsonl. q, k, v of different dtypes (fp32 q/k from
 an autocast-promoted QK-norm next to bf16 v) are brought to one compute dtype (``compute_dtype``).
