@@ -157,3 +157,36 @@ def test_crop_conversion_bit_identical_to_full_frame(vids, key, monkeypatch):
 def test_crop_outside_the_frame_is_a_clear_error(vids):
     with pytest.raises(pyav_mod.BadSample, match="lies outside the 96x80 frame.*rebuild the index"):
         pyav_mod.decode_frames(str(vids[("h264", 8)]), [0, 3], crop=(50, 0, 60, 40))
+
+
+def test_fast_rgb_is_close_but_not_the_dali_conversion(vids):
+    """data.rgb=fast: swscale's default path, near the exact (DALI) conversion, not equal."""
+    path = str(vids[("h264b", 30)])
+    idx = [0, 33, 80]
+    exact = pyav_mod.decode_frames(path, idx, crop=(3, 5, 70, 60)).astype(np.float64)
+    fast = pyav_mod.decode_frames(path, idx, crop=(3, 5, 70, 60), rgb="fast").astype(np.float64)
+    psnr = 10 * np.log10(255 ** 2 / np.mean((exact - fast) ** 2))
+    assert 30 < psnr < 80, psnr
+    with pytest.raises(ValueError, match="rgb must be one of"):
+        pyav_mod.decode_frames(path, idx, rgb="accurate")
+
+
+def test_loader_passes_the_rgb_mode(vids, tmp_path):
+    from ivfast.config import load_config
+    from ivfast.data import build_loader
+
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,label\n{vids[('h264b', 30)]},0\n")
+    out = {}
+    for mode in ("exact", "fast"):
+        cfg = load_config("demo", [f"data.train_list={lst}", f"data.index_cache={tmp_path / 'idx.jsonl'}",
+                                   "data.backend=pyav", "data.num_workers=0", f"data.rgb={mode}"])
+        ds = build_loader(cfg, device="cpu").dataset
+        assert ds.rgb == mode
+        out[mode] = ds.decode_one(0, 0, 0)
+    assert out["exact"].shape == out["fast"].shape and not torch_equal(out["exact"], out["fast"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return bool(torch.equal(a, b))

@@ -120,12 +120,13 @@ class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, index: DatasetIndex, usable: np.ndarray, *, num_frames: int, size: int,
                  sampling: str = "segment", stride: int = 4, scales=(1.0, 0.875, 0.75, 0.66),
                  flip: bool = True, no_flip_sources=("ssv2",), train: bool = True, seed: int = 0,
-                 decode_threads: int = 1, min_frames: int = 1):
+                 decode_threads: int = 1, min_frames: int = 1, rgb: str = "exact"):
         self.index, self.usable = index, np.asarray(usable, np.int64)
         self.num_frames, self.size, self.sampling, self.stride = num_frames, size, sampling, stride
         self.scales, self.flip, self.no_flip = list(scales), flip, set(no_flip_sources)
         self.train, self.seed, self.decode_threads = train, seed, decode_threads
         self.min_frames = max(1, int(min_frames))
+        self.rgb = rgb
 
     def __len__(self) -> int:
         return len(self.index)
@@ -152,7 +153,7 @@ class ClipDataset(torch.utils.data.Dataset):
         # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
         # only the crop is converted to RGB (bit-identical to cropping full frames)
         frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads,
-                               crop=plan.crop)
+                               crop=plan.crop, rgb=self.rgb)
         return resize_flip(frames, plan, self.size)
 
     def repair(self, sid: int, err: BadSample) -> int | None:
@@ -554,10 +555,13 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
                         f"> data.max_bad_fraction={d.max_bad_fraction}), e.g. {list(bad_paths.items())[:5]}. "
                         "Fix or remove them (python -m ivfast.data inspect LIST lists them) or raise "
                         "data.max_bad_fraction")
+    if d.rgb == "fast" and backend == "dali":
+        log.warning("data.rgb=fast with the DALI backend: files DALI cannot decode go to PyAV and convert "
+                    "to RGB differently (~44 dB); use data.rgb=exact for one conversion everywhere")
     dataset = ClipDataset(index, usable, num_frames=d.num_frames, size=d.img_size, sampling=d.sampling,
                           stride=d.stride, scales=d.scales, flip=d.flip, no_flip_sources=d.no_flip_sources,
                           train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads,
-                          min_frames=d.min_frames)
+                          min_frames=d.min_frames, rgb=d.rgb)
     kw = dict(batch_size=cfg.optim.batch_per_gpu, rank=rank, world_size=world_size, seed=cfg.runtime.seed,
               device=device, output=d.output, norm_dtype=d.norm_dtype, num_workers=d.num_workers,
               drop_last=d.drop_last, max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
