@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:        # a bare source tree: ivfast importable without pip install
     sys.path.insert(0, str(ROOT))
 
-PARTS = ("preflight", "dtypes", "attention", "decoder", "stage1", "stage2", "tokens")
+PARTS = ("preflight", "dtypes", "attention", "decoder", "stage1", "stage2", "tokens", "nvdec")
 
 
 # --------------------------------------------------------------------------- incremental JSON
@@ -542,6 +542,70 @@ def part_tokens(p: Part, dry: bool):
         p.set("triton_pct_of_copy", {"min": min(pct), "max": max(pct)})
 
 
+def part_nvdec(p: Part, dry: bool):
+    """DALI's GPU video decoding (NVDEC) on raw and prepared clips: clips/s at 16 frames and
+    224 px, and the pixels against the PyAV path (same plans). Needs nvidia-dali and PyAV;
+    without them (the lent machines have neither, and DALI's wheel is larger than what a run
+    can carry) the part records why it measured nothing. Dry run: DALI's CPU decoder, VP9."""
+    import tempfile
+
+    import numpy as np
+    try:
+        import av  # noqa: F401
+        from ivfast.data.dali import DaliClipDecoder, dali_status
+    except ImportError as e:
+        p.set("skipped", f"needs PyAV and nvidia-dali: {_err(e)}")
+        return
+    ok, why = dali_status()
+    if not ok:
+        p.set("skipped", f"DALI not usable: {why}")
+        return
+    import torch
+
+    from ivfast.data.prepare import Job, prepare_one
+    from ivfast.data.pyav import crop_resize, decode_frames
+    from ivfast.data.sampling import plan_clip, sample_rng
+    from ivfast.data.synth import make_videos
+
+    dev = _device(dry)
+    n, frames, size, T, out = (2, 24, (96, 80), 8, 56) if dry else (4, 150, (340, 256), 16, 224)
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_nvdec_"))
+    sets = {"raw": make_videos(tmp / "raw", n, "vp9" if dry else "h264b", frames=frames, size=size, fps=30,
+                               seed=0, gop=0 if dry else 250)}
+    if not dry:       # DALI's CPU decoder has no H.264: prepared (H.264) files only on the GPU
+        sets["prepared_g1"] = []
+        for f in sets["raw"]:
+            dst = tmp / "prep" / (f.stem + ".mp4")
+            r = prepare_one(Job(str(f), str(dst), 256, 1, 0.0, 20, "veryfast"))
+            if r["status"] != "done":
+                raise RuntimeError(f"prepare failed: {r}")
+            sets["prepared_g1"].append(dst)
+    p.set("clips", {"n": n, "frames": frames, "source": f"{size[0]}x{size[1]}", "T": T, "out": out})
+    dec = DaliClipDecoder(n, T, out, device_id=None if dry else (dev.index or 0), num_threads=2 if dry else 8)
+    for kind, files in sets.items():
+        with av.open(str(files[0])) as c:
+            s = c.streams.video[0]
+            W, H = s.width, s.height
+        plans = [plan_clip(num_frames_video=frames, fps=30.0, width=W, height=H, num=T, out_size=out,
+                           rng=sample_rng(0, 0, i)) for i in range(n)]
+        data = [np.fromfile(str(f), np.uint8) for f in files]
+        got = dec.decode(data, plans)
+        reps = 2 if dry else 5
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            got = dec.decode(data, plans)
+        _sync(dev)
+        dt = (time.perf_counter() - t0) / reps
+        ref = torch.stack([crop_resize(decode_frames(str(f), pl.frames), pl, out) for f, pl in zip(files, plans)])
+        diff = got.cpu().float() - ref.float()
+        mse = float(diff.square().mean())
+        p.add("results", {"data": kind, "clips_per_s": round(n / dt, 1), "ms_per_batch": round(1000 * dt, 1),
+                          "psnr_vs_pyav_db": round(10 * np.log10(255 ** 2 / mse), 1) if mse > 0 else "identical",
+                          "mean_abs_diff": round(float(diff.abs().mean()), 3)})
+        if p.left() < 10:
+            break
+
+
 # --------------------------------------------------------------------------- table
 def table(data: dict) -> str:
     m, parts = data.get("meta", {}), data.get("parts", {})
@@ -569,6 +633,9 @@ def table(data: dict) -> str:
             fig = (f"b{res.get('batch_per_gpu')} {res.get('step_ms')} ms {res.get('clips_per_s')} clips/s "
                    f"MFU {res.get('mfu')} (no teacher {res.get('mfu_without_teacher')}) "
                    f"{res.get('peak_mem_gib')} GiB oom {r.get('oom_batches', [])}")
+        elif name == "nvdec":
+            fig = r.get("skipped") or "; ".join(f"{x.get('data')} {x.get('clips_per_s')} clips/s "
+                                                f"PSNR {x.get('psnr_vs_pyav_db')} dB" for x in r.get("results") or [])
         elif name == "tokens":
             fig = f"copy {r.get('copy_gb_s')} GB/s; triton token kernels % of copy {r.get('triton_pct_of_copy')}"
         if r.get("error"):

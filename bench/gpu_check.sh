@@ -27,8 +27,8 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 start=$(date +%s)
 # Seconds per part (sum + setup < 12 min; the run also stops giving time at TOTAL).
 TOTAL=700
-declare -A BUDGET=([preflight]=30 [dtypes]=75 [attention]=90 [decoder]=150 [stage1]=130 [stage2]=90 [tokens]=35)
-PARTS="preflight dtypes attention decoder stage1 stage2 tokens"
+declare -A BUDGET=([preflight]=30 [dtypes]=75 [attention]=90 [decoder]=150 [stage1]=130 [stage2]=90 [tokens]=35 [nvdec]=40)
+PARTS="preflight dtypes attention decoder stage1 stage2 tokens nvdec"
 if [ $dry = 1 ]; then
   TOTAL=240
   for k in "${!BUDGET[@]}"; do BUDGET[$k]=40; done
