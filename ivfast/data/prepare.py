@@ -10,11 +10,13 @@ decoding (no CABAC or deblocking, ``tune=fastdecode``), which CPU decoders and N
 decode fast.
 
 ``--gop`` trades disk for decoding: with 16 TSN samples from a 10 s, 30 fps clip, a sample
-costs one keyframe plus on average (gop - 1) / 2 frames. Measured on one core, synthetic
-340x256 clips (bench/results/loader_prepare_gop_cpu.json): gop 1 (every frame a keyframe,
-the default) ~37 clips/s, gop 4 ~27, gop 16 ~15-16; files 7x, 5.4x and 3.6x the raw ones
-there (synthetic patterns compress unusually well between frames: expect a smaller ratio on
-real video, and measure yours with the summary line).
+costs one keyframe plus on average (gop - 1) / 2 frames. Measured on one core
+(bench/results/loader_kinetics_cputime.json: synthetic clips, T=16, 224 crop, on a loaded
+2-core machine): gop 1 (every frame a keyframe, the default) 25-28 clips per CPU-second,
+gop 4 19-20, gop 16 11-14, whatever the source size (prepared files are 256 px high). Files:
+gop 1 is 7x / 3.5x / 1.6x the raw 340x256 / 640x360 / 1280x720 sources, gop 16 3.5x / 1.9x /
+0.6x (synthetic patterns compress unusually well between frames: expect a smaller ratio on
+real video; the summary line gives yours).
 
 * Parallel over processes, with a progress bar; resumable: an output is written to a
   temporary name, verified by a full decode (frame count), then renamed, so an existing
