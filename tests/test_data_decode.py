@@ -190,3 +190,18 @@ def test_loader_passes_the_rgb_mode(vids, tmp_path):
 def torch_equal(a, b) -> bool:
     import torch
     return bool(torch.equal(a, b))
+
+
+def test_crop_graphs_are_shared_and_re_aimed(vids):
+    """One filter graph per frame size and thread, re-aimed per crop: two converters used in
+    turn on the same frames still get their own crops."""
+    path = str(vids[("h264b", 30)])
+    full = pyav_mod.decode_frames(path, [5])[0]
+    with av.open(path) as c:
+        frame = next(f for i, f in enumerate(c.decode(video=0)) if i == 5)
+    pyav_mod._GRAPHS.cache = {}
+    a, b = pyav_mod.CropConverter((3, 4, 50, 40)), pyav_mod.CropConverter((30, 20, 41, 57))
+    for _ in range(2):
+        np.testing.assert_array_equal(a(frame), full[4:44, 3:53])
+        np.testing.assert_array_equal(b(frame), full[20:77, 30:71])
+    assert len(pyav_mod._GRAPHS.cache) == 1
