@@ -113,7 +113,8 @@ def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) 
         cfg = load_config("stage1_vitb", [
             f"data.train_list={list_path}", f"data.index_cache={cache}", "data.backend=pyav",
             f"data.num_frames={frames}", f"model.num_frames={frames}", "data.num_workers=0",
-            "optim.batch_per_gpu=1", "data.output=uint8", "data.verify=first", f"data.rgb={rgb}"])
+            "optim.batch_per_gpu=1", "data.output=uint8", "data.verify=first", f"data.rgb={rgb}",
+            "data.decode_threads=1"])     # one core: without workers the loader would use 2 decoder threads
         ds[rgb] = build_loader(cfg, device="cpu").dataset
     rel = ReleaseStyle(index, frames, use_decord=use_decord)
     n = len(index)
@@ -136,6 +137,18 @@ def bench_release(index, frames: int, batch: int, batches: int, workers: int, us
     kw = {"prefetch_factor": 2} if workers else {}
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, **kw)
     return _loop(dl, batches, lambda: None)
+
+
+def repeated_list(folder: Path, index, clips: int):
+    """A list naming the folder's files over and over, ``clips`` entries at least: the timed
+    batches then fit in one epoch (an epoch end restarts the DataLoader workers, which a
+    handful of files would make the main cost of a wall-clock row)."""
+    paths = [info.path for info in index.infos]
+    reps = -(-clips // len(paths))
+    lst = folder / f"repeat_{reps}.csv"
+    lst.write_text("path,label\n" + "".join(f"{p},0\n" for _ in range(reps) for p in paths))
+    cache = str(folder / f"repeat_{reps}_index.jsonl")
+    return str(lst), cache, build_index(str(lst), cache_path=cache)
 
 
 def _loop(loader, batches: int, next_epoch) -> float:
@@ -215,8 +228,9 @@ def main(argv=None) -> int:
                 print(f"{w}x{h} {kind:8s} T={frames:2d} per CPU-second: ivfast {iv:6.2f} (data.rgb=fast {fast:6.2f})  "
                       f"release {rel:6.2f} clips/s/core  ratio {iv / rel:5.2f}", flush=True)
                 for workers in (int(v) for v in args.workers.split(",") if v):
-                    iv = bench_ivfast(str(folder), cache, frames, args.batch, args.batches, workers)
-                    rel = bench_release(index, frames, args.batch, args.batches, workers, use_decord)
+                    rlist, rcache, rindex = repeated_list(folder, index, args.batch * (args.batches + 2) * 2)
+                    iv = bench_ivfast(rlist, rcache, frames, args.batch, args.batches, workers)
+                    rel = bench_release(rindex, frames, args.batch, args.batches, workers, use_decord)
                     row = {"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": workers,
                            "ivfast_clips_per_s": round(iv, 2), "release_clips_per_s": round(rel, 2),
                            "ratio": round(iv / rel, 2)}
