@@ -12,8 +12,8 @@ decode fast.
 ``--gop`` trades disk for decoding: with 16 TSN samples from a 10 s, 30 fps clip, a sample
 costs one keyframe plus on average (gop - 1) / 2 frames. Measured on one core
 (bench/results/loader_kinetics_cputime.json: synthetic clips, T=16, 224 crop, on a loaded
-2-core machine): gop 1 (every frame a keyframe, the default) 25-30 clips per CPU-second,
-gop 4 18-25, gop 16 12-15, whatever the source size (prepared files are 256 px high). Files:
+2-core machine): gop 1 (every frame a keyframe, the default) 48-54 clips per CPU-second,
+gop 4 28-31, gop 16 15-18, whatever the source size (prepared files are 256 px high). Files:
 gop 1 is 7x / 3.5x / 1.6x the raw 340x256 / 640x360 / 1280x720 sources, gop 16 3.5x / 1.9x /
 0.6x (synthetic patterns compress unusually well between frames: expect a smaller ratio on
 real video; the summary line gives yours).
