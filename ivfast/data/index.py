@@ -138,6 +138,19 @@ def scan_dir(directory: str | Path) -> list[Entry]:
     return [Entry(p) for p in sorted(found)]
 
 
+def write_list(path: str, entries: list[Entry]) -> None:
+    """Write ``entries`` as a CSV list with a header, which :func:`read_list` reads back; the
+    ``offset``/``size`` columns only when some entry is a tar shard member. Atomic (tmp + rename)."""
+    members = any(e.offset >= 0 for e in entries)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "source", "start_sec", "end_sec"] + (["offset", "size"] if members else []))
+        for e in entries:
+            w.writerow([e.path, e.label, e.source, e.start_sec, e.end_sec] + ([e.offset, e.size] if members else []))
+    os.replace(tmp, path)
+
+
 def read_list(list_path: str | Path, root: str = "") -> list[Entry]:
     """Parse a list file (see the module docstring for formats) or scan a directory."""
     list_path = str(list_path)

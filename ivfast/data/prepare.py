@@ -35,7 +35,6 @@ real video; the summary line gives yours).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ from fractions import Fraction
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from .index import DataError, Entry, read_list
+from .index import DataError, Entry, read_list, write_list
 
 
 @dataclass
@@ -158,16 +157,6 @@ def prepare_one(job: Job) -> dict:
         except OSError:
             pass
         return {**rec, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-
-
-def write_list(path: str, entries: list[Entry]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "source", "start_sec", "end_sec"])
-        for e in entries:
-            w.writerow([e.path, e.label, e.source, e.start_sec, e.end_sec])
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

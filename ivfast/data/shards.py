@@ -36,7 +36,6 @@ when known), then renamed; an existing shard whose members match the plan is kep
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
@@ -368,20 +367,13 @@ def pack(samples: list[Sample], out_dir: str, shard_mb: float, verify: bool = Tr
         if m and int(m.group(1)) >= len(plan):
             os.unlink(os.path.join(shard_dir, name))
     list_path = os.path.join(out_dir, "shards.csv")
-    write_member_list(list_path, [(m, s) for m, s in zip(members, samples)])
+    from .index import Entry, write_list
+
+    write_list(list_path, [Entry(str(m), s.label, s.source, s.start_sec, s.end_sec, m.offset, m.size)
+                           for m, s in zip(members, samples)])
     total = sum(os.path.getsize(os.path.join(shard_dir, f"shard-{k:06d}.tar")) for k in range(len(plan)))
     return list_path, {"shards": len(plan), "written": done, "kept": kept, "samples": len(samples),
                        "bytes": total, "seconds": time.time() - t0}
-
-
-def write_member_list(path: str, rows: list[tuple[Member, Sample]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "source", "start_sec", "end_sec", "offset", "size"])
-        for m, s in rows:
-            w.writerow([str(m), s.label, s.source, s.start_sec, s.end_sec, m.offset, m.size])
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
