@@ -285,9 +285,8 @@ class CropConverter:
     def __init__(self, crop: tuple[int, int, int, int], rgb: str = "exact"):
         self.crop = tuple(int(v) for v in crop)
         self.rgb = rgb
-        self._key = None
-        self._graph = None
-        self._inner = (0, 0)
+        self._key = None          # (W, H, fmt) the box below was placed for
+        self._box = self._inner = None
 
     def __call__(self, frame) -> np.ndarray:
         x, y, w, h = self.crop
@@ -300,11 +299,10 @@ class CropConverter:
             return to_rgb(frame, self.rgb)[y:y + h, x:x + w]
         if self._key != (W, H, fmt):
             self._build(W, H, fmt)
-        else:       # the graph is shared per thread: make sure it is still aimed at this box
-            self._graph = _crop_graph(W, H, fmt, self._box)
+        graph = _crop_graph(W, H, fmt, self._box)      # shared per thread: (re-)aimed at this box
         try:
-            self._graph.push(frame)
-            box = self._graph.pull()
+            graph.push(frame)
+            box = graph.pull()
         except Exception:
             _GRAPHS.cache.pop(self._key, None)     # never reuse a graph that may hold a frame
             self._key = None
@@ -313,6 +311,7 @@ class CropConverter:
         return to_rgb(box, self.rgb)[by:by + h, bx:bx + w]
 
     def _build(self, W: int, H: int, fmt: str) -> None:
+        """Place the box converted for this crop in W x H frames."""
         x, y, w, h = self.crop
         # tiny boxes take other swscale code paths, which round differently: keep a minimum size
         ex, ey = max(CROP_MARGIN, (MIN_BOX[0] - w + 1) // 2), max(CROP_MARGIN, (MIN_BOX[1] - h + 1) // 2)
@@ -320,7 +319,6 @@ class CropConverter:
         x1, y1 = min(W, x + w + ex), min(H, y + h + ey)
         x1, y1 = min(W, x1 + (x1 - x0) % 2), min(H, y1 + (y1 - y0) % 2)    # even sizes inside the frame
         self._box = (x0, y0, x1 - x0, y1 - y0)
-        self._graph = _crop_graph(W, H, fmt, self._box)
         self._key, self._inner = (W, H, fmt), (x - x0, y - y0)
 
 
