@@ -365,7 +365,8 @@ def _preset_path(name_or_path: str, config_dir: Path, names: list[str], what: st
 
 
 def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
-    data = _read_yaml(_preset_path(name_or_path, CONFIG_DIR, presets()))
+    path = _preset_path(name_or_path, CONFIG_DIR, presets())
+    data = _read_yaml(path)
     base = data.pop("base", None)   # a preset may extend another one
     if base:
         if base in _seen:

@@ -1,5 +1,5 @@
 """The package installs the way the README says: extension built, kernels under ivfast."""
-import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -18,8 +18,66 @@ def test_extension_and_kernels_import():
 
     assert ivfast._C.__file__.endswith((".so", ".pyd"))
     assert Path(ivfast.kernels.__file__).parent.name == "kernels"
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or "ivfast" not in str(spec.origin), "ivfast must not install a top-level 'kernels'"
+
+
+def _run_at_root(code: str, *flags: str, env: dict | None = None, timeout: int = 300):
+    """``python [flags] -c code`` with the repository root as working directory, so the root is
+    first on sys.path, as for a user who runs ``python -m ivfast.train`` there."""
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_import_kernels_at_repo_root_is_the_installed_package(tmp_path):
+    """A top-level package named ``kernels`` later on sys.path (Hugging Face's, which transformers
+    imports) is what ``import kernels`` gives at the repository root; ivfast.kernels still works
+    beside it. A stand-in package makes this independent of which kernels release is installed."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'installed'\nfrom kernels.sub import X\n")
+    (site / "kernels" / "sub.py").write_text("X = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import sys, kernels, ivfast.kernels, ivfast.kernels.tokens\n"
+            "assert kernels.WHO == 'installed' and kernels.X == 1, kernels.__file__\n"
+            "assert sys.modules['kernels'] is kernels and kernels.__spec__.origin == kernels.__file__\n"
+            "assert ivfast.kernels is not kernels and ivfast.kernels.__name__ == 'ivfast.kernels'\n"
+            "print(kernels.__file__)")
+    r = _run_at_root(code, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip()) == site / "kernels" / "__init__.py"
+
+
+def test_import_kernels_at_repo_root_without_one_installed_fails():
+    """With no other ``kernels`` on sys.path (-S: no site-packages) the import fails as if the
+    folder were not there, and leaves no half-made module behind."""
+    code = ("import sys\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+            "    assert e.name == 'kernels' and 'kernels' not in sys.modules, e\n    print('refused')\n")
+    r = _run_at_root(code, "-S")
+    assert r.returncode == 0 and r.stdout.strip() == "refused", r.stdout + r.stderr[-3000:]
+
+
+def test_real_kernels_and_transformers_models_at_repo_root():
+    """The installed Hugging Face ``kernels`` (a transformers dependency) imports at the root, and
+    transformers builds a SigLIP and a ModernBERT model there (each imports ``kernels``)."""
+    code = ("import importlib.metadata as md, kernels, transformers\n"
+            "assert 'site-packages' in kernels.__file__, kernels.__file__\n"
+            "s = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(hidden_size=16, "
+            "intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16))\n"
+            "m = transformers.ModernBertModel(transformers.ModernBertConfig(hidden_size=16, intermediate_size=32, "
+            "num_hidden_layers=1, num_attention_heads=2, vocab_size=32, pad_token_id=0))\n"
+            "print(md.version('kernels'), transformers.__version__)")
+    r = _run_at_root(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_demo_step_at_repo_root(tmp_path):
+    """`python -m ivfast.train runtime.max_steps=1` from the repository root, as the README runs it."""
+    r = subprocess.run([sys.executable, "-m", "ivfast.train", "runtime.max_steps=1",
+                        f"runtime.output_dir={tmp_path / 'demo'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ivfast.train: done" in r.stdout + r.stderr
 
 
 def test_info_reports_versions():

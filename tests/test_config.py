@@ -115,3 +115,12 @@ def test_presets_print_the_released_recipe():
 def test_stage2_pos_frames_checked():
     with pytest.raises(ConfigError, match="stage2_pos_frames"):
         load_config("stage2_vitb", ["model.stage2_pos_frames=0"])
+
+
+def test_base_chain_loop_is_a_config_error(tmp_path):
+    """Two presets whose `base:` names each other stop with a ConfigError naming the loop."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\noptim: {{base_lr: 1.0e-3}}\n")
+    b.write_text(f"base: {a}\n")
+    with pytest.raises(ConfigError, match="'base' chain loops through"):
+        load_config(str(a))
