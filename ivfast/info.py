@@ -1,11 +1,17 @@
 """``python -m ivfast.info``: versions and usable accelerators, in the spirit of collect_env."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata as md
+import json
 import os
 import platform
 import sys
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 
 def _version(dist: str) -> str:
@@ -65,7 +71,64 @@ def collect() -> dict[str, str]:
     return info
 
 
-def main() -> int:
+def locked_versions(lock_text: str) -> dict[str, str]:
+    """The pins of a requirements lock whose platform markers hold here, by normalised name."""
+    pins = {}
+    for line in lock_text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate():
+                pins[canonicalize_name(req.name)] = next(iter(req.specifier)).version
+    return pins
+
+
+def installed_closure(root: str = "ivfast", extras: tuple = ("dev",)) -> dict[str, str]:
+    """Installed version (public part: torch's '+cpu' dropped) of every distribution that
+    ``root[extras]`` needs here, following each requirement whose marker holds."""
+    seen, todo, found = set(), [(root, tuple(extras))], {}
+    while todo:
+        name, ext = todo.pop()
+        key = (canonicalize_name(name), ext)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            found[key[0]] = "not installed"
+            continue
+        if key[0] != canonicalize_name(root):
+            found[key[0]] = Version(dist.version).public
+        envs = [{"extra": e} for e in ext] or [{"extra": ""}]
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                todo.append((req.name, tuple(sorted(req.extras))))
+    return found
+
+
+def lock_drift(lock_text: str) -> dict[str, tuple[str | None, str]]:
+    """{name: (locked, installed)} for each package of ivfast[dev]'s closure that the lock does
+    not pin at the installed version (locked is None when the lock lacks it)."""
+    pins = locked_versions(lock_text)
+    return {n: (pins.get(n), v) for n, v in sorted(installed_closure().items()) if pins.get(n) != v}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ivfast.info", description="Versions and usable accelerators.")
+    ap.add_argument("--lock", metavar="FILE", help="instead: list the packages of ivfast[dev]'s closure whose "
+                    "installed version differs from FILE's pin (exit 1 if any)")
+    ap.add_argument("--json", action="store_true", help="with --lock: one JSON object {name: [locked, installed]}")
+    args = ap.parse_args(argv)
+    if args.lock:
+        with open(args.lock) as f:
+            drift = lock_drift(f.read())
+        if args.json:
+            print(json.dumps(drift))
+        for name, (locked, now) in drift.items() if not args.json else ():
+            print(f"{name:28s} {locked or '(not in lock)':>14s} -> {now}")
+        return 1 if drift else 0
     info = collect()
     width = max(map(len, info))
     for k, v in info.items():

@@ -109,7 +109,32 @@ def test_build_requirements_exclude_torch():
     assert not any(r.lower().startswith("torch") for r in meta["build-system"]["requires"])
     deps = meta["project"]["dependencies"]
     assert any(d.replace(" ", "").startswith("torch>=") for d in deps), "torch must be a range, not a pin"
-    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+
+
+def test_lock_inputs_cover_the_build():
+    """tools/lock.in names every build requirement of pyproject, so the lock pins the build too."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    build = {Requirement(r).name for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]}
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "tools" / "lock.in").read_text().splitlines()]
+    inputs = {Requirement(ln).name for ln in lines if ln}
+    assert build | {"pip"} <= inputs, f"add {sorted(build | {'pip'} - inputs)} to tools/lock.in and rerun tools/lock"
+
+
+def test_installed_versions_match_the_lock():
+    """Every package that ivfast[dev] needs on this machine is pinned by requirements.lock at the
+    version installed here: the README's set-up and CI install exactly what the lock says, and a
+    dependency added to pyproject without `tools/lock` shows up here."""
+    from ivfast.info import installed_closure, lock_drift, locked_versions
+
+    lock = (ROOT / "requirements.lock").read_text()
+    assert {"torch", "transformers", "kernels", "av", "pytest"} <= set(locked_versions(lock))
+    assert len(installed_closure()) > 20
+    drift = lock_drift(lock)
+    assert not drift, ("installed versions differ from requirements.lock (name: locked -> installed): "
+                       f"{drift}; install with the README's command, or run tools/lock after tools/check-latest")
 
 
 def test_missing_cmake_is_a_clear_error(tmp_path):
