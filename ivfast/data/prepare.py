@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [Job(os.path.abspath(e.path), out_path(e.path, base, args.out_dir), args.short_side, gop,
                 args.fps_cap, args.crf, args.preset, args.bframes, keep_small=keep) for e in entries]
     if planned is not None:
-        adopted = adopt_outputs(planned, gop, jobs)
+        if not keep:        # keeping: the sources are the outputs, not the plan's fallback encodes
+            adopted = adopt_outputs(planned, gop, jobs)
         remove_work(args.out_dir)
     t0 = time.time()
     from tqdm import tqdm
