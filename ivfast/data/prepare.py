@@ -105,6 +105,7 @@ def prepare_one(job: Job) -> dict:
 
 def _prepare_one(job: Job) -> dict:
     import av
+    from av.video.frame import PictureType
 
     from .pyav import iter_frames
 
@@ -161,6 +162,8 @@ def _prepare_one(job: Job) -> dict:
                         last_tick = tick
                     f = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
                     f.pts, f.time_base = n_out, o.codec_context.time_base or Fraction(1, 25)
+                    # the source's picture type rides along and x264 obeys it (extra keyframes, no B-frames)
+                    f.pict_type = PictureType.NONE
                     n_out += 1
                     for p in o.encode(f):
                         out.mux(p)
