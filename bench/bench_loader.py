@@ -31,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivfast.config import load_config  # noqa: E402
 from ivfast.data import build_index, build_loader  # noqa: E402
+from ivfast.data.plan import clips_per_cpu_second  # noqa: E402
 from ivfast.data.prepare import Job, out_path, prepare_one  # noqa: E402
 from ivfast.data.sampling import plan_clip, sample_rng  # noqa: E402
 from ivfast.data.synth import make_videos  # noqa: E402
@@ -89,21 +91,63 @@ def _size(batch) -> int:
     return (batch["video"] if isinstance(batch, dict) else batch).shape[0]
 
 
-def cpu_per_clip(fns: dict, n: int, rounds: int = 3) -> dict:
-    """Clips per CPU-second of each ``fn(i)`` in this process (FFmpeg's threads included): 'clips/s
-    per core', robust on a machine whose cores are shared (wall time is not). The functions take
-    turns, round after round, and each keeps its best round, so a burst of load from another
-    process does not land on one of them only."""
-    for fn in fns.values():
-        fn(0)                                        # warm-up
-    best = {k: 0.0 for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.process_time()
-            for i in range(n):
-                fn(i)
-            best[k] = max(best[k], n / (time.process_time() - t))
-    return best
+def kinetics_clips(sources: list[Path], out_dir: Path, size: tuple[int, int], clips: int,
+                   seconds: float = 10.0) -> list[Path]:
+    """Real footage as Kinetics-style clips: ``seconds``-long pieces of the ``sources`` (one
+    piece of each source in turn, then the second of each, ...; a source shorter than
+    ``seconds`` gives one shorter piece), resized to ``size``, H.264 crf 23 (x264 veryfast, as
+    the synthetic clips), a keyframe every 250 frames, B-frames, at the source's frame rate."""
+    import av
+    from av.video.frame import PictureType
+
+    pieces = []
+    durations = {}
+    for src in sources:
+        with av.open(str(src)) as c:
+            s = c.streams.video[0]
+            dur = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / 1e6
+            durations[src] = (dur, float(s.average_rate or s.guessed_rate or 25))
+    most = max(max(1, int(d // seconds)) for d, _ in durations.values())
+    for k in range(most):
+        pieces += [(src, k) for src in sources if k < max(1, int(durations[src][0] // seconds))]
+    pieces = pieces[:clips]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for src in sources:
+        mine = {k for s_, k in pieces if s_ == src}
+        if not mine:
+            continue
+        fps = durations[src][1]
+        rate = Fraction(fps).limit_denominator(1001)
+        per = int(round(seconds * fps))
+        outs = {}
+        with av.open(str(src)) as inp:
+            for i, frame in enumerate(inp.decode(video=0)):
+                k = i // per
+                if k > max(mine):
+                    break
+                if k not in mine:
+                    continue
+                if k not in outs:
+                    path = out_dir / f"{src.stem}_{k:03d}.mp4"
+                    c = av.open(str(path), "w")
+                    o = c.add_stream("libx264", rate=rate,
+                                     options={"preset": "veryfast", "crf": "23"})
+                    o.width, o.height, o.pix_fmt, o.gop_size = size[0], size[1], "yuv420p", 250
+                    outs[k] = (c, o, 0)
+                    paths.append(path)
+                c, o, n = outs[k]
+                f = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+                f.pts, f.time_base = n, o.codec_context.time_base or 1 / rate
+                f.pict_type = PictureType.NONE       # else x264 copies the source's frame types
+                outs[k] = (c, o, n + 1)
+                for p in o.encode(f):
+                    c.mux(p)
+        for c, o, _ in outs.values():
+            for p in o.encode():
+                c.mux(p)
+            c.close()
+    return sorted(paths)
 
 
 def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) -> tuple[float, float, float]:
@@ -118,7 +162,7 @@ def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) 
         ds[rgb] = build_loader(cfg, device="cpu").dataset
     rel = ReleaseStyle(index, frames, use_decord=use_decord)
     n = len(index)
-    r = cpu_per_clip({"exact": lambda i: ds["exact"].decode_one(i, 0, 0),
+    r = clips_per_cpu_second({"exact": lambda i: ds["exact"].decode_one(i, 0, 0),
                       "fast": lambda i: ds["fast"].decode_one(i, 0, 0), "release": lambda i: rel[i]}, n)
     return r["exact"], r["fast"], r["release"]
 
