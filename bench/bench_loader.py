@@ -217,7 +217,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="340x256")
     ap.add_argument("--frames", default="16,32")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--clips", type=int, default=8, help="generated clips per size")
+    ap.add_argument("--clips", type=int, default=8, help="clips per size")
+    ap.add_argument("--real", default="", metavar="DIR",
+                    help="real footage: cut the videos in DIR into Kinetics-style clips (see kinetics_clips) "
+                         "instead of generating synthetic ones")
     ap.add_argument("--source-frames", type=int, default=300, help="frames per clip (30 fps: 10 s)")
     ap.add_argument("--source-gop", type=int, default=250)
     ap.add_argument("--gops", default="1,4,16", help="keyframe intervals of the prepared copies (comma list)")
@@ -237,17 +240,22 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="ivfast_bench_"))
     rows = []
     sizes_mb: dict[str, float] = {}
+    footage = "real" if args.real else "synthetic"
+    real = sorted(p for p in Path(args.real).iterdir() if p.is_file()) if args.real else []
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
-        raw = data_dir / f"raw_{w}x{h}"
+        raw = data_dir / f"{'real' if real else 'raw'}_{w}x{h}"
         if not raw.exists():
             t = time.perf_counter()
-            make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
-                        gop=args.source_gop)
-            print(f"generated {args.clips} clips {w}x{h} x {args.source_frames} frames in "
-                  f"{time.perf_counter() - t:.1f} s", flush=True)
+            if real:
+                kinetics_clips(real, raw, (w, h), args.clips)
+            else:
+                make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
+                            gop=args.source_gop)
+            print(f"made {args.clips} {footage} clips {w}x{h} in {time.perf_counter() - t:.1f} s", flush=True)
         files = sorted(raw.glob("*.mp4"))
         bytes_raw = sum(f.stat().st_size for f in files)
+        sizes = {"raw": {"mb": round(bytes_raw / 1e6, 3), "size_vs_raw": 1.0, "size_vs_raw_per_clip": [1.0, 1.0]}}
         sources = [("raw", raw)]
         for gop in (int(g) for g in args.gops.split(",") if g):
             prep = data_dir / f"prep_{w}x{h}_g{gop}_b0"
@@ -256,6 +264,14 @@ def main(argv=None) -> int:
                                    "veryfast", bframes=0)) for f in files]
             assert all(r["status"] != "failed" for r in res), res
             bytes_prep = sum(f.stat().st_size for f in prep.glob("*.mp4"))
+            per_clip = [r["bytes_out"] / r["bytes_in"] for r in res]
+            # the encode's CPU-seconds per second of source (of files done now; reused ones have none)
+            done = [r for r in res if r["status"] == "done"]
+            src_s = sum(r["frames_in"] / r["fps"] for r in done) if done else 0.0
+            sizes[f"prepared g{gop}"] = {
+                "mb": round(bytes_prep / 1e6, 3), "size_vs_raw": round(bytes_prep / bytes_raw, 2),
+                "size_vs_raw_per_clip": [round(min(per_clip), 2), round(max(per_clip), 2)],
+                "prepare_cpu_s_per_source_s": round(sum(r["cpu_s"] for r in done) / src_s, 3) if src_s else None}
             print(f"prepared {len(files)} clips (gop {gop}) in {time.perf_counter() - t:.1f} s "
                   f"({bytes_raw / 1e6:.1f} -> {bytes_prep / 1e6:.1f} MB, {bytes_prep / bytes_raw:.1f}x)", flush=True)
             sources.append((f"prepared g{gop}", prep))
@@ -266,7 +282,8 @@ def main(argv=None) -> int:
             index = build_index(str(folder), cache_path=cache)
             for frames in (int(v) for v in args.frames.split(",")):
                 iv, fast, rel = bench_cpu(str(folder), cache, index, frames, use_decord)
-                rows.append({"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": "cpu-time",
+                rows.append({"footage": footage, "source": f"{w}x{h}", "data": kind, "frames": frames,
+                             "workers": "cpu-time", **sizes[kind],
                              "ivfast_clips_per_s": round(iv, 2), "ivfast_fast_rgb_clips_per_s": round(fast, 2),
                              "release_clips_per_s": round(rel, 2), "ratio": round(iv / rel, 2)})
                 print(f"{w}x{h} {kind:8s} T={frames:2d} per CPU-second: ivfast {iv:6.2f} (data.rgb=fast {fast:6.2f})  "
@@ -275,7 +292,8 @@ def main(argv=None) -> int:
                     rlist, rcache, rindex = repeated_list(folder, index, args.batch * (args.batches + 2) * 2)
                     iv = bench_ivfast(rlist, rcache, frames, args.batch, args.batches, workers)
                     rel = bench_release(rindex, frames, args.batch, args.batches, workers, use_decord)
-                    row = {"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": workers,
+                    row = {"footage": footage, "source": f"{w}x{h}", "data": kind, "frames": frames,
+                           "workers": workers, **sizes[kind],
                            "ivfast_clips_per_s": round(iv, 2), "release_clips_per_s": round(rel, 2),
                            "ratio": round(iv / rel, 2)}
                     rows.append(row)
@@ -290,9 +308,13 @@ def main(argv=None) -> int:
                 r["fast_rgb_ratio_vs_release_on_raw"] = round(r["ivfast_fast_rgb_clips_per_s"]
                                                               / base["release_clips_per_s"], 2)
     print("\nclips/s ('cpu-time': clips per CPU-second in one process, i.e. per core; else DataLoader wall clock)")
-    print("source   data          T   workers  ivfast  (rgb=fast)  release  ratio  prepared ivfast / raw release (rgb=fast)")
+    print(f"{footage} clips; size: MB and x the raw files (per clip min-max)")
+    print("source   data          size             T   workers  ivfast  (rgb=fast)  release  ratio  "
+          "prepared ivfast / raw release (rgb=fast)")
     for r in rows:
-        print(f"{r['source']:8s} {r['data']:12s} {r['frames']:2d}  {r['workers']:>8}  {r['ivfast_clips_per_s']:6.2f}  "
+        lo, hi = r["size_vs_raw_per_clip"]
+        size = f"{r['mb']:6.1f} {r['size_vs_raw']:4.1f}x ({lo:.1f}-{hi:.1f})"
+        print(f"{r['source']:8s} {r['data']:12s}  {size:<16} {r['frames']:2d}  {r['workers']:>8}  {r['ivfast_clips_per_s']:6.2f}  "
               f"{r.get('ivfast_fast_rgb_clips_per_s', ''):>10}  {r['release_clips_per_s']:7.2f}  {r['ratio']:5.2f}  "
               f"{r.get('ratio_vs_release_on_raw', '')} ({r.get('fast_rgb_ratio_vs_release_on_raw', '')})")
     meta = {
@@ -301,8 +323,12 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "av": __import__("av").__version__,
         "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
         "release_decoder": "decord" if use_decord else "PyAV (decord not installed), default threading",
-        "clips": f"{args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
-                 f"(x264 veryfast), keyframe every {args.source_gop}",
+        "clips": (f"real footage from {args.real} ({', '.join(p.name for p in real)}): up to {args.clips} 10 s pieces "
+                  "per size at the source frame rate, H.264 crf 23 with B-frames (x264 veryfast), keyframe every 250 "
+                  "(and at scene cuts)") if real else
+                 (f"synthetic: {args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
+                  f"(x264 veryfast), keyframe every {args.source_gop}"),
+        "footage": footage,
         "prepared": f"ivfast.data.prepare: short side {args.short_side}, keyframe every {args.gops} frames "
                     "('prepared gK' rows), no B-frames, x264 veryfast tune=fastdecode crf 20",
         "megabytes": sizes_mb,
