@@ -92,11 +92,12 @@ def _size(batch) -> int:
 
 
 def kinetics_clips(sources: list[Path], out_dir: Path, size: tuple[int, int], clips: int,
-                   seconds: float = 10.0) -> list[Path]:
-    """Real footage as Kinetics-style clips: ``seconds``-long pieces of the ``sources`` (one
-    piece of each source in turn, then the second of each, ...; a source shorter than
-    ``seconds`` gives one shorter piece), resized to ``size``, H.264 crf 23 (x264 veryfast, as
-    the synthetic clips), a keyframe every 250 frames, B-frames, at the source's frame rate."""
+                   seconds: float = 10.0, frames: int = 0) -> list[Path]:
+    """Real footage as Kinetics-style clips: ``seconds``-long pieces (``frames`` > 0: pieces of
+    that many frames) of the ``sources`` (one piece of each source in turn, then the second of
+    each, ...; a shorter source gives one shorter piece), resized to ``size``, H.264 crf 23
+    (x264 veryfast, as the synthetic clips), a keyframe every 250 frames, B-frames, at the
+    source's frame rate."""
     import av
     from av.video.frame import PictureType
 
@@ -107,9 +108,10 @@ def kinetics_clips(sources: list[Path], out_dir: Path, size: tuple[int, int], cl
             s = c.streams.video[0]
             dur = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / 1e6
             durations[src] = (dur, float(s.average_rate or s.guessed_rate or 25))
-    most = max(max(1, int(d // seconds)) for d, _ in durations.values())
-    for k in range(most):
-        pieces += [(src, k) for src in sources if k < max(1, int(durations[src][0] // seconds))]
+    per = {src: frames or int(round(seconds * fps)) for src, (_, fps) in durations.items()}
+    count = {src: max(1, int(d * fps) // per[src]) for src, (d, fps) in durations.items()}
+    for k in range(max(count.values())):
+        pieces += [(src, k) for src in sources if k < count[src]]
     pieces = pieces[:clips]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -119,11 +121,10 @@ def kinetics_clips(sources: list[Path], out_dir: Path, size: tuple[int, int], cl
             continue
         fps = durations[src][1]
         rate = Fraction(fps).limit_denominator(1001)
-        per = int(round(seconds * fps))
         outs = {}
         with av.open(str(src)) as inp:
             for i, frame in enumerate(inp.decode(video=0)):
-                k = i // per
+                k = i // per[src]
                 if k > max(mine):
                     break
                 if k not in mine:
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real", default="", metavar="DIR",
                     help="real footage: cut the videos in DIR into Kinetics-style clips (see kinetics_clips) "
                          "instead of generating synthetic ones")
+    ap.add_argument("--real-frames", type=int, default=0,
+                    help="with --real: pieces of this many frames (0: 10 s at the source's frame rate)")
     ap.add_argument("--source-frames", type=int, default=300, help="frames per clip (30 fps: 10 s)")
     ap.add_argument("--source-gop", type=int, default=250)
     ap.add_argument("--gops", default="1,4,16", help="keyframe intervals of the prepared copies (comma list)")
@@ -244,11 +247,11 @@ def main(argv=None) -> int:
     real = sorted(p for p in Path(args.real).iterdir() if p.is_file()) if args.real else []
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
-        raw = data_dir / f"{'real' if real else 'raw'}_{w}x{h}"
+        raw = data_dir / (f"real{args.real_frames or ''}_{w}x{h}" if real else f"raw_{w}x{h}")
         if not raw.exists():
             t = time.perf_counter()
             if real:
-                kinetics_clips(real, raw, (w, h), args.clips)
+                kinetics_clips(real, raw, (w, h), args.clips, frames=args.real_frames)
             else:
                 make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
                             gop=args.source_gop)
@@ -258,12 +261,12 @@ def main(argv=None) -> int:
         sizes = {"raw": {"mb": round(bytes_raw / 1e6, 3), "size_vs_raw": 1.0, "size_vs_raw_per_clip": [1.0, 1.0]}}
         sources = [("raw", raw)]
         for gop in (int(g) for g in args.gops.split(",") if g):
-            prep = data_dir / f"prep_{w}x{h}_g{gop}_b0"
+            prep = data_dir / f"prep_{raw.name}_g{gop}_b0"      # one per source folder (real/synthetic, size)
             t = time.perf_counter()
             res = [prepare_one(Job(str(f), out_path(str(f), str(raw), str(prep)), args.short_side, gop, 0.0, 20,
                                    "veryfast", bframes=0)) for f in files]
             assert all(r["status"] != "failed" for r in res), res
-            bytes_prep = sum(f.stat().st_size for f in prep.glob("*.mp4"))
+            bytes_prep = sum(r["bytes_out"] for r in res)
             per_clip = [r["bytes_out"] / r["bytes_in"] for r in res]
             # the encode's CPU-seconds per second of source (of files done now; reused ones have none)
             done = [r for r in res if r["status"] == "done"]
@@ -323,8 +326,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "av": __import__("av").__version__,
         "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
         "release_decoder": "decord" if use_decord else "PyAV (decord not installed), default threading",
-        "clips": (f"real footage from {args.real} ({', '.join(p.name for p in real)}): up to {args.clips} 10 s pieces "
-                  "per size at the source frame rate, H.264 crf 23 with B-frames (x264 veryfast), keyframe every 250 "
+        "clips": (f"real footage from {args.real} ({', '.join(p.name for p in real)}): up to {args.clips} pieces of "
+                  f"{f'{args.real_frames} frames' if args.real_frames else '10 s'} per size at the source frame rate, H.264 crf 23 with B-frames (x264 veryfast), keyframe every 250 "
                   "(and at scene cuts)") if real else
                  (f"synthetic: {args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
                   f"(x264 veryfast), keyframe every {args.source_gop}"),
