@@ -125,3 +125,20 @@ def test_plan_argument_problems_are_one_line(tmp_path):
     for bad in (["--plan-gops", "x"], ["--plan-gops", "0,4"], ["--margin", 0], ["--cores-per-gpu", -1]):
         r = run(tmp_path / "raw", tmp_path / "out", *bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
+
+
+def test_clips_per_cpu_second_times_with_one_torch_thread():
+    # idle intra-op threads spin and count as CPU time: the timing runs as a DataLoader worker does
+    import torch
+
+    from ivfast.data.plan import clips_per_cpu_second
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        speed = clips_per_cpu_second({"a": lambda i: seen.append(torch.get_num_threads())}, 3, rounds=2)
+        assert set(seen) == {1} and len(seen) == 1 + 3 * 2 and speed["a"] > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

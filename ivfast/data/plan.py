@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .index import Entry, probe, write_list
 from .prepare import Job, is_small, out_path, prepare_one
 
@@ -91,15 +93,21 @@ def clips_per_cpu_second(fns: dict, n: int, rounds: int = 3) -> dict:
     included): 'clips/s per core', robust on a machine whose cores are shared (wall time is
     not). The functions take turns, round after round, and each keeps its best round, so a
     burst of load from another process does not land on one of them only."""
-    for fn in fns.values():
-        fn(0)                                        # warm-up
-    best = {k: 0.0 for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.process_time()
-            for i in range(n):
-                fn(i)
-            best[k] = max(best[k], n / max(1e-9, time.process_time() - t))
+    # one torch thread, as in a DataLoader worker: idle intra-op threads spin and count as CPU time
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fn in fns.values():
+            fn(0)                                        # warm-up
+        best = {k: 0.0 for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t = time.process_time()
+                for i in range(n):
+                    fn(i)
+                best[k] = max(best[k], n / max(1e-9, time.process_time() - t))
+    finally:
+        torch.set_num_threads(threads)
     return best
 
 
