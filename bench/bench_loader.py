@@ -16,6 +16,12 @@ Loaders, both in a torch DataLoader with the same workers, batch, TSN frame choi
 
     python bench/bench_loader.py                                  # 340x256, T=16,32, 1 and 2 workers
     python bench/bench_loader.py --sizes 340x256,640x360 --clips 8 --batches 4
+    # speed and disk per CPU-second on real footage (e.g. the sample videos of Debian's opencv-doc)
+    python bench/bench_loader.py --real DIR --real-frames 300 --sizes 340x256,640x360 --frames 16 --workers ""
+
+Every row carries the disk cost beside its speed: ``mb``, ``size_vs_raw`` (prepared files
+against the raw clips), ``size_vs_raw_per_clip`` (min, max) and, for prepared rows, the
+encode's CPU-seconds per source-second.
 
 Writes JSON to ``--out`` (default bench/results/loader_kinetics_cpu.json) and prints a table
 with the ratio ivfast / release for each row. Timings on a shared machine are noisy: say so

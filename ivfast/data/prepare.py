@@ -10,13 +10,12 @@ decoding (no CABAC or deblocking, ``tune=fastdecode``), which CPU decoders and N
 decode fast.
 
 ``--gop`` trades disk for decoding: with 16 TSN samples from a 10 s, 30 fps clip, a sample
-costs one keyframe plus on average (gop - 1) / 2 frames. Measured on one core
-(bench/results/loader_kinetics_cputime.json: synthetic clips, T=16, 224 crop, on a loaded
-2-core machine): gop 1 (every frame a keyframe, the default) 48-54 clips per CPU-second,
-gop 4 28-31, gop 16 15-18, whatever the source size (prepared files are 256 px high). Files:
-gop 1 is 7x / 3.5x / 1.6x the raw 340x256 / 640x360 / 1280x720 sources, gop 16 3.5x / 1.9x /
-0.6x (synthetic patterns compress unusually well between frames: expect a smaller ratio on
-real video; the summary line gives yours).
+costs one keyframe plus on average (gop - 1) / 2 frames. Without ``--gop`` the plan step
+(``ivfast.data.plan``; ``--plan`` runs it alone) measures gop 1 / 4 / 16, and keeping small
+sources as they are, on a sample of the list and takes the smallest output that still feeds
+``--clips-per-gpu`` from ``--cores-per-gpu`` cores with ``--margin``. Measured ranges over
+synthetic and real clips are in the README (bench/results/loader_*_cputime.json): at 340x256
+gop 1 files are 7.0-8.1x the sources (up to 11x per clip), gop 16 2.4-3.5x.
 
 * Parallel over processes, with a progress bar; resumable: an output is written to a
   temporary name, verified by a full decode (frame count), then renamed, so an existing
@@ -24,7 +23,8 @@ real video; the summary line gives yours).
 * The list's labels, sources and clip times are carried into ``OUT_DIR/list.csv``
   (CSV with a header, which every ivfast command reads); files that fail are left out and
   listed in ``OUT_DIR/failed.txt``.
-* A summary: files done / skipped / failed, bytes in and out, wall time.
+* A summary: files done / kept / skipped / failed, bytes in and out, wall time, and the
+  training loader's clips per CPU-second on a sample of the outputs.
 * ``--shards MB``: then pack the outputs, in list order, into uncompressed tar shards of about
   MB megabytes each (webdataset layout, ``OUT_DIR/shards/shard-NNNNNN.tar``) and write
   ``OUT_DIR/shards.csv``, whose rows give each sample's shard member and byte range: the loader
