@@ -122,9 +122,11 @@ def test_small_sources_are_kept_when_fast_enough(tmp_path):
 
 def test_plan_argument_problems_are_one_line(tmp_path):
     make_videos(tmp_path / "raw", 1, "h264b", frames=8, size=(W, H), seed=6)
-    for bad in (["--plan-gops", "x"], ["--plan-gops", "0,4"], ["--margin", 0], ["--cores-per-gpu", -1]):
+    for bad in (["--plan-gops", "x"], ["--plan-gops", "0,4"], ["--margin", 0], ["--cores-per-gpu", -1],
+                ["--config", "nope"]):
         r = run(tmp_path / "raw", tmp_path / "out", *bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
+        assert not (tmp_path / "out" / ".plan").exists()                  # no trial encodes left behind
 
 
 def test_clips_per_cpu_second_times_with_one_torch_thread():

@@ -33,7 +33,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..config import load_config
 from .index import Entry, probe, write_list
+from .loader import build_loader
 from .prepare import Job, is_small, out_path, prepare_one
 
 # Stage 1 ViT-B on an H100: batch 16 per GPU in a step predicted at 447 ms (bf16 levers on;
@@ -115,9 +117,6 @@ def loader_decoder(paths: list[str], folder: str, config: str = "stage1_vitb"):
     """(``fn(i)``, frames, crop): ``fn(i)`` is the training loader's decode of path i (the config's
     frames, crop and sampling, one decoder thread, no workers), as timed by
     :func:`clips_per_cpu_second`."""
-    from ..config import load_config
-    from .loader import build_loader
-
     os.makedirs(folder, exist_ok=True)
     lst = os.path.join(folder, "list.csv")
     write_list(lst, [Entry(p) for p in paths])
@@ -143,7 +142,7 @@ def measure(entries: list[Entry], job: Job, work_dir: str, *, gops=(1, 4, 16), f
     {src: (dst, whole file)}}, 'frames' and 'crop' timed, 'seconds': wall seconds of the plan}."""
     t0 = time.time()
     sample = sample_entries(entries, files)
-    srcs = [os.path.abspath(e.path) for e in sample]
+    srcs = list(dict.fromkeys(os.path.abspath(e.path) for e in sample))     # a file listed twice is timed once
     infos = {s: probe(s) for s in srcs}
     srcs = [s for s in srcs if infos[s].ok]          # bad files fail later, in the run, with their reason
     if not srcs:
@@ -200,9 +199,9 @@ def _share(rec: dict, info) -> float:
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'setting':<8} {'size vs sources':>15} {'clips/s per core':>17} {'prepare whole list':>19}"]
+    lines = [f"{'setting':<8} {'size vs sources':>15} {'clips/s per core':>17} {'prepare whole list (predicted)':>31}"]
     for r in rows:
-        lines.append(f"{r.setting:<8} {r.size_ratio:>14.2f}x {r.clips_per_core:>17.1f} {_duration(r.prepare_s):>19}")
+        lines.append(f"{r.setting:<8} {r.size_ratio:>14.2f}x {r.clips_per_core:>17.1f} {_duration(r.prepare_s):>31}")
     return "\n".join(lines)
 
 
@@ -268,10 +267,15 @@ def plan_for_run(args, entries: list[Entry], settings: Job, gops: list[int]) -> 
             row, why = earlier
             print(f"plan: {why} (chosen by the earlier run, {path}; --gop N to choose yourself)")
             return row.gop or row.fallback_gop, row.gop == 0, None
+    load_config(args.config)          # a wrong --config fails now, not after the trial encodes
     work = os.path.join(args.out_dir, PLAN_DIR)
     shutil.rmtree(work, ignore_errors=True)
-    m = measure(entries, settings, work, gops=gops, files=args.plan_files, seconds=args.plan_seconds,
-                config=args.config, workers=args.workers)
+    try:
+        m = measure(entries, settings, work, gops=gops, files=args.plan_files, seconds=args.plan_seconds,
+                    config=args.config, workers=args.workers)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     rows = m["rows"]
     choice, why = recommend(rows, budget)
     if choice.gop == 0:
