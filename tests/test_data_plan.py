@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +17,7 @@ except ImportError as _e:
 from ivfast.data import read_list  # noqa: E402
 from ivfast.data.plan import Budget, Row, recommend  # noqa: E402
 from ivfast.data.prepare import Job, is_small, prepare_one  # noqa: E402
+from ivfast.data.prepare import main as prepare_main  # noqa: E402
 from ivfast.data.synth import make_videos  # noqa: E402
 
 W, H, N = 96, 80, 50
@@ -71,9 +71,14 @@ def test_cut_encode_and_small_sources(tmp_path):
     assert is_small(340, 256, 30, 256, 0) and not is_small(640, 360, 30, 256, 0) and not is_small(340, 256, 30, 256, 25)
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "ivfast.data", "prepare", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def run(capsys):
+    """``python -m ivfast.data prepare ARGS`` in this process (no interpreter start per call)."""
+    def call(*args):
+        rc = prepare_main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+    return call
 
 
 def keyframes(path):
@@ -81,7 +86,7 @@ def keyframes(path):
         return [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
 
 
-def test_plan_prints_table_and_a_run_without_gop_follows_it(tmp_path):
+def test_plan_prints_table_and_a_run_without_gop_follows_it(tmp_path, run):
     make_videos(tmp_path / "raw", 3, "h264b", frames=N, size=(W, H), seed=4, fps=25, gop=250)
     out = tmp_path / "prep"
     common = ["--short-side", 40, "--plan-gops", "1,8", "--workers", 1]
@@ -109,7 +114,7 @@ def test_plan_prints_table_and_a_run_without_gop_follows_it(tmp_path):
     assert "3 already done" in again.stdout
 
 
-def test_small_sources_are_kept_when_fast_enough(tmp_path):
+def test_small_sources_are_kept_when_fast_enough(tmp_path, run):
     raw = make_videos(tmp_path / "raw", 2, "h264b", frames=N, size=(W, H), seed=5, fps=25, gop=250)
     out = tmp_path / "prep"
     r = run(tmp_path / "raw", out, "--clips-per-gpu", 0.01, "--plan-gops", "4", "--workers", 1)
@@ -120,7 +125,7 @@ def test_small_sources_are_kept_when_fast_enough(tmp_path):
     assert not list(out.rglob("*.mp4"))
 
 
-def test_plan_argument_problems_are_one_line(tmp_path):
+def test_plan_argument_problems_are_one_line(tmp_path, run):
     make_videos(tmp_path / "raw", 1, "h264b", frames=8, size=(W, H), seed=6)
     for bad in (["--plan-gops", "x"], ["--plan-gops", "0,4"], ["--margin", 0], ["--cores-per-gpu", -1],
                 ["--config", "nope"]):
