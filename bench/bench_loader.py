@@ -219,6 +219,14 @@ def _loop(loader, batches: int, next_epoch) -> float:
     return batches * clips / dt
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="340x256")
@@ -328,6 +336,7 @@ def main(argv=None) -> int:
               f"{r.get('ratio_vs_release_on_raw', '')} ({r.get('fast_rgb_ratio_vs_release_on_raw', '')})")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU only: {_cpu_model()}, {os.cpu_count()} cores visible",
         "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "av": __import__("av").__version__,
         "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
