@@ -124,7 +124,7 @@ def loader_decoder(paths: list[str], folder: str, config: str = "stage1_vitb"):
                                "data.backend=pyav", "data.num_workers=0", "data.decode_threads=1",
                                "data.verify=first", "optim.batch_per_gpu=1"])
     ds = build_loader(cfg, device="cpu").dataset
-    return (lambda i: ds.decode_one(i % len(ds), 0, 0)), cfg.data.num_frames, cfg.data.img_size
+    return (lambda i: ds.decode_one(int(ds.usable[i % len(ds.usable)]), 0, 0)), cfg.data.num_frames, cfg.data.img_size
 
 
 def sample_entries(entries: list[Entry], files: int, seed: int = 0) -> list[Entry]:
@@ -173,8 +173,8 @@ def measure(entries: list[Entry], job: Job, work_dir: str, *, gops=(1, 4, 16), f
         rows.append(Row(f"gop {g}", g, sum(r["bytes_out"] for r in mine) / max(1.0, src_bytes), 0.0,
                         cpu_full / len(mine) * n_list / max(1, min(workers, os.cpu_count() or 1))))
         outputs[g] = {r["src"]: (r["dst"], not r.get("cut")) for r in mine}
-        decoders[f"gop {g}"], frames, crop = loader_decoder([r["dst"] for r in mine], os.path.join(work_dir, f"index_gop{g}"),
-                                              config)
+        decoders[f"gop {g}"], frames, crop = loader_decoder([r["dst"] for r in mine],
+                                                            os.path.join(work_dir, f"index_gop{g}"), config)
     keep_possible = all(is_small(infos[s].width, infos[s].height, infos[s].fps, job.short_side, job.fps_cap)
                         for s in srcs)
     if keep_possible:
