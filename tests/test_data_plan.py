@@ -149,3 +149,12 @@ def test_clips_per_cpu_second_times_with_one_torch_thread():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_cut_sample_is_compared_with_its_share_of_the_source():
+    from ivfast.data.plan import _share
+
+    info = SimpleNamespace(frames=300)
+    assert _share({"cut": True, "frames_in": 75}, info) == 0.25          # first 75 of 300 frames encoded
+    assert _share({"cut": False, "frames_in": 300}, info) == 1.0
+    assert _share({"cut": True, "frames_in": 75}, SimpleNamespace(frames=0)) == 1.0    # length unknown: whole
