@@ -16,6 +16,12 @@ Loaders, both in a torch DataLoader with the same workers, batch, TSN frame choi
 
     python bench/bench_loader.py                                  # 340x256, T=16,32, 1 and 2 workers
     python bench/bench_loader.py --sizes 340x256,640x360 --clips 8 --batches 4
+    # speed and disk per CPU-second on real footage (e.g. the sample videos of Debian's opencv-doc)
+    python bench/bench_loader.py --real DIR --real-frames 300 --sizes 340x256,640x360 --frames 16 --workers ""
+
+Every row carries the disk cost beside its speed: ``mb``, ``size_vs_raw`` (prepared files
+against the raw clips), ``size_vs_raw_per_clip`` (min, max) and, for prepared rows, the
+encode's CPU-seconds per source-second.
 
 Writes JSON to ``--out`` (default bench/results/loader_kinetics_cpu.json) and prints a table
 with the ratio ivfast / release for each row. Timings on a shared machine are noisy: say so
@@ -31,6 +37,7 @@ import platform
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivfast.config import load_config  # noqa: E402
 from ivfast.data import build_index, build_loader  # noqa: E402
+from ivfast.data.plan import clips_per_cpu_second  # noqa: E402
 from ivfast.data.prepare import Job, out_path, prepare_one  # noqa: E402
 from ivfast.data.sampling import plan_clip, sample_rng  # noqa: E402
 from ivfast.data.synth import make_videos  # noqa: E402
@@ -89,21 +97,64 @@ def _size(batch) -> int:
     return (batch["video"] if isinstance(batch, dict) else batch).shape[0]
 
 
-def cpu_per_clip(fns: dict, n: int, rounds: int = 3) -> dict:
-    """Clips per CPU-second of each ``fn(i)`` in this process (FFmpeg's threads included): 'clips/s
-    per core', robust on a machine whose cores are shared (wall time is not). The functions take
-    turns, round after round, and each keeps its best round, so a burst of load from another
-    process does not land on one of them only."""
-    for fn in fns.values():
-        fn(0)                                        # warm-up
-    best = {k: 0.0 for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.process_time()
-            for i in range(n):
-                fn(i)
-            best[k] = max(best[k], n / (time.process_time() - t))
-    return best
+def kinetics_clips(sources: list[Path], out_dir: Path, size: tuple[int, int], clips: int,
+                   seconds: float = 10.0, frames: int = 0) -> list[Path]:
+    """Real footage as Kinetics-style clips: ``seconds``-long pieces (``frames`` > 0: pieces of
+    that many frames) of the ``sources`` (one piece of each source in turn, then the second of
+    each, ...; a shorter source gives one shorter piece), resized to ``size``, H.264 crf 23
+    (x264 veryfast, as the synthetic clips), a keyframe every 250 frames, B-frames, at the
+    source's frame rate."""
+    import av
+    from av.video.frame import PictureType
+
+    pieces = []
+    durations = {}
+    for src in sources:
+        with av.open(str(src)) as c:
+            s = c.streams.video[0]
+            dur = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / 1e6
+            durations[src] = (dur, float(s.average_rate or s.guessed_rate or 25))
+    per = {src: frames or int(round(seconds * fps)) for src, (_, fps) in durations.items()}
+    count = {src: max(1, int(d * fps) // per[src]) for src, (d, fps) in durations.items()}
+    for k in range(max(count.values())):
+        pieces += [(src, k) for src in sources if k < count[src]]
+    pieces = pieces[:clips]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for src in sources:
+        mine = {k for s_, k in pieces if s_ == src}
+        if not mine:
+            continue
+        fps = durations[src][1]
+        rate = Fraction(fps).limit_denominator(1001)
+        outs = {}
+        with av.open(str(src)) as inp:
+            for i, frame in enumerate(inp.decode(video=0)):
+                k = i // per[src]
+                if k > max(mine):
+                    break
+                if k not in mine:
+                    continue
+                if k not in outs:
+                    path = out_dir / f"{src.stem}_{k:03d}.mp4"
+                    c = av.open(str(path), "w")
+                    o = c.add_stream("libx264", rate=rate,
+                                     options={"preset": "veryfast", "crf": "23"})
+                    o.width, o.height, o.pix_fmt, o.gop_size = size[0], size[1], "yuv420p", 250
+                    outs[k] = (c, o, 0)
+                    paths.append(path)
+                c, o, n = outs[k]
+                f = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
+                f.pts, f.time_base = n, o.codec_context.time_base or 1 / rate
+                f.pict_type = PictureType.NONE       # else x264 copies the source's frame types
+                outs[k] = (c, o, n + 1)
+                for p in o.encode(f):
+                    c.mux(p)
+        for c, o, _ in outs.values():
+            for p in o.encode():
+                c.mux(p)
+            c.close()
+    return sorted(paths)
 
 
 def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) -> tuple[float, float, float]:
@@ -118,7 +169,7 @@ def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) 
         ds[rgb] = build_loader(cfg, device="cpu").dataset
     rel = ReleaseStyle(index, frames, use_decord=use_decord)
     n = len(index)
-    r = cpu_per_clip({"exact": lambda i: ds["exact"].decode_one(i, 0, 0),
+    r = clips_per_cpu_second({"exact": lambda i: ds["exact"].decode_one(i, 0, 0),
                       "fast": lambda i: ds["fast"].decode_one(i, 0, 0), "release": lambda i: rel[i]}, n)
     return r["exact"], r["fast"], r["release"]
 
@@ -168,12 +219,25 @@ def _loop(loader, batches: int, next_epoch) -> float:
     return batches * clips / dt
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="340x256")
     ap.add_argument("--frames", default="16,32")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--clips", type=int, default=8, help="generated clips per size")
+    ap.add_argument("--clips", type=int, default=8, help="clips per size")
+    ap.add_argument("--real", default="", metavar="DIR",
+                    help="real footage: cut the videos in DIR into Kinetics-style clips (see kinetics_clips) "
+                         "instead of generating synthetic ones")
+    ap.add_argument("--real-frames", type=int, default=0,
+                    help="with --real: pieces of this many frames (0: 10 s at the source's frame rate)")
     ap.add_argument("--source-frames", type=int, default=300, help="frames per clip (30 fps: 10 s)")
     ap.add_argument("--source-gop", type=int, default=250)
     ap.add_argument("--gops", default="1,4,16", help="keyframe intervals of the prepared copies (comma list)")
@@ -193,25 +257,38 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="ivfast_bench_"))
     rows = []
     sizes_mb: dict[str, float] = {}
+    footage = "real" if args.real else "synthetic"
+    real = sorted(p for p in Path(args.real).iterdir() if p.is_file()) if args.real else []
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
-        raw = data_dir / f"raw_{w}x{h}"
+        raw = data_dir / (f"real{args.real_frames or ''}_{w}x{h}" if real else f"raw_{w}x{h}")
         if not raw.exists():
             t = time.perf_counter()
-            make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
-                        gop=args.source_gop)
-            print(f"generated {args.clips} clips {w}x{h} x {args.source_frames} frames in "
-                  f"{time.perf_counter() - t:.1f} s", flush=True)
+            if real:
+                kinetics_clips(real, raw, (w, h), args.clips, frames=args.real_frames)
+            else:
+                make_videos(raw, args.clips, "h264b", frames=args.source_frames, size=(w, h), fps=30, seed=0,
+                            gop=args.source_gop)
+            print(f"made {args.clips} {footage} clips {w}x{h} in {time.perf_counter() - t:.1f} s", flush=True)
         files = sorted(raw.glob("*.mp4"))
         bytes_raw = sum(f.stat().st_size for f in files)
+        sizes = {"raw": {"mb": round(bytes_raw / 1e6, 3), "size_vs_raw": 1.0, "size_vs_raw_per_clip": [1.0, 1.0]}}
         sources = [("raw", raw)]
         for gop in (int(g) for g in args.gops.split(",") if g):
-            prep = data_dir / f"prep_{w}x{h}_g{gop}_b0"
+            prep = data_dir / f"prep_{raw.name}_g{gop}_b0"      # one per source folder (real/synthetic, size)
             t = time.perf_counter()
             res = [prepare_one(Job(str(f), out_path(str(f), str(raw), str(prep)), args.short_side, gop, 0.0, 20,
                                    "veryfast", bframes=0)) for f in files]
             assert all(r["status"] != "failed" for r in res), res
-            bytes_prep = sum(f.stat().st_size for f in prep.glob("*.mp4"))
+            bytes_prep = sum(r["bytes_out"] for r in res)
+            per_clip = [r["bytes_out"] / r["bytes_in"] for r in res]
+            # the encode's CPU-seconds per second of source (of files done now; reused ones have none)
+            done = [r for r in res if r["status"] == "done"]
+            src_s = sum(r["frames_in"] / r["fps"] for r in done) if done else 0.0
+            sizes[f"prepared g{gop}"] = {
+                "mb": round(bytes_prep / 1e6, 3), "size_vs_raw": round(bytes_prep / bytes_raw, 2),
+                "size_vs_raw_per_clip": [round(min(per_clip), 2), round(max(per_clip), 2)],
+                "prepare_cpu_s_per_source_s": round(sum(r["cpu_s"] for r in done) / src_s, 3) if src_s else None}
             print(f"prepared {len(files)} clips (gop {gop}) in {time.perf_counter() - t:.1f} s "
                   f"({bytes_raw / 1e6:.1f} -> {bytes_prep / 1e6:.1f} MB, {bytes_prep / bytes_raw:.1f}x)", flush=True)
             sources.append((f"prepared g{gop}", prep))
@@ -222,7 +299,8 @@ def main(argv=None) -> int:
             index = build_index(str(folder), cache_path=cache)
             for frames in (int(v) for v in args.frames.split(",")):
                 iv, fast, rel = bench_cpu(str(folder), cache, index, frames, use_decord)
-                rows.append({"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": "cpu-time",
+                rows.append({"footage": footage, "source": f"{w}x{h}", "data": kind, "frames": frames,
+                             "workers": "cpu-time", **sizes[kind],
                              "ivfast_clips_per_s": round(iv, 2), "ivfast_fast_rgb_clips_per_s": round(fast, 2),
                              "release_clips_per_s": round(rel, 2), "ratio": round(iv / rel, 2)})
                 print(f"{w}x{h} {kind:8s} T={frames:2d} per CPU-second: ivfast {iv:6.2f} (data.rgb=fast {fast:6.2f})  "
@@ -231,7 +309,8 @@ def main(argv=None) -> int:
                     rlist, rcache, rindex = repeated_list(folder, index, args.batch * (args.batches + 2) * 2)
                     iv = bench_ivfast(rlist, rcache, frames, args.batch, args.batches, workers)
                     rel = bench_release(rindex, frames, args.batch, args.batches, workers, use_decord)
-                    row = {"source": f"{w}x{h}", "data": kind, "frames": frames, "workers": workers,
+                    row = {"footage": footage, "source": f"{w}x{h}", "data": kind, "frames": frames,
+                           "workers": workers, **sizes[kind],
                            "ivfast_clips_per_s": round(iv, 2), "release_clips_per_s": round(rel, 2),
                            "ratio": round(iv / rel, 2)}
                     rows.append(row)
@@ -246,19 +325,28 @@ def main(argv=None) -> int:
                 r["fast_rgb_ratio_vs_release_on_raw"] = round(r["ivfast_fast_rgb_clips_per_s"]
                                                               / base["release_clips_per_s"], 2)
     print("\nclips/s ('cpu-time': clips per CPU-second in one process, i.e. per core; else DataLoader wall clock)")
-    print("source   data          T   workers  ivfast  (rgb=fast)  release  ratio  prepared ivfast / raw release (rgb=fast)")
+    print(f"{footage} clips; size: MB and x the raw files (per clip min-max)")
+    print("source   data          size             T   workers  ivfast  (rgb=fast)  release  ratio  "
+          "prepared ivfast / raw release (rgb=fast)")
     for r in rows:
-        print(f"{r['source']:8s} {r['data']:12s} {r['frames']:2d}  {r['workers']:>8}  {r['ivfast_clips_per_s']:6.2f}  "
+        lo, hi = r["size_vs_raw_per_clip"]
+        size = f"{r['mb']:6.1f} {r['size_vs_raw']:4.1f}x ({lo:.1f}-{hi:.1f})"
+        print(f"{r['source']:8s} {r['data']:12s}  {size:<16} {r['frames']:2d}  {r['workers']:>8}  {r['ivfast_clips_per_s']:6.2f}  "
               f"{r.get('ivfast_fast_rgb_clips_per_s', ''):>10}  {r['release_clips_per_s']:7.2f}  {r['ratio']:5.2f}  "
               f"{r.get('ratio_vs_release_on_raw', '')} ({r.get('fast_rgb_ratio_vs_release_on_raw', '')})")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU only: {_cpu_model()}, {os.cpu_count()} cores visible",
         "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "av": __import__("av").__version__,
         "commit": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip(),
         "release_decoder": "decord" if use_decord else "PyAV (decord not installed), default threading",
-        "clips": f"{args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
-                 f"(x264 veryfast), keyframe every {args.source_gop}",
+        "clips": (f"real footage from {args.real} ({', '.join(p.name for p in real)}): up to {args.clips} pieces of "
+                  f"{f'{args.real_frames} frames' if args.real_frames else '10 s'} per size at the source frame rate, H.264 crf 23 with B-frames (x264 veryfast), keyframe every 250 "
+                  "(and at scene cuts)") if real else
+                 (f"synthetic: {args.clips} per size, {args.source_frames} frames at 30 fps, H.264 with B-frames "
+                  f"(x264 veryfast), keyframe every {args.source_gop}"),
+        "footage": footage,
         "prepared": f"ivfast.data.prepare: short side {args.short_side}, keyframe every {args.gops} frames "
                     "('prepared gK' rows), no B-frames, x264 veryfast tune=fastdecode crf 20",
         "megabytes": sizes_mb,

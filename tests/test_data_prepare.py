@@ -72,3 +72,16 @@ def test_cli_data_problems_are_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "ivfast.data", *map(str, cmd)], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
+
+
+def test_prepare_gop_ignores_the_sources_frame_types(tmp_path):
+    # decoded frames carry their source picture type, which x264 takes as an order: a source
+    # keyframe every 5 frames must not become extra keyframes, nor its P-frames forbid B-frames
+    raw = make_videos(tmp_path / "raw", 1, "h264", frames=N, size=(W, H), seed=7, gop=5)
+    out = tmp_path / "prep"
+    r = run(raw[0].parent, out, "--short-side", H, "--gop", 8, "--bframes", 2, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    with av.open(read_list(out / "list.csv")[0].path) as c:
+        frames = list(c.decode(video=0))
+    assert [i for i, f in enumerate(frames) if f.key_frame] == list(range(0, N, 8))
+    assert any(int(f.pict_type) == 3 for f in frames)                   # B-frames, as asked

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return shard_main(argv[1:])
     if not argv or argv[0] != "inspect":
         print("usage: python -m ivfast.data inspect PATHS_OR_LIST [--json] [--quick] [--root DIR]\n"
-              "       python -m ivfast.data prepare LIST OUT_DIR [--short-side 256] [--gop 16] [--fps-cap F] "
+              "       python -m ivfast.data prepare LIST OUT_DIR [--plan] [--gop N] [--short-side 256] [--fps-cap F] "
               "[--shards MB]\n"
               "       python -m ivfast.data shard LIST OUT_DIR [--shard-mb 1024]",
               file=sys.stderr)

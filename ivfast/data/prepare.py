@@ -10,13 +10,12 @@ decoding (no CABAC or deblocking, ``tune=fastdecode``), which CPU decoders and N
 decode fast.
 
 ``--gop`` trades disk for decoding: with 16 TSN samples from a 10 s, 30 fps clip, a sample
-costs one keyframe plus on average (gop - 1) / 2 frames. Measured on one core
-(bench/results/loader_kinetics_cputime.json: synthetic clips, T=16, 224 crop, on a loaded
-2-core machine): gop 1 (every frame a keyframe, the default) 48-54 clips per CPU-second,
-gop 4 28-31, gop 16 15-18, whatever the source size (prepared files are 256 px high). Files:
-gop 1 is 7x / 3.5x / 1.6x the raw 340x256 / 640x360 / 1280x720 sources, gop 16 3.5x / 1.9x /
-0.6x (synthetic patterns compress unusually well between frames: expect a smaller ratio on
-real video; the summary line gives yours).
+costs one keyframe plus on average (gop - 1) / 2 frames. Without ``--gop`` the plan step
+(``ivfast.data.plan``; ``--plan`` runs it alone) measures gop 1 / 4 / 16, and keeping small
+sources as they are, on a sample of the list and takes the smallest output that still feeds
+``--clips-per-gpu`` from ``--cores-per-gpu`` cores with ``--margin``. Measured ranges over
+synthetic and real clips are in the README (bench/results/loader_*_cputime.json): at 340x256
+gop 1 files are 7.0-8.1x the sources (up to 11x per clip), gop 16 2.4-3.5x.
 
 * Parallel over processes, with a progress bar; resumable: an output is written to a
   temporary name, verified by a full decode (frame count), then renamed, so an existing
@@ -24,7 +23,8 @@ real video; the summary line gives yours).
 * The list's labels, sources and clip times are carried into ``OUT_DIR/list.csv``
   (CSV with a header, which every ivfast command reads); files that fail are left out and
   listed in ``OUT_DIR/failed.txt``.
-* A summary: files done / skipped / failed, bytes in and out, wall time.
+* A summary: files done / kept / skipped / failed, bytes in and out, wall time, and the
+  training loader's clips per CPU-second on a sample of the outputs.
 * ``--shards MB``: then pack the outputs, in list order, into uncompressed tar shards of about
   MB megabytes each (webdataset layout, ``OUT_DIR/shards/shard-NNNNNN.tar``) and write
   ``OUT_DIR/shards.csv``, whose rows give each sample's shard member and byte range: the loader
@@ -42,7 +42,8 @@ from fractions import Fraction
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from .index import DataError, Entry, read_list, write_list
+from .index import DataError, Entry, probe, read_list, write_list
+
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Job:
     crf: int
     preset: str
     bframes: int = 0        # B-frames between references; 0: every frame decodes in display order
+    max_seconds: float = 0.0   # > 0: encode only the first this many seconds (the plan's short samples)
+    keep_small: bool = False   # a source needing no downscale or frame drop is used as it is
 
 
 def out_path(entry_path: str, base: str, out_dir: str) -> str:
@@ -84,9 +87,25 @@ def kept_frames(n_in: int, fps: float, cap: float) -> list[int]:
     return out
 
 
+def is_small(width: int, height: int, fps: float, short_side: int, fps_cap: float) -> bool:
+    """Whether re-encoding would neither downscale nor drop frames (``keep`` can use it as it is)."""
+    return (short_side <= 0 or min(width, height) <= short_side) and (fps_cap <= 0 or fps <= fps_cap)
+
+
 def prepare_one(job: Job) -> dict:
-    """Re-encode one file; returns {'src', 'dst', 'status': done|skipped|failed, ...}."""
+    """Re-encode one file; returns {'src', 'dst', 'status': done|kept|skipped|failed, 'cpu_s', ...}.
+
+    ``kept`` (with ``job.keep_small``): the source is small already; ``dst`` is the source,
+    verified by a full decode, and nothing is written."""
+    t0 = time.process_time()
+    rec = _prepare_one(job)
+    # CPU seconds of this process, encoder and decoder threads included (the plan's cost estimate)
+    return {**rec, "cpu_s": time.process_time() - t0}
+
+
+def _prepare_one(job: Job) -> dict:
     import av
+    from av.video.frame import PictureType
 
     from .pyav import iter_frames
 
@@ -95,6 +114,10 @@ def prepare_one(job: Job) -> dict:
         rec["bytes_in"] = os.path.getsize(job.src)
     except OSError as e:
         return {**rec, "status": "failed", "error": f"missing: {e}"}
+    if job.keep_small:
+        kept = _keep(job, rec)
+        if kept is not None:
+            return kept
     if os.path.exists(job.dst):
         # finished earlier: its frame count is the one it was verified with (our mp4 header lists
         # it exactly), so a rerun describes it as the first run did (shard metadata stays the same)
@@ -124,7 +147,10 @@ def prepare_one(job: Job) -> dict:
                 size = None
                 n_in = n_out = 0
                 last_tick = -1
+                last_in = int(job.max_seconds * fps) if job.max_seconds > 0 else -1
                 for frame in iter_frames(inp, s):
+                    if n_in == last_in:
+                        break
                     if size is None:
                         size = target_size(frame.width, frame.height, job.short_side)
                         o.width, o.height = size
@@ -136,6 +162,8 @@ def prepare_one(job: Job) -> dict:
                         last_tick = tick
                     f = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA")
                     f.pts, f.time_base = n_out, o.codec_context.time_base or Fraction(1, 25)
+                    # the source's picture type rides along and x264 obeys it (extra keyframes, no B-frames)
+                    f.pict_type = PictureType.NONE
                     n_out += 1
                     for p in o.encode(f):
                         out.mux(p)
@@ -149,7 +177,8 @@ def prepare_one(job: Job) -> dict:
         if got != n_out:
             raise ValueError(f"verification: {got} of {n_out} written frames decode")
         os.replace(tmp, job.dst)
-        return {**rec, "status": "done", "frames": n_out, "frames_in": n_in, "bytes_out": os.path.getsize(job.dst),
+        return {**rec, "status": "done", "frames": n_out, "frames_in": n_in, "cut": n_in == last_in,
+                "bytes_out": os.path.getsize(job.dst),
                 "size": list(size), "fps": out_fps}
     except Exception as e:
         try:
@@ -159,15 +188,43 @@ def prepare_one(job: Job) -> dict:
         return {**rec, "status": "failed", "error": f"{type(e).__name__}: {e}"}
 
 
+def _keep(job: Job, rec: dict) -> dict | None:
+    """The source itself as the output when it is small already (None: it needs a re-encode)."""
+    info = probe(job.src)
+    if not info.ok or not is_small(info.width, info.height, info.fps, job.short_side, job.fps_cap):
+        return None          # a bad file fails in the re-encode with its own message
+    full = probe(job.src, full=True)      # the verification a re-encoded output gets: every frame decodes
+    if not full.ok:
+        return {**rec, "status": "failed", "error": f"{full.error}: {full.detail}"}
+    return {**rec, "dst": job.src, "status": "kept", "frames": full.frames, "bytes_out": rec["bytes_in"],
+            "size": [full.width, full.height], "fps": full.fps}
+
+
 def main(argv: list[str] | None = None) -> int:
+    # the plan builds on this module (it encodes with prepare_one), hence imported here
+    from .plan import (DEFAULT_CLIPS_PER_GPU, DEFAULT_CORES_PER_GPU, DEFAULT_MARGIN, adopt_outputs,
+                       measure_outputs, plan_for_run, remove_work)
+
     ap = argparse.ArgumentParser(prog="python -m ivfast.data prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("list", help="list file (CSV/TSV/released format) or a directory of videos")
     ap.add_argument("out_dir")
     ap.add_argument("--root", default="", help="prefix for relative paths in the list")
     ap.add_argument("--short-side", type=int, default=256, help="short side in pixels (never upscaled); 0 keeps the size")
-    ap.add_argument("--gop", type=int, default=1,
-                    help="a keyframe every this many frames (1: all-intra, fastest; larger: smaller files)")
+    ap.add_argument("--gop", type=int, default=None,
+                    help="a keyframe every this many frames (1: all-intra, fastest; larger: smaller files); "
+                         "default: the plan's choice")
+    ap.add_argument("--plan", action="store_true", help="measure the candidates, print the table and the "
+                    "recommendation, and stop")
+    ap.add_argument("--clips-per-gpu", type=float, default=DEFAULT_CLIPS_PER_GPU,
+                    help="clips/s one GPU trains on (default: stage 1 ViT-B's predicted H100 rate)")
+    ap.add_argument("--cores-per-gpu", type=float, default=DEFAULT_CORES_PER_GPU, help="CPU cores per GPU")
+    ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                    help="the chosen setting must give this many times the clips per core needed")
+    ap.add_argument("--plan-files", type=int, default=24, help="files the plan samples")
+    ap.add_argument("--plan-seconds", type=float, default=10.0, help="seconds of each sampled file it encodes")
+    ap.add_argument("--plan-gops", default="1,4,16", help="GOPs the plan tries (comma list)")
+    ap.add_argument("--config", default="stage1_vitb", help="preset (or YAML) whose frames and crop the plan times")
     ap.add_argument("--bframes", type=int, default=0, help="x264 B-frames between references (0: none)")
     ap.add_argument("--fps-cap", type=float, default=0.0, help="drop frames above this rate (0: keep all)")
     ap.add_argument("--crf", type=int, default=20, help="x264 quality (lower = better, larger)")
@@ -176,8 +233,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="then pack the outputs into tar shards of about MB megabytes (0: no shards)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes")
     args = ap.parse_args(argv)
-    if args.gop < 1:
+    if args.gop is not None and args.gop < 1:
         print("error: --gop must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        plan_gops = [int(g) for g in args.plan_gops.split(",") if g.strip()]
+    except ValueError:
+        plan_gops = []
+    if not plan_gops or min(plan_gops) < 1:
+        print(f"error: --plan-gops must be a comma list of GOPs >= 1, got {args.plan_gops!r}", file=sys.stderr)
+        return 2
+    if min(args.clips_per_gpu, args.cores_per_gpu, args.margin, args.plan_files, args.plan_seconds) <= 0:
+        print("error: --clips-per-gpu, --cores-per-gpu, --margin, --plan-files and --plan-seconds must be > 0",
+              file=sys.stderr)
         return 2
     if args.bframes < 0:
         print(f"error: --bframes must be >= 0, got {args.bframes}", file=sys.stderr)
@@ -192,8 +260,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = args.root or os.path.commonpath([os.path.dirname(os.path.abspath(e.path)) for e in entries])
     os.makedirs(args.out_dir, exist_ok=True)
-    jobs = [Job(os.path.abspath(e.path), out_path(e.path, base, args.out_dir), args.short_side, args.gop,
-                args.fps_cap, args.crf, args.preset, args.bframes) for e in entries]
+    settings = Job("", "", args.short_side, 1, args.fps_cap, args.crf, args.preset, args.bframes)
+    gop, keep, planned, adopted = args.gop, False, None, set()
+    if gop is None or args.plan:
+        try:
+            gop, keep, planned = plan_for_run(args, entries, settings, plan_gops)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.plan:
+            return 0
+    jobs = [Job(os.path.abspath(e.path), out_path(e.path, base, args.out_dir), args.short_side, gop,
+                args.fps_cap, args.crf, args.preset, args.bframes, keep_small=keep) for e in entries]
+    if planned is not None:
+        if not keep:        # keeping: the sources are the outputs, not the plan's fallback encodes
+            adopted = adopt_outputs(planned, gop, jobs)
+        remove_work(args.out_dir)
     t0 = time.time()
     from tqdm import tqdm
 
@@ -211,12 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out_dir, "failed.txt"), "w") as f:
         for r in failed:
             f.write(f"{r['src']}\t{r['error']}\n")
-    n = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "failed")}
+    n = {s: sum(r["status"] == s for r in results) for s in ("done", "kept", "skipped", "failed")}
     b_in = sum(r["bytes_in"] for r in results if r["status"] != "failed")
     b_out = sum(r["bytes_out"] for r in results)
-    print(f"prepared {len(results)} files in {wall:.1f} s: {n['done']} done, {n['skipped']} already done, "
-          f"{n['failed']} failed; {b_in / 1e6:.1f} MB in -> {b_out / 1e6:.1f} MB out "
-          f"({b_out / max(1, b_in):.2f}x); list {os.path.join(args.out_dir, 'list.csv')}")
+    kept = f"{n['kept']} kept as they are (no re-encode), " if n["kept"] else ""
+    # the plan's whole-file encodes at the chosen GOP were moved into place before the run
+    n["plan"] = sum(r["status"] == "skipped" and r["dst"] in adopted for r in results)
+    plan = f"{n['plan']} encoded by the plan, " if n["plan"] else ""
+    print(f"prepared {len(results)} files in {wall:.1f} s: {n['done']} done, {kept}{plan}"
+          f"{n['skipped'] - n['plan']} already done, "
+          f"{n['failed']} failed; {b_in:,} bytes in -> {b_out:,} bytes out ({b_in / 1e6:.1f} -> {b_out / 1e6:.1f} MB, "
+          f"{b_out / max(1, b_in):.2f}x); list {os.path.join(args.out_dir, 'list.csv')}")
+    if ok:
+        print(measure_outputs([r["dst"] for _, r in ok], args.out_dir, args.config))
     for r in failed[:10]:
         print(f"  failed: {r['src']}: {r['error']}", file=sys.stderr)
     if args.shards > 0 and ok:
