@@ -196,31 +196,33 @@ class DiffusionDecoder(nn.Module):
         dev = device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.input_proj.weight.dtype
 
-    @torch.compiler.disable   # a compiled model graph-breaks here and runs the kernels as they are
     def forward_triton(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """Same maths on ``ivfast.kernels.diffusion_mlp`` (cuBLAS GEMMs + Triton row kernels).
 
         Everything runs in :meth:`compute_dtype` (weights cast once per call, their gradients flow
         back to the fp32 parameters through the cast). The input (588) and output (1176) widths
         are zero-padded to multiples of 8 so every GEMM row is 16-byte aligned; the padding costs
-        about 1 % more FLOPs in those two layers and nothing anywhere else.
+        about 1 % more FLOPs in those two layers and nothing anywhere else. It sets its precision
+        without touching global state (explicit casts, autocast off, the ops' ``ieee`` flag for
+        dtype fp32, which holds for their backward too), so torch.compile traces it whole.
         """
         from ivfast.kernels import diffusion_mlp as K
         dev = x.device.type
         dt = self.compute_dtype(x.device)
+        ieee = self.dtype == "fp32"
         with torch.autocast(dev, enabled=False):
             cast = lambda p: p.to(dt)
             te = timestep_embedding(t, self.time_embed.freq_dim).to(dt)
             tm = self.time_embed.mlp
-            te = K.linear(K.linear(te, cast(tm[0].weight), cast(tm[0].bias), act="silu"),
-                          cast(tm[2].weight), cast(tm[2].bias))
-            c = te + K.linear(z.to(dt), cast(self.cond_embed.weight), cast(self.cond_embed.bias))
+            te = K.linear(K.linear(te, cast(tm[0].weight), cast(tm[0].bias), act="silu", ieee=ieee),
+                          cast(tm[2].weight), cast(tm[2].bias), ieee=ieee)
+            c = te + K.linear(z.to(dt), cast(self.cond_embed.weight), cast(self.cond_embed.bias), ieee=ieee)
             pad_in = _pad8(self.target_dim)
             w_in = cast(self.input_proj.weight)
             xin = x.to(dt)
             if pad_in:           # zero columns in both operands: the same product, aligned rows
                 w_in, xin = F.pad(w_in, (0, pad_in)), F.pad(xin, (0, pad_in))
-            h = K.linear(xin, w_in, cast(self.input_proj.bias))
+            h = K.linear(xin, w_in, cast(self.input_proj.bias), ieee=ieee)
             adas = [blk.adaLN_modulation[1] for blk in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
             blocks = [(cast(b.in_ln.weight), cast(b.in_ln.bias), cast(b.mlp[0].weight), cast(b.mlp[0].bias),
                        cast(b.mlp[2].weight), cast(b.mlp[2].bias)) for b in self.res_blocks]
@@ -230,7 +232,8 @@ class DiffusionDecoder(nn.Module):
                 w_out, b_out = F.pad(w_out, (0, 0, 0, pad_out)), F.pad(b_out, (0, pad_out))
             # cast each block's weights, then concatenate: no full-size fp32 copy per call
             out = K.adaln_trunk(h, c, torch.cat([cast(a.weight) for a in adas]),
-                                torch.cat([cast(a.bias) for a in adas]), blocks, w_out, b_out, eps=LN_EPS)
+                                torch.cat([cast(a.bias) for a in adas]), blocks, w_out, b_out, eps=LN_EPS,
+                                ieee=ieee)
             return out[:, :self.out_dim] if pad_out else out
 
     def _forward_eager(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
@@ -242,32 +245,64 @@ class DiffusionDecoder(nn.Module):
             return DiffusionDecoder._compiled_reference(self, x, t, z)
         return self.forward_reference(x, t, z)
 
-    def _forward_impl(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        if self.impl == "triton":
-            ok, why = _triton_runnable(x.device)
-            if ok:
-                return self.forward_triton(x, t, z)
-            if not self._warned:
-                warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
-                              stacklevel=3)
-                self._warned = True
-        if self.dtype == "fp32":   # eager / compile: fp32 maths on fp32 inputs (autocast is off)
-            x, z = x.float(), z.float()
-        return self._forward_eager(x, t, z)
-
-    @torch.compiler.disable   # flips autocast / TF32 state: not something to trace into a graph
-    def _forward_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+    @torch.compiler.disable   # flips autocast / TF32 state around eager autograd: not traceable
+    def _forward_eager_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         with decoder_precision(self.dtype, x.device):
-            return self._forward_impl(x, t, z)
+            if self.dtype != "fp32":
+                return self._forward_eager(x, t, z)
+            x, z = x.float(), z.float()      # fp32 maths on fp32 inputs (autocast is off)
+            params = [p for p in self.parameters() if p.requires_grad]
+            if not (torch.is_grad_enabled() and (x.requires_grad or z.requires_grad or params)):
+                return self._forward_eager(x, t, z)
+            return _IEEEBackward.apply(lambda x_, z_: self._forward_eager(x_, t, z_), x, z, *params)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         self._check(x, t, z)
         if self.dtype not in self.DTYPES:
             raise ValueError(f"DiffusionDecoder dtype={self.dtype!r}: choose one of {self.DTYPES} "
                              "(model.decoder.dtype)")
+        if self.impl == "triton":
+            ok, why = _triton_runnable(x.device)
+            if ok:
+                return self.forward_triton(x, t, z)     # sets its own precision, traceable
+            if not self._warned:
+                warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
+                              stacklevel=2)
+                self._warned = True
         if self.dtype == "auto":    # the default: no state to switch, nothing hidden from torch.compile
-            return self._forward_impl(x, t, z)
-        return self._forward_with_precision(x, t, z)
+            return self._forward_eager(x, t, z)
+        return self._forward_eager_with_precision(x, t, z)
+
+
+class _IEEEBackward(torch.autograd.Function):
+    """``fn(x, z)`` as one autograd node whose backward runs with IEEE fp32 matmuls (TF32 off).
+
+    ``decoder_precision`` turns TF32 off only while the forward runs; autograd runs the backward
+    later, under the global setting (TF32 on in training). So the forward keeps its own graph
+    (built under ``enable_grad`` on detached inputs) and the backward runs it with TF32 off, as
+    reentrant activation checkpointing does (without the recompute):
+    parameter gradients accumulate in that inner backward, input gradients are returned. The
+    parameters are inputs only so that this node exists when they alone need a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, x, z, *params):
+        leaves = [x.detach().requires_grad_(x.requires_grad), z.detach().requires_grad_(z.requires_grad)]
+        with torch.enable_grad():
+            out = fn(*leaves)
+        ctx.graph = (leaves, out)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        leaves, out = ctx.graph
+        del ctx.graph                        # one backward, like the graph it replays
+        old = _set_tf32(False)
+        try:
+            torch.autograd.backward(out, dout)
+        finally:
+            _set_tf32(old)
+        return (None, *(t.grad for t in leaves), *(None for _ in ctx.needs_input_grad[3:]))
 
 
 def _pad8(n: int) -> int:
