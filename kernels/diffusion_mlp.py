@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ln_modulate", "residual_ln_modulate", "ln_modulate_backward", "gate_backward", "dsilu_backward",
            "linear", "adaln_trunk", "ieee_fp32_matmuls", "ln_modulate_reference", "adaln_trunk_reference",
@@ -482,6 +483,18 @@ def _linear_backward(ctx, dy, _du):
 torch.library.register_autograd("ivfast::decoder_linear", _linear_backward, setup_context=_linear_setup_context)
 
 
+# FLOP formulas (2*M*N*K per GEMM the op runs), so FlopCounterMode, which cannot see inside a
+# custom op, still counts the decoder's GEMMs (shapes only: it works on fake tensors too).
+@register_flop_formula(torch.ops.ivfast.decoder_linear)
+def _(x, w, b, silu, ieee, keep, out_shape=None, **kwargs) -> int:
+    return 2 * x[0] * x[1] * w[0]
+
+
+@register_flop_formula(torch.ops.ivfast.decoder_linear_backward)
+def _(dy, x, w, u, silu, need_x, need_w, need_b, ieee, out_shape=None, **kwargs) -> int:
+    return 2 * x[0] * x[1] * w[0] * (int(need_x) + int(need_w))
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, act: str | None = None, ieee: bool = False) -> Tensor:
     """``act(x @ w^T + b)``, act None or SiLU, on cuBLAS; all inputs share one dtype. ``ieee``: its
     fp32 GEMMs run without TF32, forward and backward."""
@@ -704,6 +717,21 @@ def _trunk_backward(ctx, dout, _dada, _dkept):
 
 
 torch.library.register_autograd("ivfast::adaln_trunk", _trunk_backward, setup_context=_trunk_setup_context)
+
+
+@register_flop_formula(torch.ops.ivfast.adaln_trunk)
+def _(x, c, ada_w, ada_b, final_w, final_b, block_params, eps, ieee, keep, out_shape=None, **kwargs) -> int:
+    (M, W), D = x, len(block_params) // 6
+    return 2 * M * W * (ada_w[0] + 2 * D * W + final_w[0])
+
+
+@register_flop_formula(torch.ops.ivfast.adaln_trunk_backward)
+def _(dout, c, ada, ada_w, final_w, x_last, saved, params, eps, need, ieee, out_shape=None, **kwargs) -> int:
+    (M, W), D = x_last, len(params) // 6
+    final = final_w[0] * W * (1 + need[4])                          # d(hf), d(final_w)
+    blocks = sum(W * W * (2 + need[6 + 6 * i + 2] + need[6 + 6 * i + 4]) for i in range(D))   # da, dh, dW1, dW2
+    adaln = ada_w[0] * W * (need[1] + need[2])                      # d(SiLU(c)), d(ada_w)
+    return 2 * M * (final + blocks + adaln)
 
 def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
                 final_w: Tensor, final_b: Tensor, eps: float = 1e-6, ieee: bool = False) -> Tensor:

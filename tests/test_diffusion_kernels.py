@@ -630,3 +630,26 @@ def test_decoder_runs_on_fake_tensors_at_stage1_size(dtype):
         assert z.grad.shape == z.shape
         assert all(p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == torch.float32
                    for p in net.parameters())
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_flop_counter_counts_the_custom_ops_like_the_eager_gemms(frozen):
+    """FlopCounterMode cannot look inside a custom op: the ops' FLOP formulas give it the GEMMs
+    they run, equal to the eager module's count (fwd + bwd; widths need no padding here), with
+    frozen layers' weight gradients left out as the ops leave them out."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    base = DiffusionDecoder(target_dim=16, cond_dim=24, width=40, depth=2, learn_sigma=True).to(DEV)
+    if frozen:
+        for n, p in base.named_parameters():
+            p.requires_grad_(not (n.startswith("res_blocks.0.mlp") or "adaLN" in n or n.startswith("cond_embed")))
+    x, t = torch.randn(11, 16, device=DEV), torch.randint(0, 1000, (11,), device=DEV)
+    counts = []
+    for impl in ("eager", "triton"):
+        net = copy.deepcopy(base)
+        net.impl = impl
+        z = torch.randn(11, 24, device=DEV, requires_grad=True)
+        with FlopCounterMode(display=False) as fc:
+            net(x, t, z).sum().backward()
+        counts.append(fc.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0], counts
