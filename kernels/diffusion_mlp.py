@@ -668,7 +668,7 @@ def _(x, c, ada_w, ada_b, final_w, final_b, block_params, eps, ieee, keep):
     out = x.new_empty((M, final_w.shape[0]))
     if not keep:
         return out, x.new_empty((0,)), []
-    return out, x.new_empty((M, ada_w.shape[0])), [x.new_empty((M, W)) for _ in block_params[: 3 * (len(block_params) // 6)]]
+    return out, x.new_empty((M, ada_w.shape[0])), [x.new_empty((M, W)) for _ in range(3 * (len(block_params) // 6))]
 
 
 @torch.library.custom_op("ivfast::adaln_trunk_backward", mutates_args=())

@@ -70,10 +70,12 @@ def _decoder(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "eager"])
-def test_fp32_decoder_gemms_have_tf32_off_in_forward_and_backward(impl, tf32_on):
+@pytest.mark.parametrize("z_grad", [True, False])
+def test_fp32_decoder_gemms_have_tf32_off_in_forward_and_backward(impl, z_grad, tf32_on):
+    """z_grad=False: only the parameters need a gradient (a frozen predictor)."""
     net = _decoder(impl)
     x, t = torch.randn(9, 13), torch.randint(0, 1000, (9,))
-    z = torch.randn(9, 20, requires_grad=True)
+    z = torch.randn(9, 20, requires_grad=z_grad)
     rec = GemmRecorder()
     with rec:
         with torch.autocast("cpu", dtype=torch.bfloat16):      # the step's autocast, as on a GPU
@@ -86,7 +88,7 @@ def test_fp32_decoder_gemms_have_tf32_off_in_forward_and_backward(impl, tf32_on)
     assert len(fwd) >= 9 and len(bwd) >= len(fwd), rec.seen
     assert all(p == "ieee" for _, _, p in rec.seen), [s for s in rec.seen if s[2] != "ieee"]
     assert fp32_precision() == "tf32"              # restored after backward
-    assert z.grad is not None and all(p.grad is not None for p in net.parameters())
+    assert (z.grad is not None) == z_grad and all(p.grad is not None for p in net.parameters())
 
 
 @pytest.mark.parametrize("impl", ["triton", "eager"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from typing import Callable
 
@@ -245,17 +246,17 @@ class DiffusionDecoder(nn.Module):
             return DiffusionDecoder._compiled_reference(self, x, t, z)
         return self.forward_reference(x, t, z)
 
-    @torch.compiler.disable   # flips autocast / TF32 state around eager autograd: not traceable
+    @torch.compiler.disable   # flips autocast / TF32 state, and hooks autograd nodes: not traceable
     def _forward_eager_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         with decoder_precision(self.dtype, x.device):
             if self.dtype != "fp32":
                 return self._forward_eager(x, t, z)
             x, z = x.float(), z.float()      # fp32 maths on fp32 inputs (autocast is off)
-            params = [p for p in self.parameters() if p.requires_grad]
-            if not (torch.is_grad_enabled() and (x.requires_grad or z.requires_grad or params)):
-                return self._forward_eager(x, t, z)
-            return _IEEEBackward.apply(lambda x_, z_: self._forward_eager(x_, t, z_), x, z, *params)
-
+            first = torch._C._autograd._get_sequence_nr()
+            out = self._forward_eager(x, t, z)
+            if out.grad_fn is not None:
+                _tf32_off_in_backward(out.grad_fn, first, torch._C._autograd._get_sequence_nr())
+            return out
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         self._check(x, t, z)
         if self.dtype not in self.DTYPES:
@@ -274,35 +275,47 @@ class DiffusionDecoder(nn.Module):
         return self._forward_eager_with_precision(x, t, z)
 
 
-class _IEEEBackward(torch.autograd.Function):
-    """``fn(x, z)`` as one autograd node whose backward runs with IEEE fp32 matmuls (TF32 off).
+class _TF32Off:
+    """TF32 off while at least one of the autograd nodes it hooks runs (a count, because the
+    engine runs CPU and CUDA nodes on different threads); the setting before is restored after."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._old = None
+
+    def enter(self, *_) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._old = _set_tf32(False)
+            self._running += 1
+
+    def exit(self, *_) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                _set_tf32(self._old)
+
+
+def _tf32_off_in_backward(root, first: int, end: int) -> None:
+    """Hook every autograd node of ``root``'s graph created in [first, end) (autograd's sequence
+    numbers, per thread, in creation order) so that its backward runs with TF32 off.
 
     ``decoder_precision`` turns TF32 off only while the forward runs; autograd runs the backward
-    later, under the global setting (TF32 on in training). So the forward keeps its own graph
-    (built under ``enable_grad`` on detached inputs) and the backward runs it with TF32 off, as
-    reentrant activation checkpointing does (without the recompute):
-    parameter gradients accumulate in that inner backward, input gradients are returned. The
-    parameters are inputs only so that this node exists when they alone need a gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, x, z, *params):
-        leaves = [x.detach().requires_grad_(x.requires_grad), z.detach().requires_grad_(z.requires_grad)]
-        with torch.enable_grad():
-            out = fn(*leaves)
-        ctx.graph = (leaves, out)
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, dout):
-        leaves, out = ctx.graph
-        del ctx.graph                        # one backward, like the graph it replays
-        old = _set_tf32(False)
-        try:
-            torch.autograd.backward(out, dout)
-        finally:
-            _set_tf32(old)
-        return (None, *(t.grad for t in leaves), *(None for _ in ctx.needs_input_grad[3:]))
+    later, under the global setting (TF32 on in training). Hooks on the region's own nodes scope
+    exactly its backward GEMMs, and the rest of the backward keeps the global setting."""
+    scope = _TF32Off()
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if not first <= node._sequence_nr() < end:   # made before the region, or a leaf's accumulator
+            continue
+        node.register_prehook(scope.enter)
+        node.register_hook(scope.exit)
+        todo.extend(n for n, _ in node.next_functions)
 
 
 def _pad8(n: int) -> int:
