@@ -653,3 +653,23 @@ def test_flop_counter_counts_the_custom_ops_like_the_eager_gemms(frozen):
             net(x, t, z).sum().backward()
         counts.append(fc.get_total_flops())
     assert counts[0] > 0 and counts[1] == counts[0], counts
+
+
+@pytest.mark.slow
+def test_compiled_stage1_model_traces_through_the_decoder():
+    """The whole demo stage-1 model under dynamo: the decoder (fp32, the stage-1 default) lands in
+    a graph as its custom ops, and no graph break comes from inside it (the model's other breaks,
+    in masking and seeding, are not the decoder's)."""
+    from ivfast.config import load_config
+    from ivfast.models import build_model
+    torch.manual_seed(0)
+    cfg = load_config("demo", ["model.attn_backend=sdpa", "model.decoder.impl=triton", "model.decoder.dtype=fp32"])
+    model = build_model(cfg).to(DEV)
+    video = torch.randint(0, 256, (2, 3, 4, 56, 56), dtype=torch.uint8, device=DEV)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(video, 3)
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count("ivfast.adaln_trunk.default") == 1 and ops.count("ivfast.decoder_linear.default") == 4, ops
+    in_decoder = [(r.reason, fs.lineno) for r in explained.break_reasons for fs in r.user_stack
+                  if fs.filename.endswith("diffusion.py")]
+    assert not in_decoder, in_decoder

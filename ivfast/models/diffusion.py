@@ -19,6 +19,7 @@ Three parts, each readable on its own:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -33,7 +34,7 @@ from torch import Tensor
 from ivfast.config import DecoderConfig
 
 __all__ = [
-    "DiffusionDecoder", "GaussianDiffusion", "DiffusionLoss", "decoder_flops",
+    "DiffusionDecoder", "GaussianDiffusion", "DiffusionLoss", "decoder_flops", "decoder_autocast",
     "timestep_embedding", "cosine_betas", "linear_betas", "space_timesteps",
 ]
 
@@ -321,6 +322,17 @@ def _tf32_off_in_backward(root, first: int, end: int) -> None:
 def _pad8(n: int) -> int:
     """Zero columns that bring a GEMM dimension of ``n`` to a multiple of 8 (16 bytes in bf16)."""
     return -n % 8
+
+
+def decoder_autocast(mode: str, device: torch.device):
+    """The autocast half of :class:`decoder_precision`, for the code around a decoder call (the
+    diffusion loss maths): ``"fp32"`` off, ``"bf16"`` on, ``"auto"`` unchanged. It switches no
+    global TF32 state, so torch.compile traces it; the decoder keeps its own GEMMs off TF32."""
+    if mode == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class decoder_precision:
