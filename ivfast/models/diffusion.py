@@ -258,6 +258,7 @@ class DiffusionDecoder(nn.Module):
             if out.grad_fn is not None:
                 _tf32_off_in_backward(out.grad_fn, first, torch._C._autograd._get_sequence_nr())
             return out
+
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         self._check(x, t, z)
         if self.dtype not in self.DTYPES:
