@@ -81,8 +81,8 @@ class DecoderConfig:
     norm_pix: bool = False              # per-patch normalised targets (MAE norm_pix_loss)
     impl: KernelImpl = "triton"
     # precision of the decoder MLP + diffusion loss: "fp32" = released (fp32 autocast, TF32 off for
-    # that region; the step's bf16 autocast is suspended around it), "bf16" = faster (bf16 autocast
-    # around the decoder, on CPU too)
+    # the decoder's GEMMs in forward and backward; the step's bf16 autocast is suspended around
+    # it), "bf16" = faster (bf16 autocast around the decoder, on CPU too)
     dtype: Literal["fp32", "bf16"] = "fp32"
 
 

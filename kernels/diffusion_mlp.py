@@ -25,30 +25,60 @@ memory-bound work next to them lives in a few Triton row / pointwise kernels, ea
   block input x, u and h2 (+ the shared adaLN output), no more than eager autograd keeps.
 * frozen parameters (``requires_grad=False``) get no weight-gradient GEMM (``ctx.needs_input_grad``).
 
-Autograd Functions: :class:`LinearFn` (Linear with optional SiLU, for the small input/time/cond
-layers) and :class:`AdaLNTrunkFn` (all residual blocks + the final layer, hand-written backward that
-takes the adaLN gradient block by block: only a [rows, 3W] slice of it is alive at a time).
+Custom ops (``torch.library``, as the token ops): :func:`linear` (Linear with optional SiLU, for
+the small input/time/cond layers) and :func:`adaln_trunk` (all residual blocks + the final layer,
+hand-written backward that takes the adaLN gradient block by block: only a [rows, 3W] slice of it
+is alive at a time), each a forward op and a backward op with fake implementations, so
+torch.compile traces through the decoder and fake tensors run it. Their ``ieee`` flag keeps the
+op's fp32 GEMMs off TF32 in both directions (the fp32 decoder).
 ``*_reference`` functions are the plain PyTorch definitions the tests compare against. Kernels know
 nothing of modules: ``ivfast.models.diffusion`` wires parameters in (and pads 588 -> 592,
 1176 -> 1184 so every GEMM operand row is 16-byte aligned).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ln_modulate", "residual_ln_modulate", "ln_modulate_backward", "gate_backward", "dsilu_backward",
-           "linear", "adaln_trunk", "LinearFn", "AdaLNTrunkFn", "ln_modulate_reference", "adaln_trunk_reference",
+           "linear", "adaln_trunk", "ieee_fp32_matmuls", "ln_modulate_reference", "adaln_trunk_reference",
            "weight_grad"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # =========================================================================== GEMMs (cuBLAS)
+@contextlib.contextmanager
+def ieee_fp32_matmuls(on: bool = True) -> Iterator[None]:
+    """Inside, fp32 CUDA matmuls run in IEEE fp32 (TF32 off) when ``on``; the previous setting is
+    restored on exit. Uses the ``fp32_precision`` API where torch has it (reading the legacy flag
+    raises once the new one was set)."""
+    if not on:
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    new_api = hasattr(m, "fp32_precision")
+    old = m.fp32_precision if new_api else m.allow_tf32
+    if new_api:
+        m.fp32_precision = "ieee"
+    else:
+        m.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if new_api:
+            m.fp32_precision = old
+        else:
+            m.allow_tf32 = old
+
+
 def _linear_fwd(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x @ w^T + b`` through cuBLAS(Lt): addmm with a 1-D bias takes the bias epilogue."""
     return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
@@ -376,36 +406,100 @@ def dsilu_backward(da: Tensor, u: Tensor, store_act: bool = True, colsum: bool =
 
 
 # =========================================================================== Linear (+SiLU)
-class LinearFn(torch.autograd.Function):
-    """``y = act(x @ w^T + b)``, act None or SiLU, on cuBLAS. All inputs share one dtype."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, act: str | None):
-        u = _linear_fwd(x, w, b)
-        ctx.act, ctx.has_bias = act, b is not None
-        if act == "silu":
-            ctx.save_for_backward(x, w, u)
-            return torch.nn.functional.silu(u)
-        ctx.save_for_backward(x, w, None)
-        return u
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, w, u = ctx.saved_tensors
-        dy = dy.contiguous()
-        want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias
-        db = None
-        if ctx.act == "silu":
-            dy, db = dsilu_backward(dy, u, store_act=False, colsum=True)
-            db = db.to(dy.dtype) if want_b else None
-        elif want_b:
-            db = _column_sum(dy)
-        dx = torch.mm(dy, w) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(dy, x) if want_w else None     # frozen layer: no weight GEMM
-        return dx, dw, db, None
+def _linear_launch(x: Tensor, w: Tensor, b: Tensor | None, silu: bool, keep: bool) -> tuple[Tensor, Tensor]:
+    """``(act(x @ w^T + b), u)``; u (the pre-activation, for the SiLU backward) only when
+    ``silu and keep``, else an empty tensor."""
+    u = _linear_fwd(x, w, b)
+    if not silu:
+        return u, u.new_empty((0,))
+    if keep:
+        return torch.nn.functional.silu(u), u
+    return torch.nn.functional.silu(u, inplace=True), u.new_empty((0,))
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None, act: str | None = None) -> Tensor:
+def _linear_backward_launch(dy: Tensor, x: Tensor, w: Tensor, u: Tensor, silu: bool, need_x: bool,
+                            need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) of :func:`linear`; an empty tensor for each one not asked for."""
+    dy = dy.contiguous()
+    db = None
+    if silu:
+        dy, db = dsilu_backward(dy, u, store_act=False, colsum=True)
+        db = db.to(dy.dtype)
+    elif need_b:
+        db = _column_sum(dy)
+    none = lambda: dy.new_empty((0,))       # a new one each time: op outputs must not alias
+    dx = torch.mm(dy, w) if need_x else none()
+    dw = weight_grad(dy, x) if need_w else none()     # frozen layer: no weight GEMM
+    return dx, dw, (db if need_b else none())
+
+
+# The forward and backward launchers are torch.library custom ops, as the token ops: torch.compile
+# and fake tensors see opaque ops with known output shapes (no graph break, no Triton launch
+# traced), and autograd is registered on the forward op. ``ieee`` scopes the op's own GEMMs to
+# IEEE fp32 (TF32 off) in forward AND backward: the caller's global setting only holds while its
+# forward runs, while the backward runs later under whatever is set then.
+@torch.library.custom_op("ivfast::decoder_linear", mutates_args=())
+def _linear_op(x: Tensor, w: Tensor, b: Optional[Tensor], silu: bool, ieee: bool,
+               keep: bool) -> tuple[Tensor, Tensor]:
+    with ieee_fp32_matmuls(ieee):
+        return _linear_launch(x, w, b, silu, keep)
+
+
+@_linear_op.register_fake
+def _(x, w, b, silu, ieee, keep):
+    y = x.new_empty((x.shape[0], w.shape[0]))
+    return y, x.new_empty(y.shape if silu and keep else (0,))
+
+
+@torch.library.custom_op("ivfast::decoder_linear_backward", mutates_args=())
+def _linear_backward_op(dy: Tensor, x: Tensor, w: Tensor, u: Tensor, silu: bool, need_x: bool, need_w: bool,
+                        need_b: bool, ieee: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with ieee_fp32_matmuls(ieee):
+        return _linear_backward_launch(dy, x, w, u, silu, need_x, need_w, need_b)
+
+
+@_linear_backward_op.register_fake
+def _(dy, x, w, u, silu, need_x, need_w, need_b, ieee):
+    return (dy.new_empty(x.shape if need_x else (0,)), dy.new_empty(w.shape if need_w else (0,)),
+            dy.new_empty((w.shape[0],) if need_b else (0,)))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, w, b, silu, ieee, keep = inputs
+    ctx.save_for_backward(x, w, output[1])
+    ctx.silu, ctx.ieee, ctx.keep, ctx.has_bias = silu, ieee, keep, b is not None
+
+
+def _linear_backward(ctx, dy, _du):
+    x, w, u = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if not (need_x or need_w or need_b):
+        return None, None, None, None, None, None
+    if ctx.silu and not ctx.keep:
+        raise RuntimeError("decoder linear: the forward ran without grad mode, so its pre-activation was not kept")
+    dx, dw, db = _linear_backward_op(dy, x, w, u, ctx.silu, need_x, need_w, need_b, ctx.ieee)
+    return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
+
+
+torch.library.register_autograd("ivfast::decoder_linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+# FLOP formulas (2*M*N*K per GEMM the op runs), so FlopCounterMode, which cannot see inside a
+# custom op, still counts the decoder's GEMMs (shapes only: it works on fake tensors too).
+@register_flop_formula(torch.ops.ivfast.decoder_linear)
+def _(x, w, b, silu, ieee, keep, out_shape=None, **kwargs) -> int:
+    return 2 * x[0] * x[1] * w[0]
+
+
+@register_flop_formula(torch.ops.ivfast.decoder_linear_backward)
+def _(dy, x, w, u, silu, need_x, need_w, need_b, ieee, out_shape=None, **kwargs) -> int:
+    return 2 * x[0] * x[1] * w[0] * (int(need_x) + int(need_w))
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, act: str | None = None, ieee: bool = False) -> Tensor:
+    """``act(x @ w^T + b)``, act None or SiLU, on cuBLAS; all inputs share one dtype. ``ieee``: its
+    fp32 GEMMs run without TF32, forward and backward."""
     if act not in (None, "silu"):
         raise ValueError(f"linear: act={act!r}; choose None or 'silu'")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
@@ -414,13 +508,14 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, act: str | None = None
     if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
         raise ValueError(f"linear: x, weight and bias must share one dtype, got {x.dtype}/{w.dtype}"
                          f"{'/' + str(b.dtype) if b is not None else ''}; cast the weights first")
-    return LinearFn.apply(x.contiguous(), w, b, act)
+    keep = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+    return _linear_op(x.contiguous(), w, b, act == "silu", bool(ieee), keep)[0]
 
 
 # =========================================================================== the decoder trunk
 def adaln_trunk_reference(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
                           final_w: Tensor, final_b: Tensor, eps: float = 1e-6) -> Tensor:
-    """Plain PyTorch definition of :class:`AdaLNTrunkFn` (same argument layout)."""
+    """Plain PyTorch definition of :func:`adaln_trunk` (same argument layout)."""
     F = torch.nn.functional
     W = x.shape[1]
     ada = F.linear(F.silu(c), ada_w, ada_b)
@@ -467,109 +562,191 @@ def _trunk_forward(x, c, ada_w, ada_b, final_w, final_b, eps, depth, block_param
     return out, ada, saved, x
 
 
-class AdaLNTrunkFn(torch.autograd.Function):
-    """All residual blocks + the final layer of the decoder in one Function.
+def _trunk_backward_launch(dout: Tensor, c: Tensor, ada: Tensor, ada_w: Tensor, final_w: Tensor, x_last: Tensor,
+                           saved: list[Tensor], params: list[Tensor], eps: float, need: list[bool]):
+    """Backward of the trunk: ``saved`` = (x, u, h2) per block, ``need`` = which gradients to make, in
+    the order x, c, ada_w, ada_b, final_w, final_b, then 6 per block. Returns (dx, dc, dada_w,
+    dada_b, dfinal_w, dfinal_b, dparams), an empty tensor for each one not asked for."""
+    D = len(params) // 6
+    need_c, need_ada_w, need_ada_b, need_fw, need_fb = need[1], need[2], need[3], need[4], need[5]
+    need_block = lambda i, j: need[6 + 6 * i + j]
+    M, W = x_last.shape
+    dout = dout.contiguous()
+    # adaLN (ada = SiLU(c) @ ada_w^T + ada_b) is backpropagated one block at a time, so only a
+    # [M, 3W] slice of its gradient is alive at once (not [M, (3D+2)W]). d(SiLU(c)) accumulates
+    # through cuBLAS's beta=1 epilogue (one rounding per block, as eager autograd's accumulation).
+    sc = torch.nn.functional.silu(c) if need_ada_w else None
+    dsc = None
+    dada_w: list = [None] * (D + 1)
+    dada_b: list = [None] * (D + 1)
 
-    Inputs: x[M, W] (after input_proj), c[M, W] (t_emb + z_emb), ada_w[(3D+2)W, W] / ada_b (the
-    adaLN Linears of all blocks then the final layer, concatenated), final_w[O, W] / final_b, eps,
-    depth D, then per block ln_w, ln_b, w1, b1, w2, b2. One dtype for all of them. A parameter
-    that does not require grad (frozen) gets no weight-gradient GEMM and a None gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, c, ada_w, ada_b, final_w, final_b, eps, depth, *block_params):
-        out, ada, saved, x_last = _trunk_forward(x, c, ada_w, ada_b, final_w, final_b, eps, depth,
-                                                 block_params, keep=True)
-        ctx.save_for_backward(c, ada, ada_w, final_w, x_last, *saved, *block_params)
-        ctx.eps, ctx.depth = eps, depth
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        c, ada, ada_w, final_w, x_last, *rest = ctx.saved_tensors
-        D, eps = ctx.depth, ctx.eps
-        need = ctx.needs_input_grad
-        need_c, need_ada_w, need_ada_b, need_fw, need_fb = need[1], need[2], need[3], need[4], need[5]
-        need_block = lambda i, j: need[8 + 6 * i + j]
-        saved, params = rest[:3 * D], rest[3 * D:]
-        M, W = x_last.shape
-        dout = dout.contiguous()
-        # adaLN (ada = SiLU(c) @ ada_w^T + ada_b) is backpropagated one block at a time, so only a
-        # [M, 3W] slice of its gradient is alive at once (not [M, (3D+2)W]). d(SiLU(c)) accumulates
-        # through cuBLAS's beta=1 epilogue (one rounding per block, as eager autograd's accumulation).
-        sc = torch.nn.functional.silu(c) if need_ada_w else None
-        dsc = None
-        dada_w: list = [None] * (D + 1)
-        dada_b: list = [None] * (D + 1)
-
-        def ada_backward(k: int, lo: int, dada_k: Tensor, bias_sums: list[Tensor]) -> None:
-            nonlocal dsc
-            if need_ada_w:
-                dada_w[k] = weight_grad(dada_k, sc)
-            if need_ada_b:
-                dada_b[k] = torch.cat(bias_sums).to(dada_k.dtype)
-            if need_c:
-                w_k = ada_w[lo: lo + dada_k.shape[1]]
-                dsc = torch.mm(dada_k, w_k) if dsc is None else dsc.addmm_(dada_k, w_k)
-
-        # final layer
-        lo = 3 * D * W
-        shift, scale = ada[:, lo: lo + W], ada[:, lo + W:]
-        dfinal_w = dfinal_b = None
-        if need_fw:
-            hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
-            dfinal_w = weight_grad(dout, hf)
-            del hf
-        if need_fb:
-            dfinal_b = _column_sum(dout)
-        dhf = torch.mm(dout, final_w)
-        dada_k = torch.empty((M, 2 * W), device=c.device, dtype=c.dtype)
-        dx, _, _, s_shift, s_scale = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
-                                                          dshift=dada_k[:, :W], dscale=dada_k[:, W:])
-        del dhf
-        ada_backward(D, lo, dada_k, [s_shift, s_scale])
-        dparams: list = [None] * (6 * D)
-        for i in reversed(range(D)):
-            x, u, h2 = saved[3 * i: 3 * i + 3]
-            ln_w, ln_b, w1, b1, w2, b2 = params[6 * i: 6 * i + 6]
-            lo = 3 * i * W
-            shift, scale, gate = ada[:, lo: lo + W], ada[:, lo + W: lo + 2 * W], ada[:, lo + 2 * W: lo + 3 * W]
-            dada_k = torch.empty((M, 3 * W), device=c.device, dtype=c.dtype)
-            # y = x + gate * h2  (dx is dy here)
-            dh2, db2, s_gate = gate_backward(dx, h2, gate, dada_k[:, 2 * W:])
-            da = torch.mm(dh2, w2)
-            if need_block(i, 4):
-                du, a, db1 = dsilu_backward(da, u, store_act=True, colsum=True, out=da)   # du in place of da
-                dparams[6 * i + 4] = weight_grad(dh2, a)
-                del a
-            else:
-                du, db1 = dsilu_backward(da, u, store_act=False, colsum=True, out=da)
-            del dh2, da
-            if need_block(i, 2):
-                h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)          # recompute, not stored
-                dparams[6 * i + 2] = weight_grad(du, h)
-                del h
-            dh = torch.mm(du, w1)
-            del du
-            dx, dln_w, dln_b, s_shift, s_scale = ln_modulate_backward(
-                dh, x, ln_w, ln_b, scale, eps=eps, dres=dx, dshift=dada_k[:, :W], dscale=dada_k[:, W:2 * W])
-            del dh
-            ada_backward(i, lo, dada_k, [s_shift, s_scale, s_gate])
-            del dada_k
-            for j, g in ((0, dln_w), (1, dln_b), (3, db1), (5, db2)):
-                if need_block(i, j):
-                    dparams[6 * i + j] = g.to(params[6 * i + j].dtype)
-        dc = None
+    def ada_backward(k: int, lo: int, dada_k: Tensor, bias_sums: list[Tensor]) -> None:
+        nonlocal dsc
+        if need_ada_w:
+            dada_w[k] = weight_grad(dada_k, sc)
+        if need_ada_b:
+            dada_b[k] = torch.cat(bias_sums).to(dada_k.dtype)
         if need_c:
-            dc = dsilu_backward(dsc, c, store_act=False, colsum=False, out=dsc)
-        return (dx if need[0] else None, dc,
-                torch.cat(dada_w) if need_ada_w else None, torch.cat(dada_b) if need_ada_b else None,
-                dfinal_w, dfinal_b, None, None, *dparams)
+            w_k = ada_w[lo: lo + dada_k.shape[1]]
+            dsc = torch.mm(dada_k, w_k) if dsc is None else dsc.addmm_(dada_k, w_k)
 
+    # final layer
+    lo = 3 * D * W
+    shift, scale = ada[:, lo: lo + W], ada[:, lo + W:]
+    dfinal_w = dfinal_b = None
+    if need_fw:
+        hf = ln_modulate(x_last, None, None, shift, scale, eps)       # recompute, not stored
+        dfinal_w = weight_grad(dout, hf)
+        del hf
+    if need_fb:
+        dfinal_b = _column_sum(dout)
+    dhf = torch.mm(dout, final_w)
+    dada_k = torch.empty((M, 2 * W), device=c.device, dtype=c.dtype)
+    dx, _, _, s_shift, s_scale = ln_modulate_backward(dhf, x_last, None, None, scale, eps=eps,
+                                                      dshift=dada_k[:, :W], dscale=dada_k[:, W:])
+    del dhf
+    ada_backward(D, lo, dada_k, [s_shift, s_scale])
+    dparams: list = [None] * (6 * D)
+    for i in reversed(range(D)):
+        x, u, h2 = saved[3 * i: 3 * i + 3]
+        ln_w, ln_b, w1, b1, w2, b2 = params[6 * i: 6 * i + 6]
+        lo = 3 * i * W
+        shift, scale, gate = ada[:, lo: lo + W], ada[:, lo + W: lo + 2 * W], ada[:, lo + 2 * W: lo + 3 * W]
+        dada_k = torch.empty((M, 3 * W), device=c.device, dtype=c.dtype)
+        # y = x + gate * h2  (dx is dy here)
+        dh2, db2, s_gate = gate_backward(dx, h2, gate, dada_k[:, 2 * W:])
+        da = torch.mm(dh2, w2)
+        if need_block(i, 4):
+            du, a, db1 = dsilu_backward(da, u, store_act=True, colsum=True, out=da)   # du in place of da
+            dparams[6 * i + 4] = weight_grad(dh2, a)
+            del a
+        else:
+            du, db1 = dsilu_backward(da, u, store_act=False, colsum=True, out=da)
+        del dh2, da
+        if need_block(i, 2):
+            h = ln_modulate(x, ln_w, ln_b, shift, scale, eps)          # recompute, not stored
+            dparams[6 * i + 2] = weight_grad(du, h)
+            del h
+        dh = torch.mm(du, w1)
+        del du
+        dx, dln_w, dln_b, s_shift, s_scale = ln_modulate_backward(
+            dh, x, ln_w, ln_b, scale, eps=eps, dres=dx, dshift=dada_k[:, :W], dscale=dada_k[:, W:2 * W])
+        del dh
+        ada_backward(i, lo, dada_k, [s_shift, s_scale, s_gate])
+        del dada_k
+        for j, g in ((0, dln_w), (1, dln_b), (3, db1), (5, db2)):
+            if need_block(i, j):
+                # a copy: dln_w / dln_b are rows of one tensor, and outputs must not share storage
+                dparams[6 * i + j] = g.to(params[6 * i + j].dtype, copy=True)
+    none = lambda: dout.new_empty((0,))     # a new one each time: op outputs must not alias
+    dc = dsilu_backward(dsc, c, store_act=False, colsum=False, out=dsc) if need_c else none()
+    return (dx if need[0] else none(), dc,
+            torch.cat(dada_w) if need_ada_w else none(), torch.cat(dada_b) if need_ada_b else none(),
+            none() if dfinal_w is None else dfinal_w, none() if dfinal_b is None else dfinal_b,
+            [none() if g is None else g for g in dparams])
+
+
+@torch.library.custom_op("ivfast::adaln_trunk", mutates_args=())
+def _trunk_op(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, final_w: Tensor, final_b: Tensor,
+              block_params: list[Tensor], eps: float, ieee: bool, keep: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(out, ada, kept): with ``keep``, ada and per block (u, h2, next block's input x), the last
+    x being the final layer's input; without, ada and kept are empty. Block 0's x is the op's input
+    x, which autograd saves itself (an op output must not alias an input)."""
+    with ieee_fp32_matmuls(ieee):
+        out, ada, saved, x_last = _trunk_forward(x, c, ada_w, ada_b, final_w, final_b, eps,
+                                                 len(block_params) // 6, block_params, keep)
+    if not keep:
+        return out, ada.new_empty((0,)), []
+    D = len(block_params) // 6
+    kept = []
+    for i in range(D):
+        kept += [saved[3 * i + 1], saved[3 * i + 2], saved[3 * i + 3] if i + 1 < D else x_last]
+    return out, ada, kept
+
+
+@_trunk_op.register_fake
+def _(x, c, ada_w, ada_b, final_w, final_b, block_params, eps, ieee, keep):
+    M, W = x.shape
+    out = x.new_empty((M, final_w.shape[0]))
+    if not keep:
+        return out, x.new_empty((0,)), []
+    return out, x.new_empty((M, ada_w.shape[0])), [x.new_empty((M, W)) for _ in range(3 * (len(block_params) // 6))]
+
+
+@torch.library.custom_op("ivfast::adaln_trunk_backward", mutates_args=())
+def _trunk_backward_op(dout: Tensor, c: Tensor, ada: Tensor, ada_w: Tensor, final_w: Tensor, x_last: Tensor,
+                       saved: list[Tensor], params: list[Tensor], eps: float, need: list[bool],
+                       ieee: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    with ieee_fp32_matmuls(ieee):
+        return _trunk_backward_launch(dout, c, ada, ada_w, final_w, x_last, saved, params, eps, need)
+
+
+@_trunk_backward_op.register_fake
+def _(dout, c, ada, ada_w, final_w, x_last, saved, params, eps, need, ieee):
+    like = lambda t, i: dout.new_empty(t.shape if need[i] else (0,))
+    return (like(x_last, 0), like(c, 1), like(ada_w, 2), dout.new_empty((ada_w.shape[0],) if need[3] else (0,)),
+            like(final_w, 4), dout.new_empty((final_w.shape[0],) if need[5] else (0,)),
+            [like(p, 6 + k) for k, p in enumerate(params)])
+
+
+def _trunk_setup_context(ctx, inputs, output):
+    x, c, ada_w, ada_b, final_w, final_b, block_params, eps, ieee, keep = inputs
+    _, ada, kept = output
+    ctx.save_for_backward(x, c, ada, ada_w, final_w, *kept, *block_params)
+    ctx.eps, ctx.ieee, ctx.keep, ctx.depth = eps, ieee, keep, len(block_params) // 6
+
+
+def _trunk_backward(ctx, dout, _dada, _dkept):
+    x, c, ada, ada_w, final_w, *rest = ctx.saved_tensors
+    D = ctx.depth
+    need_in = ctx.needs_input_grad         # block_params: a list of flags (one per tensor)
+    need = [bool(n) for n in need_in[:6]] + [bool(n) for n in need_in[6]]
+    if not any(need):
+        return None, None, None, None, None, None, [None] * (6 * D), None, None, None
+    if not ctx.keep:
+        raise RuntimeError("adaln_trunk: the forward ran without grad mode, so its activations were not kept")
+    kept, params = rest[:3 * D], rest[3 * D:]
+    # per block (x, u, h2): block 0's x is the op's input, block i's is kept[3i - 1]
+    saved, x_last = [], x
+    for i in range(D):
+        saved += [x_last, kept[3 * i], kept[3 * i + 1]]
+        x_last = kept[3 * i + 2]
+    dx, dc, dada_w, dada_b, dfw, dfb, dparams = _trunk_backward_op(dout, c, ada, ada_w, final_w, x_last, saved,
+                                                                   params, ctx.eps, need, ctx.ieee)
+    pick = lambda g, n: g if n else None
+    return (pick(dx, need[0]), pick(dc, need[1]), pick(dada_w, need[2]), pick(dada_b, need[3]), pick(dfw, need[4]),
+            pick(dfb, need[5]), [pick(g, n) for g, n in zip(dparams, need[6:])], None, None, None)
+
+
+torch.library.register_autograd("ivfast::adaln_trunk", _trunk_backward, setup_context=_trunk_setup_context)
+
+
+@register_flop_formula(torch.ops.ivfast.adaln_trunk)
+def _(x, c, ada_w, ada_b, final_w, final_b, block_params, eps, ieee, keep, out_shape=None, **kwargs) -> int:
+    (M, W), D = x, len(block_params) // 6
+    return 2 * M * W * (ada_w[0] + 2 * D * W + final_w[0])
+
+
+@register_flop_formula(torch.ops.ivfast.adaln_trunk_backward)
+def _(dout, c, ada, ada_w, final_w, x_last, saved, params, eps, need, ieee, out_shape=None, **kwargs) -> int:
+    (M, W), D = x_last, len(params) // 6
+    final = final_w[0] * W * (1 + need[4])                          # d(hf), d(final_w)
+    blocks = sum(W * W * (2 + need[6 + 6 * i + 2] + need[6 + 6 * i + 4]) for i in range(D))   # da, dh, dW1, dW2
+    adaln = ada_w[0] * W * (need[1] + need[2])                      # d(SiLU(c)), d(ada_w)
+    return 2 * M * (final + blocks + adaln)
 
 def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list[tuple],
-                final_w: Tensor, final_b: Tensor, eps: float = 1e-6) -> Tensor:
-    """Residual adaLN blocks + final layer, fused (see :class:`AdaLNTrunkFn` for the layout)."""
+                final_w: Tensor, final_b: Tensor, eps: float = 1e-6, ieee: bool = False) -> Tensor:
+    """All residual adaLN blocks + the final layer of the decoder, fused, with a hand-written
+    backward that takes the adaLN gradient block by block (only a [rows, 3W] slice of it is alive
+    at a time).
+
+    x[M, W] (after input_proj), c[M, W] (t_emb + z_emb), ada_w[(3D+2)W, W] / ada_b (the adaLN
+    Linears of all blocks then the final layer, concatenated), blocks = D tuples (ln_w, ln_b, w1,
+    b1, w2, b2), final_w[O, W] / final_b. One dtype for all of them. A parameter that does not
+    require grad (frozen) gets no weight-gradient GEMM and a None gradient. ``ieee``: its fp32
+    GEMMs run without TF32, forward and backward.
+    """
     M, W = x.shape
     D = len(blocks)
     if c.shape != (M, W):
@@ -583,9 +760,6 @@ def adaln_trunk(x: Tensor, c: Tensor, ada_w: Tensor, ada_b: Tensor, blocks: list
     if len(dtypes) != 1:
         raise ValueError(f"adaln_trunk: all inputs must share one dtype, got {sorted(map(str, dtypes))}; "
                          "cast the parameters to the activation dtype first")
-    args = (x.contiguous(), c.contiguous(), ada_w.contiguous(), ada_b, final_w.contiguous(), final_b,
-            float(eps), D)
-    flat = [p.contiguous() for p in flat]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _trunk_forward(*args, flat, keep=False)[0]
-    return AdaLNTrunkFn.apply(*args, *flat)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return _trunk_op(x.contiguous(), c.contiguous(), ada_w.contiguous(), ada_b, final_w.contiguous(), final_b,
+                     [p.contiguous() for p in flat], float(eps), bool(ieee), keep)[0]

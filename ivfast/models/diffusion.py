@@ -19,8 +19,10 @@ Three parts, each readable on its own:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import warnings
 from typing import Callable
 
@@ -32,7 +34,7 @@ from torch import Tensor
 from ivfast.config import DecoderConfig
 
 __all__ = [
-    "DiffusionDecoder", "GaussianDiffusion", "DiffusionLoss", "decoder_flops",
+    "DiffusionDecoder", "GaussianDiffusion", "DiffusionLoss", "decoder_flops", "decoder_autocast",
     "timestep_embedding", "cosine_betas", "linear_betas", "space_timesteps",
 ]
 
@@ -196,31 +198,33 @@ class DiffusionDecoder(nn.Module):
         dev = device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.input_proj.weight.dtype
 
-    @torch.compiler.disable   # a compiled model graph-breaks here and runs the kernels as they are
     def forward_triton(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """Same maths on ``ivfast.kernels.diffusion_mlp`` (cuBLAS GEMMs + Triton row kernels).
 
         Everything runs in :meth:`compute_dtype` (weights cast once per call, their gradients flow
         back to the fp32 parameters through the cast). The input (588) and output (1176) widths
         are zero-padded to multiples of 8 so every GEMM row is 16-byte aligned; the padding costs
-        about 1 % more FLOPs in those two layers and nothing anywhere else.
+        about 1 % more FLOPs in those two layers and nothing anywhere else. It sets its precision
+        without touching global state (explicit casts, autocast off, the ops' ``ieee`` flag for
+        dtype fp32, which holds for their backward too), so torch.compile traces it whole.
         """
         from ivfast.kernels import diffusion_mlp as K
         dev = x.device.type
         dt = self.compute_dtype(x.device)
+        ieee = self.dtype == "fp32"
         with torch.autocast(dev, enabled=False):
             cast = lambda p: p.to(dt)
             te = timestep_embedding(t, self.time_embed.freq_dim).to(dt)
             tm = self.time_embed.mlp
-            te = K.linear(K.linear(te, cast(tm[0].weight), cast(tm[0].bias), act="silu"),
-                          cast(tm[2].weight), cast(tm[2].bias))
-            c = te + K.linear(z.to(dt), cast(self.cond_embed.weight), cast(self.cond_embed.bias))
+            te = K.linear(K.linear(te, cast(tm[0].weight), cast(tm[0].bias), act="silu", ieee=ieee),
+                          cast(tm[2].weight), cast(tm[2].bias), ieee=ieee)
+            c = te + K.linear(z.to(dt), cast(self.cond_embed.weight), cast(self.cond_embed.bias), ieee=ieee)
             pad_in = _pad8(self.target_dim)
             w_in = cast(self.input_proj.weight)
             xin = x.to(dt)
             if pad_in:           # zero columns in both operands: the same product, aligned rows
                 w_in, xin = F.pad(w_in, (0, pad_in)), F.pad(xin, (0, pad_in))
-            h = K.linear(xin, w_in, cast(self.input_proj.bias))
+            h = K.linear(xin, w_in, cast(self.input_proj.bias), ieee=ieee)
             adas = [blk.adaLN_modulation[1] for blk in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
             blocks = [(cast(b.in_ln.weight), cast(b.in_ln.bias), cast(b.mlp[0].weight), cast(b.mlp[0].bias),
                        cast(b.mlp[2].weight), cast(b.mlp[2].bias)) for b in self.res_blocks]
@@ -230,7 +234,8 @@ class DiffusionDecoder(nn.Module):
                 w_out, b_out = F.pad(w_out, (0, 0, 0, pad_out)), F.pad(b_out, (0, pad_out))
             # cast each block's weights, then concatenate: no full-size fp32 copy per call
             out = K.adaln_trunk(h, c, torch.cat([cast(a.weight) for a in adas]),
-                                torch.cat([cast(a.bias) for a in adas]), blocks, w_out, b_out, eps=LN_EPS)
+                                torch.cat([cast(a.bias) for a in adas]), blocks, w_out, b_out, eps=LN_EPS,
+                                ieee=ieee)
             return out[:, :self.out_dim] if pad_out else out
 
     def _forward_eager(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
@@ -242,37 +247,93 @@ class DiffusionDecoder(nn.Module):
             return DiffusionDecoder._compiled_reference(self, x, t, z)
         return self.forward_reference(x, t, z)
 
-    def _forward_impl(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        if self.impl == "triton":
-            ok, why = _triton_runnable(x.device)
-            if ok:
-                return self.forward_triton(x, t, z)
-            if not self._warned:
-                warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
-                              stacklevel=3)
-                self._warned = True
-        if self.dtype == "fp32":   # eager / compile: fp32 maths on fp32 inputs (autocast is off)
-            x, z = x.float(), z.float()
-        return self._forward_eager(x, t, z)
-
-    @torch.compiler.disable   # flips autocast / TF32 state: not something to trace into a graph
-    def _forward_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+    @torch.compiler.disable   # flips autocast / TF32 state, and hooks autograd nodes: not traceable
+    def _forward_eager_with_precision(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         with decoder_precision(self.dtype, x.device):
-            return self._forward_impl(x, t, z)
+            if self.dtype != "fp32":
+                return self._forward_eager(x, t, z)
+            x, z = x.float(), z.float()      # fp32 maths on fp32 inputs (autocast is off)
+            first = torch._C._autograd._get_sequence_nr()
+            out = self._forward_eager(x, t, z)
+            if out.grad_fn is not None:
+                _tf32_off_in_backward(out.grad_fn, first, torch._C._autograd._get_sequence_nr())
+            return out
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         self._check(x, t, z)
         if self.dtype not in self.DTYPES:
             raise ValueError(f"DiffusionDecoder dtype={self.dtype!r}: choose one of {self.DTYPES} "
                              "(model.decoder.dtype)")
+        if self.impl == "triton":
+            ok, why = _triton_runnable(x.device)
+            if ok:
+                return self.forward_triton(x, t, z)     # sets its own precision, traceable
+            if not self._warned:
+                warnings.warn(f"DiffusionDecoder impl='triton' falls back to eager PyTorch: {why}",
+                              stacklevel=2)
+                self._warned = True
         if self.dtype == "auto":    # the default: no state to switch, nothing hidden from torch.compile
-            return self._forward_impl(x, t, z)
-        return self._forward_with_precision(x, t, z)
+            return self._forward_eager(x, t, z)
+        return self._forward_eager_with_precision(x, t, z)
+
+
+class _TF32Off:
+    """TF32 off while at least one of the autograd nodes it hooks runs (a count, because the
+    engine runs CPU and CUDA nodes on different threads); the setting before is restored after."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._old = None
+
+    def enter(self, *_) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._old = _set_tf32(False)
+            self._running += 1
+
+    def exit(self, *_) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                _set_tf32(self._old)
+
+
+def _tf32_off_in_backward(root, first: int, end: int) -> None:
+    """Hook every autograd node of ``root``'s graph created in [first, end) (autograd's sequence
+    numbers, per thread, in creation order) so that its backward runs with TF32 off.
+
+    ``decoder_precision`` turns TF32 off only while the forward runs; autograd runs the backward
+    later, under the global setting (TF32 on in training). Hooks on the region's own nodes scope
+    exactly its backward GEMMs, and the rest of the backward keeps the global setting."""
+    scope = _TF32Off()
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if not first <= node._sequence_nr() < end:   # made before the region, or a leaf's accumulator
+            continue
+        node.register_prehook(scope.enter)
+        node.register_hook(scope.exit)
+        todo.extend(n for n, _ in node.next_functions)
 
 
 def _pad8(n: int) -> int:
     """Zero columns that bring a GEMM dimension of ``n`` to a multiple of 8 (16 bytes in bf16)."""
     return -n % 8
+
+
+def decoder_autocast(mode: str, device: torch.device):
+    """The autocast half of :class:`decoder_precision`, for the code around a decoder call (the
+    diffusion loss maths): ``"fp32"`` off, ``"bf16"`` on, ``"auto"`` unchanged. It switches no
+    global TF32 state, so torch.compile traces it; the decoder keeps its own GEMMs off TF32."""
+    if mode == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class decoder_precision:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ivfast import ops
-from .diffusion import decoder_precision
+from .diffusion import decoder_autocast
 from .predictor import Predictor
 from .teacher import build_teacher
 from .vit import AttentionPool, MLPHead, VisionTransformer, interpolate_pos_table, set_pos_table, sincos_3d
@@ -251,7 +251,7 @@ class Stage1Model(_Base):
         if net is not None and "fp32" in getattr(net, "DTYPES", ()):
             net.dtype = mode                     # the module's own precision switch, where it has one
         torch.manual_seed(purpose_seed(step_seed, "diffusion"))   # not drop path's uniforms
-        with decoder_precision(mode, target.device):   # also covers the loss maths around the MLP
+        with decoder_autocast(mode, target.device):    # also covers the loss maths around the MLP
             if mode == "fp32":
                 target, z = target.float(), z.float()
             return self.decoder(target, z)
