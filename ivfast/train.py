@@ -603,7 +603,7 @@ class Trainer:
 def demo_stage2_config(cfg1: Config, stage1_ckpt: Path) -> Config:
     """Stage 2 of the demo: same tiny model, multi-block masks, initialised from stage 1."""
     masking = MaskingConfig(kind="multiblock", blocks=[BlockSpec(4, [0.15, 0.15]), BlockSpec(1, [0.5, 0.5])],
-                            max_keep=0, trim="random")
+                            max_keep=0, trim=cfg1.masking.trim)
     return dataclasses.replace(
         cfg1, stage=2, masking=masking,
         model=dataclasses.replace(cfg1.model, init_from=str(stage1_ckpt)),
