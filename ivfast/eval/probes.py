@@ -7,6 +7,7 @@
   learnable token (residual + MLP), then LayerNorm-free linear classifier.
 * ``HeadGrid``: several heads of one kind trained side by side on the same features (vjepa2's
   5 lr x 4 wd grid); each head has its own optimiser parameter group.
+* ``fit_linear``: the linear head's closed problem (logistic regression) solved by L-BFGS.
 * ``knn_predict``: weighted k-NN vote on cosine similarity (DINO's: weight exp(sim / T)).
 """
 from __future__ import annotations
@@ -80,6 +81,33 @@ class LinearProbe(nn.Module):
 
     def forward(self, x):
         return self.fc((x.float() - self.mean) / self.std)
+
+
+def fit_linear(head: LinearProbe, x: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iter: int = 1000,
+               tol: float = 1e-5) -> dict:
+    """Fits ``head`` to convergence: multinomial logistic regression on its standardised inputs,
+    mean cross-entropy + ``weight_decay`` / 2 * ||W||^2, full batch, L-BFGS from zero weights.
+    With weight_decay > 0 the problem is strictly convex, so the fit is the same whatever the seed.
+    Returns the convergence record: iterations, final loss, largest gradient entry, converged."""
+    fc = head.fc
+    nn.init.zeros_(fc.weight)
+    nn.init.zeros_(fc.bias)
+    x, y = x.float(), y.long()
+    opt = torch.optim.LBFGS(fc.parameters(), lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=50,
+                            tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y) + 0.5 * weight_decay * fc.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(objective)
+        loss = objective().item()
+    grad = max(float(p.grad.abs().max()) for p in fc.parameters())
+    iters = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return {"iterations": iters, "loss": loss, "grad_max": grad, "converged": grad <= tol * 10}
 
 
 def build_head(kind: str, dim: int, heads: int, num_classes: int, blocks: int = 1, **kw) -> nn.Module:
