@@ -611,11 +611,15 @@ def demo_stage2_config(cfg1: Config, stage1_ckpt: Path) -> Config:
         runtime=dataclasses.replace(cfg1.runtime, output_dir=str(Path(cfg1.runtime.output_dir).parent / "stage2")))
 
 
-def prepare_demo_data(cfg: Config) -> Config:
-    """Generate (once, cached) the demo's synthetic clips and point data.train_list at them."""
-    from ivfast.data.synth import make_videos
+DEMO_CLIPS_PER_CLASS = 40     # x 8 classes: the demo's 320 unlabelled pretraining clips
 
-    clip_dir = Path(cfg.runtime.output_dir).parent / "demo_clips"
+
+def prepare_demo_data(cfg: Config) -> Config:
+    """Generate (once, cached) the demo's unlabelled clips (the eval demo's classes, labels
+    unused) and point data.train_list at them."""
+    from ivfast.eval.synth_labels import make_labelled_clips
+
+    clip_dir = Path(cfg.runtime.output_dir).parent / "demo_unlabelled"
     listing = clip_dir / "train.csv"
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:     # under torchrun, local rank 0 writes them
         deadline = time.time() + 600
@@ -624,10 +628,10 @@ def prepare_demo_data(cfg: Config) -> Config:
                 raise TimeoutError(f"waited 10 minutes for local rank 0 to write {listing}")
             time.sleep(0.5)
     if not listing.exists():
-        paths = make_videos(clip_dir, num=cfg.optim.batch_per_gpu * 10, codec="vp9",
-                            frames=max(16, 2 * cfg.data.num_frames), size=(96, 80), seed=cfg.runtime.seed)
+        made = make_labelled_clips(clip_dir, DEMO_CLIPS_PER_CLASS, frames=max(16, 2 * cfg.data.num_frames), size=64,
+                                   seed=cfg.runtime.seed, split="unlabelled")
         tmp = listing.with_suffix(".tmp")
-        tmp.write_text("".join(f"{p.resolve()}\n" for p in paths))
+        tmp.write_text("".join(f"{line.split(',')[0]}\n" for line in made.read_text().splitlines()[1:]))
         os.replace(tmp, listing)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_list=str(listing)))
 
