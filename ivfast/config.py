@@ -166,7 +166,9 @@ class MaskingConfig:
     blocks: list[BlockSpec] = field(default_factory=lambda: [
         BlockSpec(8, [0.15, 0.15]), BlockSpec(2, [0.7, 0.7])])
     max_keep: int = 0                   # cap on visible tokens per clip (0 = none)
-    trim: Literal["random", "lowest"] = "random"   # how rows are cut to a common K
+    # how rows are cut to a common K: "lowest" keeps the lowest (t, h, w) ids (released, V-JEPA):
+    # early-frame context, late frames predicted; "random" spreads the context over all frames
+    trim: Literal["random", "lowest"] = "lowest"
     # stage 2 loss positions: "unseen" = every token the encoder did not see, visible tokens dropped
     # by the trim included (released: engines/jepa_mask.py masks_enc); "blocks" = the block-masked
     # tokens only, cut to the batch minimum (V-JEPA's choice)

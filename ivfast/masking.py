@@ -123,7 +123,7 @@ def block_size(T: int, H: int, W: int, spatial: tuple, temporal: tuple, aspect: 
 
 def multiblock_mask_reference(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
                               temporal: tuple, aspect: tuple, seed: int, max_keep: int = 0,
-                              trim: str = "random", min_keep: int = 1, max_tries: int = 100):
+                              trim: str = "lowest", min_keep: int = 1, max_tries: int = 100):
     """V-JEPA multi-block masking, one mask set; rows cut to a common K (see ``multiblock_mask``)."""
     _check_grid(B, T, H, W)
     if trim not in ("random", "lowest"):
@@ -204,14 +204,16 @@ def tube_mask(B: int, T: int, H: int, W: int, ratio: float, seed: int, threads: 
 
 def multiblock_mask(B: int, T: int, H: int, W: int, num_blocks: int, spatial: tuple,
                     temporal: tuple = (1.0, 1.0), aspect: tuple = (0.75, 1.5), seed: int = 0,
-                    max_keep: int = 0, trim: str = "random", min_keep: int = 1, max_tries: int = 100,
+                    max_keep: int = 0, trim: str = "lowest", min_keep: int = 1, max_tries: int = 100,
                     threads: int = 0, with_pred: bool = False):
     """V-JEPA multi-block masking, one mask set (C++).
 
     The block size is drawn once per batch, positions per sample; the union of the blocks is
     masked. Rows are cut to a common K (the batch minimum, capped by ``max_keep``): ``trim``
-    "random" drops visible ids uniformly at random (ivfast's default), "lowest" keeps the
-    lowest ids (V-JEPA's and the released code's behaviour, which starves late frames).
+    "lowest" keeps the lowest ids (the default: V-JEPA's collator and the released code); ids
+    run in (t, h, w) order, so the encoder sees early frames and the predictor predicts late ones
+    from them, a forward-in-time task. "random" drops visible ids uniformly at random, spreading
+    the context over every frame (an option to compare).
     Dropped visible ids join ``ids_mask``, so keep + mask cover every position (the predictor
     fills all of ``ids_mask`` with mask tokens). With ``with_pred`` a third array ``ids_pred``
     [B, P] holds the block-masked ids only, cut to the batch minimum the same way: the

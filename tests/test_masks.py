@@ -99,8 +99,8 @@ def test_multiblock_geometry():
     assert hs.max() - hs.min() + 1 == h and ws.max() - ws.min() + 1 == w and vol[0].sum() == h * w
 
 
-def test_multiblock_trim_random_spreads_over_time():
-    """The released code keeps the lowest ids, starving late frames; ivfast trims at random."""
+def test_multiblock_trim_lowest_keeps_early_frames():
+    """trim=lowest (the default, as released) keeps early frames' context; random spreads it."""
     T, H, W = 16, 16, 16
     kw = dict(num_blocks=8, spatial=(0.15, 0.15), seed=4, max_keep=300)
     low, _ = masking.multiblock_mask(8, T, H, W, trim="lowest", **kw)
@@ -108,6 +108,8 @@ def test_multiblock_trim_random_spreads_over_time():
     frames_low = np.unique(low // (H * W)).size
     frames_rnd = np.unique(rnd // (H * W)).size
     assert frames_rnd == T and frames_low < T
+    default, _ = masking.multiblock_mask(8, T, H, W, **kw)
+    assert np.array_equal(default, low)
 
 
 def test_prediction_set_is_the_blocks_only():

@@ -4,9 +4,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ivfast.config import load_config
+from ivfast.config import load_config as _load_config
 from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, _VideoInput, build_model,
                                final_alignment_loss, load_stage1_weights, param_groups, purpose_seed)
+
+
+def load_config(name, overrides=()):
+    """The demo model with the presets' LayerScale (the demo itself runs without): these tests
+    cover the released model's parameters and checkpoints."""
+    return _load_config(name, ["model.encoder.layerscale_init=1e-5", *overrides])
 
 
 def _video(B=2, T=4, S=56, seed=0):

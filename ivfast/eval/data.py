@@ -54,8 +54,34 @@ def check_labels(train: list[int], val: list[int], num_classes: int = 0,
     return k
 
 
+def _split_group(name: str) -> tuple[str, str]:
+    """'name @group' -> ('name', 'group'); a name without a trailing @word has no group."""
+    head, _, last = name.strip().rpartition(" ")
+    if head and last.startswith("@") and len(last) > 1:
+        return head.strip(), last[1:]
+    return name.strip(), ""
+
+
+def label_groups(path: str, num_classes: int) -> dict[str, list[int]]:
+    """{group: class indices} from a text label map whose lines end with '@group' (for example
+    the demo's '0 move_right @motion'); {} when no line names a group."""
+    if not path or path.endswith(".json"):
+        return {}
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(_read_names(path, num_classes)):
+        g = _split_group(name)[1]
+        if g:
+            groups.setdefault(g, []).append(i)
+    return groups
+
+
 def read_label_map(path: str, num_classes: int) -> list[str]:
-    """Class names from a file: JSON {index: name} / [names], or text lines 'index name' or 'name'."""
+    """Class names from a file: JSON {index: name} / [names], or text lines 'index name' or 'name'
+    (a trailing '@group' word puts the class in a group, see :func:`label_groups`)."""
+    return [_split_group(n)[0] for n in _read_names(path, num_classes)]
+
+
+def _read_names(path: str, num_classes: int) -> list[str]:
     if not path:
         return [str(i) for i in range(num_classes)]
     text = Path(path).read_text()

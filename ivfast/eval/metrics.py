@@ -54,3 +54,38 @@ def save_confusion_png(cm: np.ndarray, path: str | Path, names: list[str] | None
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def bootstrap_ci(correct, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI (percent) of top-1 over val clips; ``correct`` is [n] or
+    [seeds, n] 0/1 (several probe seeds: a clip's score is its mean over seeds)."""
+    c = np.asarray(correct, np.float64)
+    c = c.mean(0) if c.ndim == 2 else c
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(c), (n_boot, len(c)))
+    means = 100.0 * c[idx].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def gain_ci(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Top-1 gain of arm ``a`` over arm ``b`` (percent points) with a two-level bootstrap CI.
+
+    ``a`` [Sa, n] and ``b`` [Sb, n] are 0/1 correctness of runs (seeds: random inits, probe
+    seeds) over the SAME n val clips. Each replicate resamples the clips (paired across arms) and,
+    independently per arm, the runs, so both the val-set and the seed-to-seed spread count."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"gain_ci needs [runs, clips] arrays over the same clips, got {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    gains = np.empty(n_boot)
+    for r in range(n_boot):
+        clips = rng.integers(0, n, n)
+        ra = rng.integers(0, a.shape[0], a.shape[0])
+        rb = rng.integers(0, b.shape[0], b.shape[0])
+        gains[r] = 100.0 * (a[ra][:, clips].mean() - b[rb][:, clips].mean())
+    q = (1 - level) / 2
+    return {"gain": float(100.0 * (a.mean() - b.mean())),
+            "ci": [float(np.quantile(gains, q)), float(np.quantile(gains, 1 - q))], "level": level,
+            "runs": [int(a.shape[0]), int(b.shape[0])], "clips": int(n)}

@@ -21,10 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ivfast import ops
-from ivfast.eval.config import EvalConfig, resolve
-from ivfast.eval.data import LabelledClips, ViewSpec, check_labels, make_loader, read_label_map, shard
-from ivfast.eval.metrics import confusion, per_class_accuracy, save_confusion_png, topk_accuracy
-from ivfast.eval.probes import HeadGrid, build_head, knn_predict
+from ivfast.eval.config import EvalConfig, overridden, resolve
+from ivfast.eval.data import (LabelledClips, ViewSpec, check_labels, label_groups, make_loader, read_label_map,
+                              shard)
+from ivfast.eval.metrics import bootstrap_ci, confusion, per_class_accuracy, save_confusion_png, topk_accuracy
+from ivfast.eval.probes import HeadGrid, build_head, fit_linear, knn_predict
 
 log = logging.getLogger("ivfast.eval")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -237,6 +238,7 @@ def run_protocol(cfg: EvalConfig, encoder=None, tag: str = "") -> dict:
     """Resolve ``cfg`` for its protocol, evaluate, write the outputs; returns the results dict."""
     from ivfast.models.release_weights import load_encoder
 
+    replaced = overridden(cfg)
     cfg = resolve(cfg)
     v, p = cfg.views, cfg.probe
     device = pick_device(cfg.device)
@@ -271,6 +273,9 @@ def run_protocol(cfg: EvalConfig, encoder=None, tag: str = "") -> dict:
             writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         except ImportError:
             log.warning("tensorboard not installed: no TensorBoard logs")
+    if rank == 0 and replaced:
+        log.info("protocol %s: values replaced by the config (protocol's -> used): %s", cfg.protocol,
+                 ", ".join(f"{k} {a} -> {b}" for k, (a, b) in replaced.items()))
     if rank == 0:   # every number of the run, before it starts (results.json repeats them)
         log.info("protocol %s (%s), encoder %s: views %s; probe %s", cfg.protocol, cfg.dataset, encoder.source,
                  json.dumps(dataclasses.asdict(v)), json.dumps(dataclasses.asdict(p)))
@@ -282,64 +287,115 @@ def run_protocol(cfg: EvalConfig, encoder=None, tag: str = "") -> dict:
     if pooled:   # pooled features are small: cached; attentive heads stream the val tokens (below)
         val_x, val_y = extract(cfg, encoder, val_ds, device, pool, cache_dir, f"val features ({tag or cfg.protocol})")
     note = ""
+    seeds = cfg.probe_seeds or [cfg.seed]
+    runs = []            # one per probe seed: (scores [H, n, C], grid description, fit records)
     if p.head == "knn":
         tr_x, tr_y = extract(cfg, encoder, train_ds, device, pool, cache_dir, "train features")
-        q = val_x.flatten(0, 1)
-        s = knn_predict(tr_x[:, 0].to(device), tr_y.to(device), q.to(device), k, p.knn_k, p.knn_temperature).cpu()
+        mean, std = tr_x[:, 0].mean(0), tr_x[:, 0].std(0).clamp_min(1e-6)
+        q = (val_x.flatten(0, 1) - mean) / std
+        s = knn_predict(((tr_x[:, 0] - mean) / std).to(device), tr_y.to(device), q.to(device), k, p.knn_k,
+                        p.knn_temperature).cpu()
         s = s / s.sum(-1, keepdim=True)                                   # each view's vote shares
         scores = s.reshape(val_x.shape[0], val_x.shape[1], k).mean(1)[None]   # averaged over views
-        grid_desc = [{"k": p.knn_k, "temperature": p.knn_temperature}]
+        runs.append((scores, [{"k": p.knn_k, "temperature": p.knn_temperature}], None))
+        seeds = seeds[:1]                # deterministic
+    elif p.head == "linear":
+        tr_x, tr_y = extract(cfg, encoder, train_ds, device, pool, cache_dir, "train features")
+        x0 = tr_x[:, 0]
+        grid = HeadGrid(lambda: build_head("linear", d, heads, k, mean=x0.mean(0), std=x0.std(0)), [0.0],
+                        p.weight_decay).to(device)
+        fits = [fit_linear(h, x0.to(device), tr_y.to(device), wd, p.max_iter) for h, (_, wd) in zip(grid.heads, grid.grid)]
+        for f, (_, wd) in zip(fits, grid.grid):
+            level = logging.INFO if f["converged"] else logging.WARNING
+            log.log(level, "linear probe (wd %g): L-BFGS %s after %d iterations (loss %.4f, max |grad| %.1e)", wd,
+                    "converged" if f["converged"] else "did NOT converge", f["iterations"], f["loss"], f["grad_max"])
+            if rank == 0:
+                jsonl.write(json.dumps({"fit": f, "weight_decay": wd}) + "\n")
+        runs.append((view_scores(grid, val_x, device), [{"weight_decay": wd} for _, wd in grid.grid], fits))
+        seeds = seeds[:1]                # a strictly convex fit: the seed changes nothing
     else:
-        kw = {}
-        if pooled:
-            tr_x, tr_y = extract(cfg, encoder, train_ds, device, pool, cache_dir, "train features")
-            kw = {"mean": tr_x[:, 0].mean(0), "std": tr_x[:, 0].std(0)}
-        torch.manual_seed(cfg.seed)        # same head init whether features came from the cache or not
-        grid = HeadGrid(lambda: build_head(p.head, d, heads, k, p.blocks, **kw), p.lr, p.weight_decay).to(device)
         if online:
-            gen, nb = _batches_online(cfg, encoder, train_ds, device)
+            gen_for = lambda seed: _batches_online(dataclasses.replace(cfg, seed=seed), encoder, train_ds, device)
         else:
             if not pooled:
                 tr_x, tr_y = extract(cfg, encoder, train_ds, device, "", cache_dir, "train tokens")
                 note = "fast mode: cached features of the centre view, no augmentation"
-            gen, nb = _batches_cached(tr_x[:, 0], tr_y, p.batch_per_gpu, cfg.seed, device), \
-                math.ceil(len(tr_y) / p.batch_per_gpu)
-        train_heads(cfg, grid, nb, gen, writer, jsonl)
-        if pooled:
-            scores = view_scores(grid, val_x, device)
-        else:
-            scores, val_y = stream_val_scores(cfg, encoder, grid, val_ds, device)
-        grid_desc = [{"lr": lr, "weight_decay": wd} for lr, wd in grid.grid]
-    per_head = [topk_accuracy(s, val_y) for s in scores]
-    best = max(range(len(per_head)), key=lambda i: per_head[i]["top1"])
-    pred = scores[best].argmax(1)
-    cm = confusion(pred, val_y, k)
+            nb = math.ceil(len(tr_y) / p.batch_per_gpu)
+            gen_for = lambda seed: (_batches_cached(tr_x[:, 0], tr_y, p.batch_per_gpu, seed, device), nb)
+        for seed in seeds:
+            torch.manual_seed(seed)        # same head init whether features came from the cache or not
+            grid = HeadGrid(lambda: build_head(p.head, d, heads, k, p.blocks), p.lr, p.weight_decay).to(device)
+            gen, nb = gen_for(seed)
+            train_heads(dataclasses.replace(cfg, seed=seed), grid, nb, gen, writer, jsonl)
+            if pooled:
+                scores = view_scores(grid, val_x, device)
+            else:
+                scores, val_y = stream_val_scores(cfg, encoder, grid, val_ds, device)
+            runs.append((scores, [{"lr": lr, "weight_decay": wd} for lr, wd in grid.grid], None))
+    # per seed: the head with the best val top-1 (one head unless a grid was asked for)
+    per_seed, correct, preds = [], [], []
+    for seed, (scores, grid_desc, fits) in zip(seeds, runs):
+        per_head = [topk_accuracy(s, val_y) for s in scores]
+        best = max(range(len(per_head)), key=lambda i: per_head[i]["top1"])
+        pred = scores[best].argmax(1)
+        preds.append(pred)
+        correct.append((pred == val_y).to(torch.uint8))
+        rec = {"seed": seed, **per_head[best], "head": grid_desc[best]}
+        if fits is not None:
+            rec["fit"] = fits[best]
+        if len(per_head) > 1:
+            rec["grid"] = [g | a for g, a in zip(grid_desc, per_head)]
+        per_seed.append(rec)
+    correct_t = torch.stack(correct)                                     # [seeds, n]
+    top1s = [r["top1"] for r in per_seed]
+    cm = confusion(preds[0], val_y, k)
+    groups = label_groups(cfg.label_map, k)
     res = {"protocol": cfg.protocol, "dataset": cfg.dataset, "encoder": encoder.source, "tag": tag,
-           **per_head[best], "num_val": int(len(val_y)), "num_train": len(train_ds), "num_classes": k,
+           "top1": sum(top1s) / len(top1s), "top5": sum(r["top5"] for r in per_seed) / len(per_seed),
+           "top1_ci95": bootstrap_ci(correct_t.numpy()), "top1_seed_std": float(torch.tensor(top1s).std())
+           if len(top1s) > 1 else 0.0, "probe_seeds": seeds, "seeds": per_seed,
+           "num_val": int(len(val_y)), "num_train": len(train_ds), "num_classes": k,
            "chance_top1": 100.0 / k, "per_class_top1": dict(zip(names, per_class_accuracy(cm))),
+           "group_top1": {g: {"top1": 100.0 * float(correct_t[:, m].float().mean()),
+                              "top1_ci95": bootstrap_ci(correct_t[:, m].numpy()), "num_val": int(m.sum())}
+                          for g, m in ((g, _in_classes(val_y, c)) for g, c in groups.items()) if m.any()},
+           "val_correct": correct_t.tolist(), "val_labels": val_y.tolist(),
            "features": p.features + (f" ({note})" if note else ""), "train_views": train_mode,
            "views": dataclasses.asdict(v) | {"img_size": size}, "probe": dataclasses.asdict(p),
-           "seconds": round(time.time() - t0, 1)}
-    if len(per_head) > 1:
-        res["selection"] = (f"best of {len(per_head)} heads chosen ON THE VAL SET "
-                            f"(lr={grid_desc[best]['lr']}, wd={grid_desc[best]['weight_decay']}): optimistic")
-        res["grid"] = [g | a for g, a in zip(grid_desc, per_head)]
+           "overridden": replaced, "seconds": round(time.time() - t0, 1)}
+    if "grid" in per_seed[0]:
+        res["selection"] = (f"best of {len(per_seed[0]['grid'])} heads chosen ON THE VAL SET per seed "
+                            f"({', '.join(str(r['head']) for r in per_seed)}): optimistic")
+        res["grid"] = per_seed[0]["grid"]
+    if per_seed[0].get("fit") is not None:
+        res["fit"] = per_seed[0]["fit"]
     if rank == 0:
         (out / "results.json").write_text(json.dumps(res, indent=1))
         jsonl.write(json.dumps({"final": True, "top1": res["top1"], "top5": res["top5"]}) + "\n")
         jsonl.close()
         save_confusion_png(cm, out / "confusion.png", names)
         if writer is not None:
-            writer.add_scalar(f"{cfg.protocol}/val_top1", res["top1"], p.epochs)
-            writer.add_scalar(f"{cfg.protocol}/val_top5", res["top5"], p.epochs)
+            writer.add_scalar(f"{cfg.protocol}/val_top1", res["top1"], max(p.epochs, 1))
+            writer.add_scalar(f"{cfg.protocol}/val_top5", res["top5"], max(p.epochs, 1))
             writer.add_text(f"{cfg.protocol}/settings", json.dumps({"views": res["views"], "probe": res["probe"]}))
             writer.close()
     return res
 
 
+def _in_classes(labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    return torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+
+
 def summary_line(res: dict) -> str:
-    s = (f"{res['protocol']:7s} {res.get('tag', ''):14s} top1 {res['top1']:5.1f}  top5 {res['top5']:5.1f}  "
-         f"(chance {res['chance_top1']:.1f}; {res['features']}; {res['seconds']} s)")
+    lo, hi = res["top1_ci95"]
+    seeds = len(res.get("probe_seeds", [0]))
+    spread = f" +- {res['top1_seed_std']:.1f} over {seeds} probe seeds" if seeds > 1 else ""
+    s = (f"{res['protocol']:7s} {res.get('tag', ''):14s} top1 {res['top1']:5.1f} [{lo:.1f}, {hi:.1f}]{spread}  "
+         f"top5 {res['top5']:5.1f}  (chance {res['chance_top1']:.1f}; {res['features']}; {res['seconds']} s)")
+    if res.get("fit"):
+        f = res["fit"]
+        s += (f"\n        L-BFGS {'converged' if f['converged'] else 'did NOT converge'} in {f['iterations']} "
+              f"iterations (max |grad| {f['grad_max']:.1e})")
     if "selection" in res:
         s += f"\n        {res['selection']}"
     return s

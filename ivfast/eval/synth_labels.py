@@ -28,6 +28,11 @@ APPEARANCE_CLASSES = (6, 7)
 GREY = (200.0, 200.0, 200.0)
 
 
+def class_group(label: int) -> str:
+    """'motion' (needs the frame order) or 'appearance' (one frame tells)."""
+    return "appearance" if label in APPEARANCE_CLASSES else "motion"
+
+
 def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base, gx, gy = rng.uniform(50, 120, 3), rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
@@ -100,7 +105,8 @@ def make_labelled_clips(out_dir: str | Path, per_class: int, frames: int = 16, s
     tmp = listing.with_suffix(".tmp")
     tmp.write_text("\n".join(rows) + "\n")
     tmp.replace(listing)
-    (out_dir / "labels.txt").write_text("".join(f"{i} {CLASS_NAMES[c]}\n" for i, c in enumerate(classes)))
+    (out_dir / "labels.txt").write_text("".join(f"{i} {CLASS_NAMES[c]} @{class_group(c)}\n"
+                                                for i, c in enumerate(classes)))
     return listing
 
 
