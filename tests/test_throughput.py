@@ -268,7 +268,7 @@ def test_flops_cli_prints_predicted_peak_memory(capsys):
     assert main(["--config", "stage2_vitb"]) == 0
     out = capsys.readouterr().out
     assert "model TFLOP per clip" in out and "predicted peak memory" in out and "total" in out
-    cfg = load_config("stage2_vitb", [])
+    cfg = load_config("stage2_vitb", ["model.predictor.act_checkpoint=none"])
     plain = predicted_peak_memory(cfg)["total"]
     sel = predicted_peak_memory(load_config("stage2_vitb", ["model.predictor.act_checkpoint=selective"]))["total"]
     full = predicted_peak_memory(load_config("stage2_vitb", ["model.predictor.act_checkpoint=full"]))["total"]
@@ -276,6 +276,9 @@ def test_flops_cli_prints_predicted_peak_memory(capsys):
     # the review's hand count for stage 2 ViT-B at 14 clips is 72-80 GiB (+-20 %)
     assert 60 < plain < 90
     assert predicted_peak_memory(cfg, batch=7)["total"] < plain
+    # the preset's own default fits an 80 GB GPU with room: under 70 GiB allocated
+    assert load_config("stage2_vitb").model.predictor.act_checkpoint == "selective"
+    assert predicted_peak_memory(load_config("stage2_vitb"))["total"] < 70 < plain
 
 
 def test_expandable_segments_set_before_cuda_init(monkeypatch):
