@@ -71,7 +71,7 @@ def decoder_condition(trainer: Trainer, draws: int = 4) -> dict:
 def pretrain(args, seed: int, unlabelled: Path, work: Path) -> tuple[Path, dict[str, Path], dict]:
     """Stage 1 (seed), then stage 2 from it per trim; returns the checkpoints and the diagnostics."""
     base = ["demo=false", f"data.train_list={unlabelled}", f"runtime.seed={seed}", "runtime.log_every=50",
-            f"optim.epochs={args.stage1_epochs}", "runtime.ckpt_every=100000"]
+            f"optim.epochs={args.stage1_epochs}", "runtime.ckpt_every=100000", *args.set]
     cfg1 = load_config("demo", base + [f"runtime.output_dir={work / f'seed{seed}' / 'stage1'}"])
     t1 = Trainer(cfg1)
     ck1 = t1.fit()
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-per-class", type=int, default=32)
     ap.add_argument("--val-per-class", type=int, default=128)
     ap.add_argument("--attentive-epochs", type=int, default=40)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training-config override for every run (repeatable), e.g. model.decoder.adaln_init_std=0.02")
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, measures nothing")
     ap.add_argument("--work", default="", help="scratch folder (default: a new one under /tmp)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_cpu.json"))
