@@ -300,11 +300,15 @@ class Trainer:
 
     # ---- checkpoints
     def _resume(self, resume: str) -> None:
-        path = ckpt.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckpt_dir)
-            return
-        model_state, state = ckpt.load_checkpoint(path)
+        if resume == "auto":
+            found = ckpt.load_latest(self.ckpt_dir)    # damaged ones skipped with a warning
+            if found is None:
+                log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+                return
+            path, model_state, state = found
+        else:
+            path = Path(resume)
+            model_state, state = ckpt.load_checkpoint(path)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True, strict=True)
@@ -686,6 +690,10 @@ def main(argv=None) -> int:
         # a data problem found at start-up or mid-run (missing list, too many bad videos) is the
         # user's to fix, like a config error: one line and exit 2, not a traceback
         print(f"ivfast.train: data error: {e}", file=sys.stderr)
+        return 2
+    except ckpt.CheckpointError as e:
+        # a named checkpoint that is damaged or does not fit this run: the same, one line
+        print(f"ivfast.train: checkpoint error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

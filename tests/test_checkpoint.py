@@ -55,7 +55,7 @@ def test_damaged_newest_is_skipped(tmp_path):
         f.truncate(10)
     with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_00000002"):
         assert ckpt.find_latest(tmp_path).name == "step_00000001"
-    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000002 is damaged: model\.safetensors has 10 bytes"):
         ckpt.load_checkpoint(newest)
     with pytest.raises(ckpt.CheckpointError, match="not an ivfast checkpoint"):
         ckpt.load_checkpoint(tmp_path / "nowhere")
@@ -96,3 +96,79 @@ def test_sigkill_while_writing_never_replaces_good_checkpoint(tmp_path):
     assert done and all(ckpt.is_valid(p) for p in done), "a completed-looking checkpoint is damaged"
     model, state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path))
     assert state["step"] == int(done[-1].name.split("_")[1])
+
+
+# --------------------------------------------------------------------------- content hashes
+def _flip_tensor_byte(path, name):
+    """Flip one byte in the middle of tensor ``name``'s data in a safetensors file (size unchanged)."""
+    import json
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    raw[8 + n + (begin + end) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_same_size_corruption_is_found(tmp_path):
+    """Bit rot that keeps the size: the newest is skipped by name and file, an explicit load stops."""
+    _write(tmp_path, 1)
+    newest = _write(tmp_path, 2, value=2.0)
+    size = (newest / ckpt.MODEL_FILE).stat().st_size
+    _flip_tensor_byte(newest / ckpt.MODEL_FILE, "w")
+    assert (newest / ckpt.MODEL_FILE).stat().st_size == size
+    assert not ckpt.is_valid(newest)
+    with pytest.warns(UserWarning, match=r"step_00000002: model\.safetensors does not match its blake2b hash"):
+        assert ckpt.find_latest(tmp_path).name == "step_00000001"
+    with pytest.warns(UserWarning, match="step_00000002"):
+        path, model, state = ckpt.load_latest(tmp_path)
+    assert path.name == "step_00000001" and state["step"] == 1
+    with pytest.raises(ckpt.CorruptCheckpointError,
+                       match=r"step_00000002 is damaged: model\.safetensors does not match .*use an older one"):
+        ckpt.load_checkpoint(newest)
+
+
+def test_checkpoint_without_hashes_loads_with_a_warning(tmp_path):
+    """One written before hashes were recorded: sizes checked, loaded, and the user told so."""
+    import json
+
+    path = _write(tmp_path, 1)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    del manifest["digests"], manifest["hash"]
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="no content hashes"):
+        assert ckpt.load_checkpoint(path)[1]["step"] == 1
+
+
+def test_corrupt_train_state_is_found(tmp_path):
+    path = _write(tmp_path, 1)
+    raw = bytearray((path / ckpt.STATE_FILE).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (path / ckpt.STATE_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match=r"train_state\.pt does not match"):
+        ckpt.load_checkpoint(path)
+
+
+def test_resume_auto_skips_corrupt_newest_and_named_one_stops(clip_list, tmp_path, capsys):
+    """Training: --resume auto falls back to the previous checkpoint with one warning naming the
+    file; the corrupt checkpoint named on the command line ends the run with one line."""
+    from ivfast.train import Trainer, main
+
+    args = [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={tmp_path}",
+            "optim.batch_per_gpu=2", "optim.global_batch=2", "runtime.ckpt_every=1", "runtime.max_steps=2"]
+    Trainer(load_config("demo", args)).fit()
+    newest = tmp_path / "checkpoints" / "step_00000002"
+    _flip_tensor_byte(newest / ckpt.MODEL_FILE, "encoder.patch_embed.weight")
+    with pytest.warns(UserWarning) as seen:
+        trainer = Trainer(load_config("demo", args), resume="auto")
+    assert trainer.step == 1
+    damaged = [str(w.message) for w in seen if "damaged" in str(w.message)]
+    assert len(damaged) == 1 and "step_00000002: model.safetensors does not match" in damaged[0], damaged
+    capsys.readouterr()
+    assert main(["--config", "demo", *args, "--resume", str(newest)]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "ivfast.train" in x]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"ivfast.train: checkpoint error: checkpoint {newest} is damaged: "), err
+    assert "model.safetensors does not match" in lines[0] and "Traceback" not in err
