@@ -2,7 +2,9 @@
 
 Layout: ``OUTPUT/checkpoints/step_00001234/`` holding
   - ``model.safetensors``: the model's full state dict (what stage 2's ``model.init_from`` reads),
-  - ``train_state.pt``: optimiser, scheduler, step, RNG states, data position, counters,
+  - ``train_state.pt``: optimiser, scheduler, step, RNG states, data position, counters; only
+    tensors and plain Python data, loaded with ``torch.load(weights_only=True)`` so that a
+    checkpoint from someone else cannot run code,
   - ``config.yaml``: the resolved config,
   - ``manifest.json``: written last, with every file's size and BLAKE2b content hash; a
     directory whose files do not match it is damaged (a truncated copy, or bit rot that keeps
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -186,10 +189,21 @@ def _check_dir(path: Path) -> None:
                               f"pass a checkpoints/step_XXXXXXXX directory or --resume auto")
 
 
+def load_plain(path: Path):
+    """``torch.load`` of tensors and plain data only; anything else is refused unread."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+        why = next((x for x in lines if "GLOBAL" in x or "global" in x), lines[0])[:200]
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain data ({why}): refused "
+                              f"unread, since loading them could run code. ivfast writes none; take the file "
+                              f"from its maker again, or start from the model weights alone") from None
+
+
 def _read(path: Path) -> tuple[dict, dict]:
     model_state = load_file(str(path / MODEL_FILE))
-    train_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    return model_state, train_state
+    return model_state, load_plain(path / STATE_FILE)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:

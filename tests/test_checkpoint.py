@@ -172,3 +172,57 @@ def test_resume_auto_skips_corrupt_newest_and_named_one_stops(clip_list, tmp_pat
     assert len(lines) == 1, err
     assert lines[0].startswith(f"ivfast.train: checkpoint error: checkpoint {newest} is damaged: "), err
     assert "model.safetensors does not match" in lines[0] and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- data, not code
+class _Payload:
+    """What a hostile checkpoint carries: unpickling it calls os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _plant(path, payload):
+    """Replace train_state.pt and re-hash the manifest, as its maker could: the hashes match."""
+    import json
+
+    torch.save({"step": 1, "optimizer": {}, "rng": payload}, path / ckpt.STATE_FILE)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.STATE_FILE] = (path / ckpt.STATE_FILE).stat().st_size
+    manifest["digests"][ckpt.STATE_FILE] = ckpt.file_digest(path / ckpt.STATE_FILE)
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_hostile_train_state_is_refused_and_never_runs(tmp_path):
+    path = _write(tmp_path / "ck", 1)
+    marker = tmp_path / "payload_ran"
+    _plant(path, _Payload(marker))
+    assert ckpt.is_valid(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"train_state\.pt holds pickled objects other than tensors") as e:
+        ckpt.load_checkpoint(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.load_latest(tmp_path / "ck")
+    assert not marker.exists(), "the pickled payload ran"
+
+
+def test_train_state_of_a_real_run_is_plain_data(clip_list, tmp_path, capsys):
+    """A trainer's train_state.pt loads with weights_only=True; a planted one stops the resume in one line."""
+    from ivfast.train import Trainer, main
+
+    args = [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={tmp_path / 'run'}",
+            "optim.batch_per_gpu=2", "optim.global_batch=2", "runtime.max_steps=1"]
+    last = Trainer(load_config("demo", args)).fit()
+    state = torch.load(last / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] == 1 and torch.is_tensor(state["rng"]["numpy"]["key"])
+    marker = tmp_path / "payload_ran"
+    _plant(last, _Payload(marker))
+    capsys.readouterr()
+    assert main(["--config", "demo", *args, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "ivfast.train" in x]
+    assert len(lines) == 1 and "holds pickled objects other than tensors" in lines[0], err
+    assert "Traceback" not in err and not marker.exists()
