@@ -16,6 +16,7 @@ save.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +51,45 @@ class CorruptCheckpointError(CheckpointError):
         super().__init__(f"checkpoint {path} is damaged: {detail}{hint}")
 
 
+class DiskFullError(CheckpointError):
+    """No space left while saving; the partial copy is gone and earlier checkpoints are intact."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception behind it is ENOSPC/EDQUOT. torch.save reports it as a
+    RuntimeError with the OSError as its context, safetensors as its own error with the OS text."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        if any(os.strerror(code) in str(exc) for code in _FULL):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def state_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state: about what saving it writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.new(HASH)
     with open(path, "rb") as f:
@@ -75,19 +115,20 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    # safetensors refuses shared storage and non-contiguous tensors: store plain copies.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step), "format": "ivfast"})
-    torch.save(train_state, tmp / STATE_FILE)
-    save_config(cfg, tmp / "config.yaml")
-    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    for name in files:
-        _fsync(tmp / name)
-    # read back from the page cache after fsync: the hash covers the bytes as stored
-    digests = {name: file_digest(tmp / name) for name in files}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "hash": HASH, "digests": digests}))
-    _fsync(tmp / MANIFEST)
+    try:
+        _write_files(tmp, step, model_state, train_state, cfg)
+    except BaseException as e:
+        # nothing half-written stays behind; the checkpoints already in place are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _disk_full(e):
+            raise
+        need = state_bytes(model_state) + state_bytes(train_state)
+        prev = list_checkpoints(root)
+        raise DiskFullError(
+            f"no space left in {root} while saving step {step}: it needs about {need} bytes ({need / 2**30:.2f} GiB), "
+            f"{free_bytes(root)} are free. The partial copy was removed and the saved checkpoints were not touched "
+            f"(newest: {prev[-1].name if prev else 'none'}). Free space, lower "
+            f"runtime.keep_last, or point runtime.output_dir at a larger disk, then --resume auto") from None
     old = None
     if final.exists():
         # The same step again (a run resumed from an older checkpoint reaches it anew): the new
@@ -106,6 +147,24 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
     for stale in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write_files(tmp: Path, step: int, model_state: dict, train_state: dict, cfg: Config) -> None:
+    """The checkpoint's files, fsynced, and last its manifest, into the directory ``tmp``."""
+    tmp.mkdir()
+    # safetensors refuses shared storage and non-contiguous tensors: store plain copies.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step), "format": "ivfast"})
+    with open(tmp / STATE_FILE, "wb") as f:    # our file object: a failed write keeps its OSError
+        torch.save(train_state, f)
+    save_config(cfg, tmp / "config.yaml")
+    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    for name in files:
+        _fsync(tmp / name)
+    # read back from the page cache after fsync: the hash covers the bytes as stored
+    digests = {name: file_digest(tmp / name) for name in files}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "hash": HASH, "digests": digests}))
+    _fsync(tmp / MANIFEST)
 
 
 def _pid_alive(pid: int) -> bool:

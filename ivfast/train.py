@@ -306,8 +306,26 @@ class Trainer:
             if self.global_batch != o.global_batch:
                 log.warning("optim.global_batch=%d is not a multiple of batch_per_gpu x world = %d: "
                             "using %d clips per step", o.global_batch, per_micro, self.global_batch)
+            self._check_free_space()
 
     # ---- checkpoints
+    def _next_save_bytes(self) -> int:
+        """About what the next checkpoint writes: the newest one's size, else the model's tensors
+        plus AdamW's two moments per trainable value."""
+        saved = ckpt.list_checkpoints(self.ckpt_dir)
+        if saved:
+            return sum(f.stat().st_size for f in saved[-1].iterdir())
+        model = unwrap(self.model)
+        moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return ckpt.state_bytes(model.state_dict()) + moments
+
+    def _check_free_space(self) -> None:
+        """Said at start-up: a save that cannot fit would end the run at its first checkpoint."""
+        need, free = self._next_save_bytes(), ckpt.free_bytes(self.ckpt_dir)
+        if free < need:
+            log.warning("only %d bytes are free for %s; the next checkpoint needs about %d (%.2f GiB): free "
+                        "space or point runtime.output_dir at a larger disk", free, self.ckpt_dir, need, need / 2**30)
+
     def _resume(self, resume: str) -> None:
         if resume == "auto":
             found = ckpt.load_latest(self.ckpt_dir)    # damaged ones skipped with a warning

@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, rotation, damaged ones skipped, a killed writer loses nothing."""
+import errno
 import os
 import signal
 import subprocess
@@ -150,6 +151,7 @@ def test_corrupt_train_state_is_found(tmp_path):
         ckpt.load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_corrupt_newest_and_named_one_stops(clip_list, tmp_path, capsys):
     """Training: --resume auto falls back to the previous checkpoint with one warning naming the
     file; the corrupt checkpoint named on the command line ends the run with one line."""
@@ -226,3 +228,131 @@ def test_train_state_of_a_real_run_is_plain_data(clip_list, tmp_path, capsys):
     lines = [x for x in err.splitlines() if "ivfast.train" in x]
     assert len(lines) == 1 and "holds pickled objects other than tensors" in lines[0], err
     assert "Traceback" not in err and not marker.exists()
+
+
+# --------------------------------------------------------------------------- full disks
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size) -> a directory on a real tmpfs of that many bytes (root only; unmounted after)."""
+    mounted = []
+
+    def mount(size: int):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); the injected-ENOSPC tests cover it")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _check_disk_full(err, root, step):
+    msg = str(err)
+    assert "\n" not in msg and f"no space left in {root} while saving step {step}: it needs about " in msg, msg
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name], "the partial copy was left behind"
+    latest = ckpt.find_latest(root)
+    assert latest is not None and latest.name == "step_00000001"
+    model, state = ckpt.load_checkpoint(latest)
+    assert state["step"] == 1 and torch.equal(model["w"], torch.ones(256, 1024))
+
+
+def _save_w(root, step, big="model"):
+    """A 1 MiB checkpoint whose bulk is in model.safetensors or in train_state.pt."""
+    mib = torch.ones(256, 1024)
+    model = {"w": mib if big == "model" else mib[:1].clone()}
+    state = {"step": step, "moments": mib.clone() if big == "state" else torch.zeros(1)}
+    return ckpt.save_checkpoint(root, step, model, state, load_config("demo"))
+
+
+@pytest.mark.parametrize("big", ["model", "state"])
+def test_full_tmpfs_keeps_the_last_good_checkpoint(small_fs, big):
+    """A real file system with room for one 1 MiB checkpoint only: the second save fails cleanly,
+    in safetensors' write or in torch.save's."""
+    root = small_fs(1536 * 1024) / "checkpoints"
+    _save_w(root, 1)
+    with pytest.raises(ckpt.CheckpointError, match="no space left") as e:
+        _save_w(root, 2, big)
+    _check_disk_full(e.value, root, 2)
+
+
+@pytest.mark.parametrize("where", [ckpt.STATE_FILE, ckpt.MODEL_FILE])
+def test_injected_enospc_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, where):
+    """ENOSPC from the write of train_state.pt (torch.save: a RuntimeError around the OSError) or
+    of model.safetensors (safetensors' own error carrying the OS text)."""
+    import builtins
+
+    root = tmp_path / "checkpoints"
+    _save_w(root, 1)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if "w" in mode and str(path).endswith(where) else f
+
+    if where == ckpt.STATE_FILE:
+        monkeypatch.setattr(ckpt, "open", full_open, raising=False)     # the module's own open()
+    else:
+        from safetensors import SafetensorError
+
+        def full_save(tensors, path, metadata=None):
+            with real_open(path, "wb") as f:
+                f.write(b"\0" * 4096)      # a partial file, as a real full disk leaves
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(ckpt, "save_file", full_save)
+    with pytest.raises(ckpt.CheckpointError, match="no space left") as e:
+        _save_w(root, 2)
+    _check_disk_full(e.value, root, 2)
+
+
+@pytest.mark.slow
+def test_run_on_a_full_disk_says_so_at_start_and_ends_in_one_line(clip_list, tmp_path, small_fs, caplog, capsys):
+    """Training on a real tmpfs with room for one checkpoint: a warning at start-up, then the
+    second save ends the run with one line, and step 1 still resumes."""
+    import logging
+
+    from ivfast.train import Trainer, main
+
+    def args(out, steps):
+        return [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}", "optim.batch_per_gpu=2",
+                "optim.global_batch=2", "runtime.ckpt_every=1", f"runtime.max_steps={steps}"]
+
+    Trainer(load_config("demo", args(tmp_path / "probe", 1))).fit()
+    one = sum(f.stat().st_size for f in (tmp_path / "probe" / "checkpoints" / "step_00000001").iterdir())
+    out = small_fs(one + one // 2 + 256 * 1024)
+    caplog.set_level(logging.WARNING, logger="ivfast.train")
+    assert main(["--config", "demo", *args(out, 2)]) == 2
+    assert not any("bytes are free for" in r.getMessage() for r in caplog.records), "room for one: no warning"
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "ivfast.train" in x]
+    assert len(lines) == 1 and "no space left in" in lines[0] and "while saving step 2" in lines[0], err
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step_00000001"]
+    assert ckpt.load_checkpoint(root / "step_00000001")[1]["step"] == 1
+    caplog.clear()
+    Trainer(load_config("demo", args(out, 2)), resume="auto")
+    assert any("bytes are free for" in r.getMessage() and "the next checkpoint needs about" in r.getMessage()
+               for r in caplog.records), "start-up must say the next save does not fit"
+    # before any checkpoint exists the estimate comes from the model and AdamW's moments
+    need = Trainer(load_config("demo", args(tmp_path / "fresh", 1)))._next_save_bytes()
+    assert one * 0.9 <= need <= one * 1.1, (need, one)
