@@ -195,6 +195,7 @@ class DataConfig:
     decode_threads: int = 2             # DALI threads / PyAV decoder threads per worker
     verify: Literal["auto", "first", "full"] = "auto"  # index probe decodes the first frame or all (auto: all with DALI, which can crash on corrupt files)
     min_frames: int = 1                 # videos with fewer decodable frames are dropped; shorter than num_frames = sampled with repeats (as released)
+    decode_timeout_s: float = 120.0     # PyAV workers: a clip decoding longer is a bad file, its worker restarted (0 = off)
     rgb: Literal["exact", "fast"] = "exact"  # PyAV YUV->RGB: exact = as DALI (bit-identical); fast = swscale default, ~44 dB off, cheaper
 
 

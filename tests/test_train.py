@@ -252,3 +252,19 @@ def test_stage2_reinterpolated_tables_train_save_and_resume(clip_list, tmp_path)
     from ivfast.models.release_weights import load_encoder
     enc = load_encoder(tmp_path / "full" / "checkpoints" / "step_00000002", config=full.cfg)
     torch.testing.assert_close(enc.pos_embed, a["encoder.pos_embed"])
+
+
+@pytest.mark.slow
+def test_training_survives_a_decoder_segfault_in_a_worker(clip_list, tmp_path, monkeypatch):
+    """SIGSEGV in a DataLoader worker while the trainer runs: the file is counted, the run finishes."""
+    from ivfast.data import loader as loader_mod
+
+    crash = clip_list.read_text().splitlines()[3]
+    real = loader_mod.decode_frames
+    monkeypatch.setattr(loader_mod, "decode_frames", lambda source, *a, **k: (
+        os.kill(os.getpid(), signal.SIGSEGV) if str(source) == crash else real(source, *a, **k)))
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "data.num_workers=1", "data.max_bad_fraction=0.2"))
+    last = trainer.fit()
+    assert trainer.step == trainer.stop_step == 4 and ckpt.is_valid(last)
+    s = trainer.loader.bad_summary()
+    assert s["examples"] == {"decoder_crash": [crash]} and s["decode_bad_files"] == 1, s
