@@ -711,8 +711,16 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
     from ivfast.data import DataError   # lazy: keeps `--print-config` free of the data stack
+    resume = args.resume
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0 and resume != "auto":
+        # torchrun --max-restarts restarted the worker group after a failure: go on from the newest
+        # valid checkpoint, not from the command line's starting point
+        log.warning("elastic restart %d: resuming from the newest valid checkpoint (--resume auto%s)", restarts,
+                    f"; the command line's --resume {resume} is for the first start only" if resume else "")
+        resume = "auto"
     try:
-        last = run(cfg, args.resume)
+        last = run(cfg, resume)
     except DataError as e:
         # a data problem found at start-up or mid-run (missing list, too many bad videos) is the
         # user's to fix, like a config error: one line and exit 2, not a traceback
