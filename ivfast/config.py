@@ -229,6 +229,9 @@ class RuntimeConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     max_nonfinite: int = 10
+    # process-group timeout; a rank stuck for 80 % of it while others wait ends the run naming it
+    # (0 = torch's default, no watchdog). Must exceed the longest checkpoint save.
+    collective_timeout_s: float = 600.0
     profile_steps: str = ""             # "A:B" capture window
     recon_every: int = 0                # stage 1: reconstruction grid to TensorBoard every N steps (0 = off)
 

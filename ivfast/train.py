@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from ivfast.config import BlockSpec, Config, ConfigError, MaskingConfig, dump, l
 from ivfast.masking import stream_key
 from ivfast.models.epd import purpose_seed
 from ivfast.metrics import MetricsLogger, PhaseTimer, device_peak_flops
+from ivfast.watchdog import RankWatchdog
 
 log = logging.getLogger("ivfast.train")
 
@@ -60,7 +62,9 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        t = cfg.runtime.collective_timeout_s
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=t) if t > 0 else None)
     return rank, world, device
 
 
@@ -287,6 +291,7 @@ class Trainer:
         self._last_video = None          # runtime.recon_every: first clip of the latest batch
         self._saved_step = -1          # the step of the last checkpoint, known on every rank
         self._it = None
+        self.watchdog = None           # started by fit(): names a rank the others wait for
         if resume:
             self._resume(resume)
         self.metrics = MetricsLogger(self.out, enabled=self.is_main)
@@ -357,9 +362,14 @@ class Trainer:
         set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _at(self, phase: str, step: int, micro: int = 0) -> None:
+        if self.watchdog is not None:
+            self.watchdog.enter(phase, step, micro)
+
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        self._at("checkpoint", self.step - 1, self.accum - 1)
         self._read_nonfinite()
         model_state = full_model_state(self.model)
         optim_state = get_optimizer_state_dict(unwrap(self.model), self.optimizer,
@@ -379,6 +389,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, state, self.cfg,
                                         keep_last=self.cfg.runtime.keep_last)
         if self.world > 1:
+            self._at("after checkpoint", self.step - 1, self.accum - 1)    # waiting for rank 0's write
             dist.barrier()
         self._saved_step = self.step
         return path
@@ -408,6 +419,7 @@ class Trainer:
             g["lr"] = lr
         parts: dict[str, torch.Tensor] = {}
         for micro in range(self.accum):
+            self._at("data", self.step, micro)
             with self.timer.phase("data", host=True):
                 batch = self._upload_next_batch()
             seed = step_seed(cfg.runtime.seed, self.step, micro, self.rank)
@@ -418,14 +430,17 @@ class Trainer:
             sync = model.no_sync() if (self.world > 1 and not last and hasattr(model, "no_sync")) \
                 else contextlib.nullcontext()
             with sync:
+                self._at("forward", self.step, micro)
                 with self.timer.phase("forward"), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                                  enabled=self.autocast_dtype is not None):
                     out = model(batch["video"], seed)
+                self._at("backward", self.step, micro)
                 with self.timer.phase("backward"):
                     (out["loss"] / self.accum).backward()
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     parts[k] = parts.get(k, 0.0) + v.detach().float() / self.accum
+        self._at("optimizer", self.step, self.accum - 1)
         with self.timer.phase("optimizer"):
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e30)
@@ -571,6 +586,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
         preempted = None
+        self.watchdog = RankWatchdog.for_run(self.rank, self.world, cfg.runtime.collective_timeout_s)
         try:
             while self.step < self.stop_step:
                 window_start += self.profile.step(self.step)   # trace export time is not step time
@@ -584,6 +600,7 @@ class Trainer:
                     self._reported_attention = True
                 if bar is not None:
                     bar.update(1)
+                self._at("sync", self.step - 1, self.accum - 1)      # the collectives closing the step
                 if self.step % cfg.runtime.log_every == 0 or self.step == self.stop_step:
                     self._read_nonfinite()
                     self._check_bad_data()
@@ -614,14 +631,22 @@ class Trainer:
                 if preempted:
                     log.warning("%s received: saving at step %d and exiting", preempted, self.step)
                     break
+        except BaseException:
+            if self.watchdog is not None:      # an error of this rank is no hang of another
+                self.watchdog.stop()
+            raise
         finally:
             stop.restore()
             self.profile.close()
             if bar is not None:
                 bar.close()
             self.metrics.close()
-        if self._saved_step != self.step:      # the same decision on every rank
-            self.save()
+        try:
+            if self._saved_step != self.step:      # the same decision on every rank
+                self.save()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
         if self.is_main:
             summary = self.loader.bad_summary()
             if summary["bad_files"]:
