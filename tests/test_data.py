@@ -493,7 +493,8 @@ def test_normalize_no_host_sync_on_gpu():
 
 # --------------------------------------------------------------------------- crashing and hanging decoders
 def _inject(monkeypatch, crash="", hang=""):
-    """decode_frames that segfaults its process on ``crash`` and never returns on ``hang``."""
+    """decode_frames that segfaults its process on ``crash`` and never returns on ``hang``
+    (``hang="*"``: on every file)."""
     import os
     import signal
     import time
@@ -505,7 +506,7 @@ def _inject(monkeypatch, crash="", hang=""):
     def injected(source, *a, **k):
         if str(source) == crash:
             os.kill(os.getpid(), signal.SIGSEGV)     # what FFmpeg does on some malformed streams
-        if str(source) == hang:
+        if hang in (str(source), "*"):
             time.sleep(3600)                         # a decoder that never returns
         return real(source, *a, **k)
 
@@ -555,3 +556,15 @@ def test_decode_past_the_time_limit_costs_one_file(tmp_path, clips, monkeypatch,
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert f"decoding {hang}: counted as bad (decode_timeout)" in log, log
     assert "decode_timeout_s=2" in log
+
+
+@pytest.mark.slow
+def test_workers_that_hang_on_every_file_stop_the_run_clearly(tmp_path, clips, monkeypatch):
+    """Time-outs on file after file are a hung worker (e.g. a deadlock after fork), not bad files:
+    a few restarts, then one clear error instead of blaming the data set file by file."""
+    _inject(monkeypatch, hang="*")
+    cfg = make_cfg(write_list(tmp_path / "l.txt", clips["vp9"]), tmp_path, num_workers=1, max_bad_fraction=0.9,
+                   decode_timeout_s=1)
+    with pytest.raises(DataError, match=r"killed 3 times in a row for decodes past data.decode_timeout_s=1, "
+                                        r"each on another file .*more likely the workers hang than the files"):
+        list(build_loader(cfg))

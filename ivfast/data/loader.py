@@ -69,6 +69,7 @@ log = logging.getLogger("ivfast.data")
 
 MAX_ATTEMPTS = 16   # replacements tried for one slot before giving up on the batch
 MAX_BLIND_RESTARTS = 3   # worker deaths in a row with no file being decoded before giving up
+MAX_TIMEOUT_RESTARTS = 3   # restarts in a row for time-outs only: the workers hang, not the files
 
 
 def normalize(video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -347,6 +348,7 @@ class ClipLoader:
         self.drop_last, self.max_bad_fraction = drop_last, max_bad_fraction
         self.prefetch, self.decode_threads, self.num_workers = max(1, prefetch), decode_threads, num_workers
         self.decode_timeout_s = float(decode_timeout_s)
+        self._last_blamed = ""       # the latest file a dead worker was decoding
         if norm_dtype == "auto":
             norm_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.norm_dtype = getattr(torch, norm_dtype)
@@ -510,7 +512,7 @@ class ClipLoader:
         if self.num_workers == 0:
             yield from self._dl
             return
-        blind = 0
+        blind = hung = 0
         while True:
             # Collect cyclic garbage before the workers fork (each epoch): a PyAV decoder left in
             # a cycle here would be freed in a child, whose FFmpeg threads do not exist, and the
@@ -530,21 +532,30 @@ class ClipLoader:
                         if not dead:
                             raise
                         break
-                    blind = 0
+                    blind = hung = 0
                     yield batch
             finally:
                 guard.stop()
-            blamed = self._blame(dead, guard)
-            del it                       # shuts the remaining workers down
+            blamed, timed_out = self._blame(dead, guard)
+            del it, guard                # shuts the remaining workers down
             blind = 0 if blamed else blind + 1
+            hung = hung + 1 if blamed and timed_out == blamed else 0
+            if hung >= MAX_TIMEOUT_RESTARTS:
+                raise DataError(f"the workers were killed {hung} times in a row for decodes past "
+                                f"data.decode_timeout_s={self.decode_timeout_s:g}, each on another file "
+                                f"(latest: {self._last_blamed}): more likely the workers hang than the files "
+                                "(e.g. a library with threads used in the training process before the "
+                                "workers forked). Check those files with python -m ivfast.data inspect, "
+                                "raise data.decode_timeout_s, or try data.num_workers=0")
             if blind >= MAX_BLIND_RESTARTS:
                 raise DataError(f"DataLoader workers died {blind} times in a row while decoding no file "
                                 f"({dead}): not a decoder crash; check the host's memory (OOM killer) "
                                 "and dmesg, or run with data.num_workers=0 to see the error")
 
-    def _blame(self, dead: dict[int, int], guard: "_WorkerGuard") -> int:
-        """Mark the files the dead workers were decoding; the restarted workers skip them."""
-        blamed = 0
+    def _blame(self, dead: dict[int, int], guard: "_WorkerGuard") -> tuple[int, int]:
+        """Mark the files the dead workers were decoding (the restarted workers skip them);
+        returns (files blamed, of which for a time-out)."""
+        blamed = timed = 0
         for wid, exitcode in dead.items():
             timed_out = wid in guard.timed_out and exitcode == -signal.SIGKILL
             sid = guard.timed_out[wid] if timed_out else guard.decoding(wid)
@@ -559,10 +570,12 @@ class ClipLoader:
             else:
                 reason, detail = "decoder_crash", f"the decoder killed its worker ({how})"
             self.dataset.crashed[sid] = (reason, detail)
+            self._last_blamed = path
             blamed += 1
+            timed += timed_out
             log.warning("DataLoader worker %d died (%s) decoding %s: counted as bad (%s); restarting the "
                         "workers at batch %d of epoch %d", wid, how, path, reason, self.position, self.epoch)
-        return blamed
+        return blamed, timed
 
     def _iter_dali(self) -> Iterator[dict]:
         """A producer thread routes each batch (DALI for its codecs, PyAV threads for the rest)."""
