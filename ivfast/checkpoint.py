@@ -25,6 +25,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -248,9 +249,27 @@ def _check_dir(path: Path) -> None:
                               f"pass a checkpoints/step_XXXXXXXX directory or --resume auto")
 
 
-def load_plain(path: Path):
-    """``torch.load`` of tensors and plain data only; anything else is refused unread."""
+def _numpy_array_globals() -> list:
+    """What unpickling a plain NumPy array needs: the array type, dtypes and numpy's array
+    constructor. They build arrays of numbers and call nothing else; an object array would need
+    further globals, which stay refused."""
     try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:              # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    numeric = [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"]     # bool, ints, floats, complex
+    return [np.ndarray, np.dtype, _reconstruct, *numeric]
+
+
+def load_plain(path: Path, numpy_arrays: bool = False):
+    """``torch.load`` of tensors and plain data only; anything else is refused unread.
+
+    ``numpy_arrays``: also accept plain NumPy arrays, which train states written by ivfast
+    before its RNG states were stored as tensors hold (NumPy's generator key)."""
+    try:
+        if numpy_arrays:
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
@@ -262,7 +281,7 @@ def load_plain(path: Path):
 
 def _read(path: Path) -> tuple[dict, dict]:
     model_state = load_file(str(path / MODEL_FILE))
-    return model_state, load_plain(path / STATE_FILE)
+    return model_state, load_plain(path / STATE_FILE, numpy_arrays=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:

@@ -63,8 +63,18 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         t = cfg.runtime.collective_timeout_s
+        timeout = datetime.timedelta(seconds=t) if t > 0 else None
+        kw = {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # torchrun's static rendezvous (--master-port) keeps one store across restarts: the
+            # dead group's addresses are still in it, and a new rank could read a peer's old
+            # one (seen: gloo "Connection refused", or a connect waiting out the timeout). Keys
+            # of this attempt live under their own prefix.
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout or datetime.timedelta(minutes=30)))
+            kw = {"store": dist.PrefixStore(f"ivfast/restart_{restart}/", store), "rank": rank, "world_size": world}
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
-                                timeout=datetime.timedelta(seconds=t) if t > 0 else None)
+                                timeout=timeout, **kw)
     return rank, world, device
 
 
@@ -155,12 +165,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
+    """The states of :func:`rng_state`, or the tuples that checkpoints of older ivfast versions hold."""
     torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = s["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    n, p = s["numpy"], s["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["state"]), p["gauss"])
+    random.setstate(p)
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 

@@ -198,10 +198,16 @@ def _plant(path, payload):
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_hostile_train_state_is_refused_and_never_runs(tmp_path):
+@pytest.mark.parametrize("wrap", ["plain", "numpy_object_array"])
+def test_hostile_train_state_is_refused_and_never_runs(tmp_path, wrap):
+    """A __reduce__ payload, bare or inside a NumPy object array (NumPy arrays of numbers are
+    accepted for older train states; objects inside them are not)."""
+    import numpy as np
+
     path = _write(tmp_path / "ck", 1)
     marker = tmp_path / "payload_ran"
-    _plant(path, _Payload(marker))
+    payload = _Payload(marker)
+    _plant(path, payload if wrap == "plain" else np.array([payload], dtype=object))
     assert ckpt.is_valid(path)
     with pytest.raises(ckpt.CheckpointError, match=r"train_state\.pt holds pickled objects other than tensors") as e:
         ckpt.load_checkpoint(path)
@@ -356,3 +362,30 @@ def test_run_on_a_full_disk_says_so_at_start_and_ends_in_one_line(clip_list, tmp
     # before any checkpoint exists the estimate comes from the model and AdamW's moments
     need = Trainer(load_config("demo", args(tmp_path / "fresh", 1)))._next_save_bytes()
     assert one * 0.9 <= need <= one * 1.1, (need, one)
+
+
+def test_train_state_of_an_older_ivfast_still_resumes(tmp_path):
+    """Before RNG states were stored as tensors, train_state.pt held NumPy's state tuple (a plain
+    uint32 array): it still loads as data, and its RNG states restore."""
+    import json
+    import random
+
+    import numpy as np
+
+    from ivfast.train import set_rng_state
+
+    path = _write(tmp_path, 1)
+    np.random.seed(5)
+    random.seed(5)
+    old = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    want = (np.random.rand(3), random.random(), torch.rand(2))
+    torch.save({"step": 1, "optimizer": {}, "rng": old}, path / ckpt.STATE_FILE)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.STATE_FILE] = (path / ckpt.STATE_FILE).stat().st_size
+    manifest["digests"][ckpt.STATE_FILE] = ckpt.file_digest(path / ckpt.STATE_FILE)
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    _, state = ckpt.load_checkpoint(path)
+    np.random.seed(0)
+    set_rng_state(state["rng"])
+    got = (np.random.rand(3), random.random(), torch.rand(2))
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1] and torch.equal(got[2], want[2])

@@ -299,7 +299,7 @@ def test_torchrun_restart_after_a_killed_rank_resumes_exactly(clip_list, tmp_pat
     ref = subprocess.run(cmd(tmp_path / "ref", 29541), env=ENV, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = subprocess.Popen(cmd(tmp_path / "killed", 29542), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         first = tmp_path / "killed" / "checkpoints" / "step_00000002"
         deadline = time.time() + 300
@@ -310,8 +310,9 @@ def test_torchrun_restart_after_a_killed_rank_resumes_exactly(clip_list, tmp_pat
         os.kill(victim, signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:      # the agent and its workers: no process outlives the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, out[-4000:]
     assert "elastic restart 1: resuming from the newest valid checkpoint" in out, out[-4000:]
     resumed = [line for line in out.splitlines() if "resumed from" in line]
