@@ -99,8 +99,6 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -126,9 +124,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_state: dict, t
         need = state_bytes(model_state) + state_bytes(train_state)
         prev = list_checkpoints(root)
         raise DiskFullError(
-            f"no space left in {root} while saving step {step}: it needs about {need} bytes ({need / 2**30:.2f} GiB), "
-            f"{free_bytes(root)} are free. The partial copy was removed and the saved checkpoints were not touched "
-            f"(newest: {prev[-1].name if prev else 'none'}). Free space, lower "
+            f"no space left in {root} while saving step {step}: it needs about {need} bytes "
+            f"({need / 2**30:.2f} GiB), {free_bytes(root)} are free. The partial copy was removed and the saved "
+            f"checkpoints were not touched (newest: {prev[-1].name if prev else 'none'}). Free space, lower "
             f"runtime.keep_last, or point runtime.output_dir at a larger disk, then --resume auto") from None
     old = None
     if final.exists():
@@ -291,7 +289,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     try:
         verify(path)
     except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(path, e.detail, f"; use an older one in {path.parent} or --resume auto") from None
+        raise CorruptCheckpointError(path, e.detail,
+                                     f"; use an older one in {path.parent} or --resume auto") from None
     return _read(path)
 
 

@@ -751,9 +751,11 @@ def main(argv=None) -> int:
     from ivfast.data import DataError   # lazy: keeps `--print-config` free of the data stack
     resume = args.resume
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts > 0 and resume != "auto":
+    saved = ckpt.list_checkpoints(Path(cfg.runtime.output_dir) / "checkpoints")
+    if restarts > 0 and resume != "auto" and (saved or not resume):
         # torchrun --max-restarts restarted the worker group after a failure: go on from the newest
-        # valid checkpoint, not from the command line's starting point
+        # valid checkpoint, not from the command line's starting point (which stays the start when
+        # the failed run saved none)
         log.warning("elastic restart %d: resuming from the newest valid checkpoint (--resume auto%s)", restarts,
                     f"; the command line's --resume {resume} is for the first start only" if resume else "")
         resume = "auto"

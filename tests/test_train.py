@@ -324,3 +324,24 @@ def test_torchrun_restart_after_a_killed_rank_resumes_exactly(clip_list, tmp_pat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after the elastic restart"
+
+
+def test_elastic_restart_resumes_by_itself(clip_list, tmp_path, monkeypatch, caplog):
+    """TORCHELASTIC_RESTART_COUNT > 0 (torchrun restarted the group): the newest checkpoint of the
+    output directory wins over the command line's --resume; with none saved yet, that path stays."""
+    import logging
+
+    from ivfast import train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg, resume: seen.append(resume) or tmp_path)
+    caplog.set_level(logging.WARNING, logger="ivfast.train")
+    args = ["--config", "demo", f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={tmp_path}"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train.main(args) == 0 and train.main(args + ["--resume", "/elsewhere/step_1"]) == 0
+    assert seen == ["auto", "/elsewhere/step_1"]
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 1, {"w": torch.ones(1)}, {"step": 1}, load_config("demo"))
+    assert train.main(args + ["--resume", "/elsewhere/step_1"]) == 0 and seen[-1] == "auto"
+    assert "elastic restart 1: resuming from the newest valid checkpoint" in caplog.text
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train.main(args) == 0 and seen[-1] == ""
