@@ -197,6 +197,7 @@ class DataConfig:
     decode_threads: int = 2             # DALI threads / PyAV decoder threads per worker
     verify: Literal["auto", "first", "full"] = "auto"  # index probe decodes the first frame or all (auto: all with DALI, which can crash on corrupt files)
     min_frames: int = 1                 # videos with fewer decodable frames are dropped; shorter than num_frames = sampled with repeats (as released)
+    decode_timeout_s: float = 120.0     # PyAV workers: a clip decoding longer is a bad file, its worker restarted (0 = off)
     rgb: Literal["exact", "fast"] = "exact"  # PyAV YUV->RGB: exact = as DALI (bit-identical); fast = swscale default, ~44 dB off, cheaper
 
 
@@ -230,6 +231,9 @@ class RuntimeConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     max_nonfinite: int = 10
+    # process-group timeout; a rank stuck for 80 % of it while others wait ends the run naming it
+    # (0 = torch's default, no watchdog). Must exceed the longest checkpoint save.
+    collective_timeout_s: float = 600.0
     profile_steps: str = ""             # "A:B" capture window
     recon_every: int = 0                # stage 1: reconstruction grid to TensorBoard every N steps (0 = off)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from ivfast.config import BlockSpec, Config, ConfigError, MaskingConfig, dump, l
 from ivfast.masking import stream_key
 from ivfast.models.epd import purpose_seed
 from ivfast.metrics import MetricsLogger, PhaseTimer, device_peak_flops
+from ivfast.watchdog import RankWatchdog
 
 log = logging.getLogger("ivfast.train")
 
@@ -60,7 +62,19 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        t = cfg.runtime.collective_timeout_s
+        timeout = datetime.timedelta(seconds=t) if t > 0 else None
+        kw = {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # torchrun's static rendezvous (--master-port) keeps one store across restarts: the
+            # dead group's addresses are still in it, and a new rank could read a peer's old
+            # one (seen: gloo "Connection refused", or a connect waiting out the timeout). Keys
+            # of this attempt live under their own prefix.
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout or datetime.timedelta(minutes=30)))
+            kw = {"store": dist.PrefixStore(f"ivfast/restart_{restart}/", store), "rank": rank, "world_size": world}
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=timeout, **kw)
     return rank, world, device
 
 
@@ -138,16 +152,28 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors, lists and numbers: loadable with ``torch.load(weights_only=True)``."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+         "python": {"version": version, "state": list(py_state), "gauss": py_gauss}}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
 def set_rng_state(s: dict) -> None:
+    """The states of :func:`rng_state`, or the tuples that checkpoints of older ivfast versions hold."""
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n, p = s["numpy"], s["python"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["state"]), p["gauss"])
+    random.setstate(p)
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -278,6 +304,7 @@ class Trainer:
         self._last_video = None          # runtime.recon_every: first clip of the latest batch
         self._saved_step = -1          # the step of the last checkpoint, known on every rank
         self._it = None
+        self.watchdog = None           # started by fit(): names a rank the others wait for
         if resume:
             self._resume(resume)
         self.metrics = MetricsLogger(self.out, enabled=self.is_main)
@@ -297,14 +324,36 @@ class Trainer:
             if self.global_batch != o.global_batch:
                 log.warning("optim.global_batch=%d is not a multiple of batch_per_gpu x world = %d: "
                             "using %d clips per step", o.global_batch, per_micro, self.global_batch)
+            self._check_free_space()
 
     # ---- checkpoints
+    def _next_save_bytes(self) -> int:
+        """About what the next checkpoint writes: the newest one's size, else the model's tensors
+        plus AdamW's two moments per trainable value."""
+        saved = ckpt.list_checkpoints(self.ckpt_dir)
+        if saved:
+            return sum(f.stat().st_size for f in saved[-1].iterdir())
+        model = unwrap(self.model)
+        moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return ckpt.state_bytes(model.state_dict()) + moments
+
+    def _check_free_space(self) -> None:
+        """Said at start-up: a save that cannot fit would end the run at its first checkpoint."""
+        need, free = self._next_save_bytes(), ckpt.free_bytes(self.ckpt_dir)
+        if free < need:
+            log.warning("only %d bytes are free for %s; the next checkpoint needs about %d (%.2f GiB): free "
+                        "space or point runtime.output_dir at a larger disk", free, self.ckpt_dir, need, need / 2**30)
+
     def _resume(self, resume: str) -> None:
-        path = ckpt.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckpt_dir)
-            return
-        model_state, state = ckpt.load_checkpoint(path)
+        if resume == "auto":
+            found = ckpt.load_latest(self.ckpt_dir)    # damaged ones skipped with a warning
+            if found is None:
+                log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+                return
+            path, model_state, state = found
+        else:
+            path = Path(resume)
+            model_state, state = ckpt.load_checkpoint(path)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True, strict=True)
@@ -326,9 +375,14 @@ class Trainer:
         set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _at(self, phase: str, step: int, micro: int = 0) -> None:
+        if self.watchdog is not None:
+            self.watchdog.enter(phase, step, micro)
+
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        self._at("checkpoint", self.step - 1, self.accum - 1)
         self._read_nonfinite()
         model_state = full_model_state(self.model)
         optim_state = get_optimizer_state_dict(unwrap(self.model), self.optimizer,
@@ -348,6 +402,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, state, self.cfg,
                                         keep_last=self.cfg.runtime.keep_last)
         if self.world > 1:
+            self._at("after checkpoint", self.step - 1, self.accum - 1)    # waiting for rank 0's write
             dist.barrier()
         self._saved_step = self.step
         return path
@@ -377,6 +432,7 @@ class Trainer:
             g["lr"] = lr
         parts: dict[str, torch.Tensor] = {}
         for micro in range(self.accum):
+            self._at("data", self.step, micro)
             with self.timer.phase("data", host=True):
                 batch = self._upload_next_batch()
             seed = step_seed(cfg.runtime.seed, self.step, micro, self.rank)
@@ -387,14 +443,17 @@ class Trainer:
             sync = model.no_sync() if (self.world > 1 and not last and hasattr(model, "no_sync")) \
                 else contextlib.nullcontext()
             with sync:
+                self._at("forward", self.step, micro)
                 with self.timer.phase("forward"), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                                  enabled=self.autocast_dtype is not None):
                     out = model(batch["video"], seed)
+                self._at("backward", self.step, micro)
                 with self.timer.phase("backward"):
                     (out["loss"] / self.accum).backward()
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     parts[k] = parts.get(k, 0.0) + v.detach().float() / self.accum
+        self._at("optimizer", self.step, self.accum - 1)
         with self.timer.phase("optimizer"):
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else 1e30)
@@ -540,6 +599,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
         preempted = None
+        self.watchdog = RankWatchdog.for_run(self.rank, self.world, cfg.runtime.collective_timeout_s)
         try:
             while self.step < self.stop_step:
                 window_start += self.profile.step(self.step)   # trace export time is not step time
@@ -553,6 +613,7 @@ class Trainer:
                     self._reported_attention = True
                 if bar is not None:
                     bar.update(1)
+                self._at("sync", self.step - 1, self.accum - 1)      # the collectives closing the step
                 if self.step % cfg.runtime.log_every == 0 or self.step == self.stop_step:
                     self._read_nonfinite()
                     self._check_bad_data()
@@ -583,14 +644,22 @@ class Trainer:
                 if preempted:
                     log.warning("%s received: saving at step %d and exiting", preempted, self.step)
                     break
+        except BaseException:
+            if self.watchdog is not None:      # an error of this rank is no hang of another
+                self.watchdog.stop()
+            raise
         finally:
             stop.restore()
             self.profile.close()
             if bar is not None:
                 bar.close()
             self.metrics.close()
-        if self._saved_step != self.step:      # the same decision on every rank
-            self.save()
+        try:
+            if self._saved_step != self.step:      # the same decision on every rank
+                self.save()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
         if self.is_main:
             summary = self.loader.bad_summary()
             if summary["bad_files"]:
@@ -690,12 +759,26 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)
     from ivfast.data import DataError   # lazy: keeps `--print-config` free of the data stack
+    resume = args.resume
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    saved = ckpt.list_checkpoints(Path(cfg.runtime.output_dir) / "checkpoints")
+    if restarts > 0 and resume != "auto" and (saved or not resume):
+        # torchrun --max-restarts restarted the worker group after a failure: go on from the newest
+        # valid checkpoint, not from the command line's starting point (which stays the start when
+        # the failed run saved none)
+        log.warning("elastic restart %d: resuming from the newest valid checkpoint (--resume auto%s)", restarts,
+                    f"; the command line's --resume {resume} is for the first start only" if resume else "")
+        resume = "auto"
     try:
-        last = run(cfg, args.resume)
+        last = run(cfg, resume)
     except DataError as e:
         # a data problem found at start-up or mid-run (missing list, too many bad videos) is the
         # user's to fix, like a config error: one line and exit 2, not a traceback
         print(f"ivfast.train: data error: {e}", file=sys.stderr)
+        return 2
+    except ckpt.CheckpointError as e:
+        # a named checkpoint that is damaged or does not fit this run: the same, one line
+        print(f"ivfast.train: checkpoint error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

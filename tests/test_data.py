@@ -489,3 +489,82 @@ def test_normalize_no_host_sync_on_gpu():
         normalize(v, torch.bfloat16)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# --------------------------------------------------------------------------- crashing and hanging decoders
+def _inject(monkeypatch, crash="", hang=""):
+    """decode_frames that segfaults its process on ``crash`` and never returns on ``hang``
+    (``hang="*"``: on every file)."""
+    import os
+    import signal
+    import time
+
+    from ivfast.data import loader as loader_mod
+
+    real = loader_mod.decode_frames
+
+    def injected(source, *a, **k):
+        if str(source) == crash:
+            os.kill(os.getpid(), signal.SIGSEGV)     # what FFmpeg does on some malformed streams
+        if hang in (str(source), "*"):
+            time.sleep(3600)                         # a decoder that never returns
+        return real(source, *a, **k)
+
+    monkeypatch.setattr(loader_mod, "decode_frames", injected)     # the workers fork with it
+
+
+@pytest.mark.slow
+def test_decoder_segfault_costs_one_file_and_resume_stays_exact(tmp_path, clips, monkeypatch, caplog):
+    """A worker killed by SIGSEGV inside the decoder: the file is counted and named, the workers
+    restart, the epoch completes; a loader resumed before the crash yields the same batches."""
+    files = list(clips["vp9"])                       # 8 files: 3 batches of 3
+    crash = str(files[2])
+    _inject(monkeypatch, crash=crash)
+    cfg = make_cfg(write_list(tmp_path / "l.txt", files), tmp_path, num_workers=2, max_bad_fraction=0.5)
+    loader = build_loader(cfg)
+    batches = [(b["index"].clone(), b["video"].clone()) for b in loader]
+    assert len(batches) == 3 and all(v.shape == (3, 3, 4, 56, 56) for _, v in batches)
+    ids = [i for idx, _ in batches for i in idx.tolist()]
+    assert 2 not in ids and len(ids) == 9
+    s = loader.bad_summary()
+    assert s["decode_bad_files"] == 1 and s["examples"] == {"decoder_crash": [crash]}, s
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"(signal SIGSEGV) decoding {crash}" in log, log
+    # exact resume: a new loader resumed after batch 0 meets the crash anew and yields the same batches
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(dict(loader.state_dict(), epoch=0, position=1))
+    rest = [(b["index"], b["video"]) for b in resumed]
+    assert len(rest) == 2 and 2 not in torch.cat([i for i, _ in rest]).tolist()
+    for (a_idx, a_vid), (b_idx, b_vid) in zip(batches[1:], rest):
+        assert torch.equal(a_idx, b_idx) and torch.equal(a_vid, b_vid)
+
+
+@pytest.mark.slow
+def test_decode_past_the_time_limit_costs_one_file(tmp_path, clips, monkeypatch, caplog):
+    import time
+
+    files = list(clips["vp9"])
+    hang = str(files[5])
+    _inject(monkeypatch, hang=hang)
+    cfg = make_cfg(write_list(tmp_path / "l.txt", files), tmp_path, num_workers=2, max_bad_fraction=0.5,
+                   decode_timeout_s=2)
+    t0 = time.monotonic()
+    batches = list(build_loader(cfg))
+    assert time.monotonic() - t0 < 60
+    ids = [i for b in batches for i in b["index"].tolist()]
+    assert len(batches) == 3 and 5 not in ids and len(ids) == 9
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"decoding {hang}: counted as bad (decode_timeout)" in log, log
+    assert "decode_timeout_s=2" in log
+
+
+@pytest.mark.slow
+def test_workers_that_hang_on_every_file_stop_the_run_clearly(tmp_path, clips, monkeypatch):
+    """Time-outs on file after file are a hung worker (e.g. a deadlock after fork), not bad files:
+    a few restarts, then one clear error instead of blaming the data set file by file."""
+    _inject(monkeypatch, hang="*")
+    cfg = make_cfg(write_list(tmp_path / "l.txt", clips["vp9"]), tmp_path, num_workers=1, max_bad_fraction=0.9,
+                   decode_timeout_s=1)
+    with pytest.raises(DataError, match=r"killed 3 times in a row for decodes past data.decode_timeout_s=1, "
+                                        r"each on another file .*more likely the workers hang than the files"):
+        list(build_loader(cfg))

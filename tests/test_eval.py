@@ -254,3 +254,27 @@ def test_cache_key_follows_the_weights_file(tmp_path, appearance_lists):
     assert eval_run.cache_key(cfg, enc, ds, "tokens") != k1
     os.utime(w, ns=(1, 1))
     assert eval_run.cache_key(cfg, enc, ds, "mean") != k1
+
+
+def test_planted_feature_cache_is_refused_without_running_it(appearance_lists, tmp_path):
+    """A cache file carrying a pickled payload: one-line refusal, the payload never runs."""
+    import os
+    train, val, _ = appearance_lists
+    base = dict(train_list=str(train), val_list=str(val), output_dir=str(tmp_path), device="cpu", num_workers=0)
+    cfg = EvalConfig(protocol="knn", **base, views=ViewConfig(num_frames=4, img_size=32, test_crops=1),
+                     probe=ProbeConfig(knn_k=3))
+    eval_run.run_protocol(cfg, encoder=tiny_encoder())
+    cached = sorted((tmp_path / "feature_cache").glob("*.pt"))
+    assert cached
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    for f in cached:
+        torch.save({"feats": Payload(), "labels": torch.zeros(1)}, f)
+    with pytest.raises(ValueError, match=r"feature cache: .*\.pt holds pickled objects other than tensors") as e:
+        eval_run.run_protocol(cfg, encoder=tiny_encoder())
+    assert "\n" not in str(e.value) and "delete it" in str(e.value)
+    assert not marker.exists(), "the pickled payload ran"

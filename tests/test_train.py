@@ -252,3 +252,96 @@ def test_stage2_reinterpolated_tables_train_save_and_resume(clip_list, tmp_path)
     from ivfast.models.release_weights import load_encoder
     enc = load_encoder(tmp_path / "full" / "checkpoints" / "step_00000002", config=full.cfg)
     torch.testing.assert_close(enc.pos_embed, a["encoder.pos_embed"])
+
+
+@pytest.mark.slow
+def test_training_survives_a_decoder_segfault_in_a_worker(clip_list, tmp_path, monkeypatch):
+    """SIGSEGV in a DataLoader worker while the trainer runs: the file is counted, the run finishes."""
+    from ivfast.data import loader as loader_mod
+
+    crash = clip_list.read_text().splitlines()[3]
+    real = loader_mod.decode_frames
+    monkeypatch.setattr(loader_mod, "decode_frames", lambda source, *a, **k: (
+        os.kill(os.getpid(), signal.SIGSEGV) if str(source) == crash else real(source, *a, **k)))
+    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "data.num_workers=1", "data.max_bad_fraction=0.2"))
+    last = trainer.fit()
+    assert trainer.step == trainer.stop_step == 4 and ckpt.is_valid(last)
+    s = trainer.loader.bad_summary()
+    assert s["examples"] == {"decoder_crash": [crash]} and s["decode_bad_files"] == 1, s
+
+
+def _worker_pid(agent_pid: int, local_rank: int) -> int | None:
+    """The torchrun worker process with this LOCAL_RANK (a child of the agent), from /proc."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_killed_rank_resumes_exactly(clip_list, tmp_path):
+    """gloo, 2 ranks, --max-restarts 1: SIGKILL rank 1 after a checkpoint; the restarted group
+    resumes by itself (no --resume on the command line), says from which step, and ends with
+    weights bitwise equal to an uninterrupted run's."""
+    def cmd(out, port):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                "--master-port", str(port), "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}",
+                "demo=false", f"runtime.output_dir={out}", "optim.batch_per_gpu=2", "optim.global_batch=4",
+                "optim.epochs=20", "runtime.log_every=1", "runtime.ckpt_every=2", "runtime.keep_last=40"]
+
+    ref = subprocess.run(cmd(tmp_path / "ref", 29541), env=ENV, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = subprocess.Popen(cmd(tmp_path / "killed", 29542), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = tmp_path / "killed" / "checkpoints" / "step_00000002"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (first / ckpt.MANIFEST).exists():
+            time.sleep(0.05)
+        victim = _worker_pid(proc.pid, 1)
+        assert victim is not None and (first / ckpt.MANIFEST).exists(), "no checkpoint or no rank 1 to kill"
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:      # the agent and its workers: no process outlives the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-4000:]
+    assert "elastic restart 1: resuming from the newest valid checkpoint" in out, out[-4000:]
+    resumed = [line for line in out.splitlines() if "resumed from" in line]
+    assert resumed and " at step " in resumed[0], out[-4000:]
+    step = int(resumed[0].rsplit(" at step ", 1)[1].split()[0])
+    assert 2 <= step < 40, resumed
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000040" / ckpt.MODEL_FILE))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / "step_00000040" / ckpt.MODEL_FILE))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after the elastic restart"
+
+
+def test_elastic_restart_resumes_by_itself(clip_list, tmp_path, monkeypatch, caplog):
+    """TORCHELASTIC_RESTART_COUNT > 0 (torchrun restarted the group): the newest checkpoint of the
+    output directory wins over the command line's --resume; with none saved yet, that path stays."""
+    import logging
+
+    from ivfast import train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg, resume: seen.append(resume) or tmp_path)
+    caplog.set_level(logging.WARNING, logger="ivfast.train")
+    args = ["--config", "demo", f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={tmp_path}"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train.main(args) == 0 and train.main(args + ["--resume", "/elsewhere/step_1"]) == 0
+    assert seen == ["auto", "/elsewhere/step_1"]
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 1, {"w": torch.ones(1)}, {"step": 1}, load_config("demo"))
+    assert train.main(args + ["--resume", "/elsewhere/step_1"]) == 0 and seen[-1] == "auto"
+    assert "elastic restart 1: resuming from the newest valid checkpoint" in caplog.text
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train.main(args) == 0 and seen[-1] == ""

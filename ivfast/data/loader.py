@@ -28,15 +28,28 @@ its batch by another sample (chosen deterministically), so the batch keeps its s
 exception decoding or cropping one file raises (not only the decoder's) counts as
 'decode_error' for that file. When the
 bad files exceed ``data.max_bad_fraction`` of the list, loading stops with :class:`DataError`.
+
+Decoder crashes and hangs (PyAV with ``data.num_workers`` >= 1): each worker notes the file it
+is decoding in shared memory. A worker killed by a signal (a segfault in FFmpeg, which no
+``except`` catches) costs that file, not the run: it is counted as 'decoder_crash', the
+workers are restarted, and loading goes on from the batch that was not delivered, the file
+replaced like any other bad one (so a resumed run that meets it again gets the same batch). A
+decode running past ``data.decode_timeout_s`` has its worker killed and counts as
+'decode_timeout'. Inline decoding (``num_workers=0``) and the DALI backend's threads share the
+training process and are not covered.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import math
+import multiprocessing
 import os
 import queue
+import signal
 import threading
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -55,6 +68,8 @@ from .sampling import ClipPlan, plan_clip, sample_rng
 log = logging.getLogger("ivfast.data")
 
 MAX_ATTEMPTS = 16   # replacements tried for one slot before giving up on the batch
+MAX_BLIND_RESTARTS = 3   # worker deaths in a row with no file being decoded before giving up
+MAX_TIMEOUT_RESTARTS = 3   # restarts in a row for time-outs only: the workers hang, not the files
 
 
 def normalize(video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,6 +142,8 @@ class ClipDataset(torch.utils.data.Dataset):
         self.train, self.seed, self.decode_threads = train, seed, decode_threads
         self.min_frames = max(1, int(min_frames))
         self.rgb = rgb
+        self.crashed: dict[int, tuple[str, str]] = {}   # sid -> (reason, detail): never decoded again
+        self.inflight = None     # shared [pid, sid, start] per worker, set by ClipLoader for workers
 
     def __len__(self) -> int:
         return len(self.index)
@@ -149,12 +166,30 @@ class ClipDataset(torch.utils.data.Dataset):
         return cand
 
     def decode_one(self, sid: int, epoch: int, rep: int) -> torch.Tensor:
+        if sid in self.crashed:      # it killed a worker before: not decoded again
+            reason, detail = self.crashed[sid]
+            raise BadSample(reason, self.index.infos[sid].path, detail)
         plan = self.plan(sid, epoch, rep)
-        # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
-        # only the crop is converted to RGB (bit-identical to cropping full frames)
-        frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads,
-                               crop=plan.crop, rgb=self.rgb)
+        self._note(sid)
+        try:
+            # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
+            # only the crop is converted to RGB (bit-identical to cropping full frames)
+            frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads,
+                                   crop=plan.crop, rgb=self.rgb)
+        finally:
+            self._note(-1)
         return resize_flip(frames, plan, self.size)
+
+    def _note(self, sid: int) -> None:
+        """In a worker: the file being decoded (-1: none), for the loader to blame if we die."""
+        info = torch.utils.data.get_worker_info()
+        if self.inflight is None or info is None:
+            return
+        k = 3 * info.id
+        # pid and start before the sid: the watchdog never pairs a file with a stale time or pid
+        self.inflight[k] = os.getpid()
+        self.inflight[k + 2] = time.monotonic()
+        self.inflight[k + 1] = sid
 
     def repair(self, sid: int, err: BadSample) -> int | None:
         """Clamp a quick-probed video whose stream ended early to the frames it gave.
@@ -233,6 +268,69 @@ class _EpochBatches:
             yield [(int(i), e, int(r)) for i, r in zip(ids[b], rep[b])]
 
 
+def _exit_text(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        return f"signal {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+class _WorkerGuard:
+    """Worker deaths of one DataLoader iterator, seen only where the loader asks for a batch.
+
+    torch's SIGCHLD handler would raise a worker's death in the main thread wherever it runs
+    (inside the training step), where it cannot be recovered; so the iterator's workers are
+    taken off that handler, and torch's own liveness check in ``next()`` (every 5 s) reports
+    the death instead. A watchdog thread kills a worker whose current decode passed
+    ``timeout_s``. The iterator internals used (``_workers``, ``_worker_pids_set``) have no
+    public equivalent; the torch version is pinned in constraints.txt and the tests cover them.
+    """
+
+    def __init__(self, it, inflight, timeout_s: float):
+        self.it, self.inflight, self.timeout_s = it, inflight, timeout_s
+        self.timed_out: dict[int, int] = {}      # worker id -> sid it was killed for
+        if getattr(it, "_worker_pids_set", False):
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        self._stop = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="ivfast-decode-watchdog", daemon=True)
+            self._thread.start()
+
+    def decoding(self, wid: int) -> int:
+        return int(self.inflight[3 * wid + 1])
+
+    def dead(self) -> dict[int, int]:
+        """worker id -> exit code (negative: the signal) of the workers that died."""
+        out = {}
+        for wid, w in enumerate(self.it._workers):
+            if w.exitcode is not None and w.exitcode != 0:
+                out[wid] = w.exitcode
+        return out
+
+    def _watch(self) -> None:
+        period = min(1.0, self.timeout_s / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            for wid in range(len(self.it._workers)):
+                pid, sid, start = (self.inflight[3 * wid + j] for j in range(3))
+                if (sid >= 0 and pid > 0 and now - start > self.timeout_s and wid not in self.timed_out
+                        and self.it._workers[wid].exitcode is None):      # a dead one is a crash
+                    self.timed_out[wid] = int(sid)
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 # --------------------------------------------------------------------------- the loader
 class ClipLoader:
     """Iterable over one epoch of this rank's batches (see the module docstring)."""
@@ -242,13 +340,15 @@ class ClipLoader:
                  norm_dtype: str = "auto", backend: str = "pyav", num_workers: int = 0,
                  drop_last: bool = False, max_bad_fraction: float = 0.01, prefetch: int = 2,
                  decode_threads: int = 2, index_bad: Counter | None = None,
-                 index_bad_paths: dict | None = None):
+                 index_bad_paths: dict | None = None, decode_timeout_s: float = 0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.device, self.output = seed, torch.device(device), output
         self.drop_last, self.max_bad_fraction = drop_last, max_bad_fraction
         self.prefetch, self.decode_threads, self.num_workers = max(1, prefetch), decode_threads, num_workers
+        self.decode_timeout_s = float(decode_timeout_s)
+        self._last_blamed = ""       # the latest file a dead worker was decoding
         if norm_dtype == "auto":
             norm_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.norm_dtype = getattr(torch, norm_dtype)
@@ -405,15 +505,77 @@ class ClipLoader:
                 # Fresh workers each epoch (~0.5 s to fork): persistent ones took ~5 s per worker
                 # to shut down when the loader was dropped (torch 2.13).
                 kw = {"persistent_workers": False, "prefetch_factor": self.prefetch}
+                self.dataset.inflight = multiprocessing.RawArray(ctypes.c_double, 3 * self.num_workers)
             self._dl = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                 collate_fn=collate, pin_memory=self.device.type == "cuda", **kw)
-        if self.num_workers > 0:
+        if self.num_workers == 0:
+            yield from self._dl
+            return
+        blind = hung = 0
+        while True:
             # Collect cyclic garbage before the workers fork (each epoch): a PyAV decoder left in
             # a cycle here would be freed in a child, whose FFmpeg threads do not exist, and the
             # worker hangs at start-up (seen with frame-threaded H.264 decoders).
             gc.collect()
-        yield from self._dl
+            self.dataset.inflight[:] = [0.0, -1.0, 0.0] * self.num_workers
+            it = iter(self._dl)          # from self.position: the first batch not handed over
+            guard = _WorkerGuard(it, self.dataset.inflight, self.decode_timeout_s)
+            try:
+                while True:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        return
+                    except RuntimeError:
+                        dead = guard.dead()
+                        if not dead:
+                            raise
+                        break
+                    blind = hung = 0
+                    yield batch
+            finally:
+                guard.stop()
+            blamed, timed_out = self._blame(dead, guard)
+            del it, guard                # shuts the remaining workers down
+            blind = 0 if blamed else blind + 1
+            hung = hung + 1 if blamed and timed_out == blamed else 0
+            if hung >= MAX_TIMEOUT_RESTARTS:
+                raise DataError(f"the workers were killed {hung} times in a row for decodes past "
+                                f"data.decode_timeout_s={self.decode_timeout_s:g}, each on another file "
+                                f"(latest: {self._last_blamed}): more likely the workers hang than the files "
+                                "(e.g. a library with threads used in the training process before the "
+                                "workers forked). Check those files with python -m ivfast.data inspect, "
+                                "raise data.decode_timeout_s, or try data.num_workers=0")
+            if blind >= MAX_BLIND_RESTARTS:
+                raise DataError(f"DataLoader workers died {blind} times in a row while decoding no file "
+                                f"({dead}): not a decoder crash; check the host's memory (OOM killer) "
+                                "and dmesg, or run with data.num_workers=0 to see the error")
+
+    def _blame(self, dead: dict[int, int], guard: "_WorkerGuard") -> tuple[int, int]:
+        """Mark the files the dead workers were decoding (the restarted workers skip them);
+        returns (files blamed, of which for a time-out)."""
+        blamed = timed = 0
+        for wid, exitcode in dead.items():
+            timed_out = wid in guard.timed_out and exitcode == -signal.SIGKILL
+            sid = guard.timed_out[wid] if timed_out else guard.decoding(wid)
+            how = _exit_text(exitcode)
+            if sid < 0:
+                log.warning("DataLoader worker %d died (%s) while decoding no file", wid, how)
+                continue
+            path = self.path_of(sid)
+            if timed_out:
+                reason = "decode_timeout"
+                detail = f"decoding ran past data.decode_timeout_s={self.decode_timeout_s:g}; its worker was killed"
+            else:
+                reason, detail = "decoder_crash", f"the decoder killed its worker ({how})"
+            self.dataset.crashed[sid] = (reason, detail)
+            self._last_blamed = path
+            blamed += 1
+            timed += timed_out
+            log.warning("DataLoader worker %d died (%s) decoding %s: counted as bad (%s); restarting the "
+                        "workers at batch %d of epoch %d", wid, how, path, reason, self.position, self.epoch)
+        return blamed, timed
 
     def _iter_dali(self) -> Iterator[dict]:
         """A producer thread routes each batch (DALI for its codecs, PyAV threads for the rest)."""
@@ -565,7 +727,8 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
     kw = dict(batch_size=cfg.optim.batch_per_gpu, rank=rank, world_size=world_size, seed=cfg.runtime.seed,
               device=device, output=d.output, norm_dtype=d.norm_dtype, num_workers=d.num_workers,
               drop_last=d.drop_last, max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
-              decode_threads=d.decode_threads, index_bad=bad, index_bad_paths=bad_paths)
+              decode_threads=d.decode_threads, index_bad=bad, index_bad_paths=bad_paths,
+              decode_timeout_s=d.decode_timeout_s)
     try:
         return ClipLoader(dataset, backend=backend, **kw)
     except Exception as e:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ivfast import ops
+from ivfast.checkpoint import CheckpointError, load_plain
 from ivfast.eval.config import EvalConfig, overridden, resolve
 from ivfast.eval.data import (LabelledClips, ViewSpec, check_labels, label_groups, make_loader, read_label_map,
                               shard)
@@ -105,7 +106,10 @@ def extract(cfg: EvalConfig, encoder, ds: LabelledClips, device, pool: str, cach
     if cache_dir is not None:
         path = cache_dir / f"{cache_key(cfg, encoder, ds, pool or 'tokens')}.pt"
         if path.exists():
-            d = torch.load(path, map_location="cpu")
+            try:
+                d = load_plain(path)        # tensors only: a planted file cannot run code
+            except CheckpointError as e:
+                raise ValueError(f"feature cache: {e}; delete it to recompute the features") from None
             log.info("%s: features from cache %s", desc, path)
             return d["feats"], d["labels"]
     from tqdm import tqdm
