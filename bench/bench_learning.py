@@ -33,7 +33,7 @@ import torch
 from ivfast.config import load_config
 from ivfast.eval.config import EvalConfig, ProbeConfig, ViewConfig
 from ivfast.eval.data import label_groups
-from ivfast.eval.metrics import gain_ci
+from ivfast.eval.metrics import gains_by_group
 from ivfast.eval.run import run_protocol
 from ivfast.eval.synth_labels import make_labelled_clips
 from ivfast.models.epd import purpose_seed
@@ -169,11 +169,7 @@ def main(argv=None) -> int:
         for protocol in protocols:
             a = [row for r in runs[arm][protocol] for row in r["val_correct"]]
             b = [row for r in runs["random"][protocol] for row in r["val_correct"]]
-            g = {"all": gain_ci(a, b)}
-            for group, classes in groups.items():
-                m = [i for i, y in enumerate(labels) if y in classes]
-                g[group] = gain_ci([[row[i] for i in m] for row in a], [[row[i] for i in m] for row in b])
-            gains[arm][protocol] = g
+            gains[arm][protocol] = gains_by_group(a, b, labels, groups)
     targets = {}
     for protocol, need in TARGETS.items():
         if protocol in protocols:

@@ -18,7 +18,7 @@ from ivfast.eval.config import DATASETS, PROTOCOLS, eval_presets, load_eval_conf
 def run_demo(cfg) -> list[dict]:
     """Labelled synthetic clips; the demo's stage-2 encoder vs random inits, with CIs on the gap."""
     from ivfast.eval.data import label_groups
-    from ivfast.eval.metrics import gain_ci
+    from ivfast.eval.metrics import gains_by_group
     from ivfast.eval.run import run_protocol, summary_line
     from ivfast.eval.synth_labels import make_labelled_clips
     from ivfast.models.release_weights import load_encoder
@@ -47,11 +47,8 @@ def run_demo(cfg) -> list[dict]:
         mine = [r for r in results if r["protocol"] == proto]
         a = mine[0]["val_correct"]
         b = [row for r in mine[1:] for row in r["val_correct"]]
-        g = {"all": gain_ci(a, b)}
-        for group, classes in label_groups(cfg.label_map, mine[0]["num_classes"]).items():
-            m = [i for i, y in enumerate(mine[0]["val_labels"]) if y in classes]
-            g[group] = gain_ci([[row[i] for i in m] for row in a], [[row[i] for i in m] for row in b])
-        gains[proto] = g
+        groups = label_groups(cfg.label_map, mine[0]["num_classes"])
+        gains[proto] = gains_by_group(a, b, mine[0]["val_labels"], groups)
     first = results[0]
     print(f"\nivfast.eval demo: pretrained (demo stage 2) vs {len(random_seeds)} random inits, top-1 % on "
           f"{first['num_val']} val clips, {first['num_classes']} classes (chance {first['chance_top1']:.1f}); "

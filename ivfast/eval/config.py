@@ -148,6 +148,11 @@ PROTOCOLS: dict[str, dict] = {
 _UNSET = {int: 0, float: -1.0, str: ""}
 
 
+def _is_unset(value) -> bool:
+    """Whether a probe/view value is left to the protocol ([] , 0, -1.0 or "")."""
+    return value == [] if isinstance(value, list) else value == _UNSET.get(type(value), None)
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -173,9 +178,7 @@ def resolve(cfg: EvalConfig, protocol: str | None = None) -> EvalConfig:
     for section in ("views", "probe"):
         obj = getattr(out, section)
         for name, value in vals.get(section, {}).items():
-            cur = getattr(obj, name)
-            unset = cur == [] if isinstance(cur, list) else cur == _UNSET.get(type(cur), None)
-            if unset:
+            if _is_unset(getattr(obj, name)):
                 setattr(obj, name, copy.deepcopy(value))
     validate(out)
     return out
@@ -191,8 +194,7 @@ def overridden(cfg: EvalConfig, protocol: str | None = None) -> dict[str, list]:
         obj = getattr(cfg, section)
         for name, value in vals.get(section, {}).items():
             cur = getattr(obj, name)
-            unset = cur == [] if isinstance(cur, list) else cur == _UNSET.get(type(cur), None)
-            if not unset and cur != value:
+            if not _is_unset(cur) and cur != value:
                 out[f"{section}.{name}"] = [value, cur]
     return out
 

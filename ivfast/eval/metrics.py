@@ -89,3 +89,13 @@ def gain_ci(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dic
     return {"gain": float(100.0 * (a.mean() - b.mean())),
             "ci": [float(np.quantile(gains, q)), float(np.quantile(gains, 1 - q))], "level": level,
             "runs": [int(a.shape[0]), int(b.shape[0])], "clips": int(n)}
+
+
+def gains_by_group(a, b, labels, groups: dict[str, list[int]], **kw) -> dict[str, dict]:
+    """:func:`gain_ci` over all val clips ("all") and over each group's clips; ``labels`` are the
+    val clips' classes, ``groups`` {group: classes} (``ivfast.eval.data.label_groups``)."""
+    out = {"all": gain_ci(a, b, **kw)}
+    for group, classes in groups.items():
+        m = [i for i, y in enumerate(labels) if y in classes]
+        out[group] = gain_ci([[row[i] for i in m] for row in a], [[row[i] for i in m] for row in b], **kw)
+    return out
