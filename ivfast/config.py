@@ -111,7 +111,7 @@ class TeacherConfig:
 class ModelConfig:
     num_frames: int = 16
     img_size: int = 224
-    init_from: str = ""                 # stage 2: path of a stage-1 checkpoint
+    init_from: str = ""                 # stage 2: path of a stage-1 checkpoint ("random": no weights, never for training)
     token_impl: KernelImpl = "triton"   # masked-token gather/scatter/targets kernels
     align_dim: int = 1536
     stage2_loss: Literal["cosine", "l1", "mse"] = "cosine"

@@ -737,6 +737,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", default="", help="'auto' (newest valid checkpoint in the output dir) or a path")
     p.add_argument("--profile-steps", default="", help="A:B: nsys/torch.profiler capture window")
+    p.add_argument("--rehearse", action="store_true",
+                   help="no training: run two real steps on a simulated GPU (fake tensors, no GPU needed) and "
+                        "report peak memory, FLOPs, dtypes and attention kernels; exit 3 if it would not fit")
+    p.add_argument("--gpu", default="h100", help="--rehearse: the GPU to rehearse for (h100, h200, a100)")
+    p.add_argument("--gpu-mem", type=float, default=None,
+                   help="--rehearse: GiB a step may allocate (default: the GPU's memory less a stated margin)")
+    p.add_argument("--rehearse-json", default="", help="--rehearse: also write the report as JSON here")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_intermixed_args(argv)   # overrides may come before and after the flags
 
@@ -754,6 +761,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump(cfg), end="")
         return 0
+    if args.rehearse:
+        from ivfast.rehearse import run_in_subprocess
+        extra = ["--gpu", args.gpu] + (["--gpu-mem", str(args.gpu_mem)] if args.gpu_mem else []) \
+            + (["--json", args.rehearse_json] if args.rehearse_json else [])
+        return run_in_subprocess(["--config", args.config, *extra, *args.overrides])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
     if int(os.environ.get("RANK", "0")) != 0:

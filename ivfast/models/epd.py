@@ -546,7 +546,8 @@ def build_model(cfg) -> Stage1Model | Stage2Model:
         raise ValueError("stage 2 needs model.init_from: the stage-1 checkpoint (a directory holding "
                          "model.safetensors, or that file) to initialise the student, teacher and predictor")
     model = Stage2Model(cfg, teacher_dtype=tdtype)
-    load_stage1_weights(model, cfg.model.init_from)
+    if cfg.model.init_from != "random":   # "random": the architecture only (the rehearsal, FLOP checks)
+        load_stage1_weights(model, cfg.model.init_from)
     if cfg.model.teacher.compile:
         model.teacher.compile()
     return model

@@ -235,7 +235,9 @@ class VisionTransformer(nn.Module):
         self.embed_norm = RMSNorm(d, eps=1e-6)
         self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls, d))
         set_pos_table(self, "pos_embed", sincos_3d(d, *self.grid, num_cls=cfg.num_cls), cfg.learnable_pos)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()   # rising linearly with depth
+        # rising linearly with depth; host arithmetic, not a tensor read, so that the model also
+        # builds on fake tensors (the GPU-free rehearsal); equal to torch.linspace to fp32 rounding
+        rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(d, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.layerscale_init, rates[i], attn_backend)
             for i in range(cfg.depth))
