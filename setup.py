@@ -55,7 +55,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=find_packages(include=["ivfast", "ivfast.*"]) + ["ivfast.kernels"],
     package_dir={"ivfast": "ivfast", "ivfast.kernels": "kernels"},
-    package_data={"ivfast": ["configs/*.yaml", "eval/configs/*.yaml", "_C.pyi", "py.typed"]},
+    package_data={"ivfast": ["configs/*.yaml", "eval/configs/*.yaml", "_C.pyi", "py.typed", "rehearse/*.cpp"]},
     ext_modules=[CMakeExtension("ivfast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
