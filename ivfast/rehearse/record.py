@@ -17,6 +17,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
+from ivfast.rehearse import gpu  # noqa: F401  (defines the ivfast_rehearse ops named below)
+
 aten = torch.ops.aten
 BLOCK = 512
 
@@ -78,6 +80,13 @@ GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.def
 ATTENTION = {aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
              aten._scaled_dot_product_flash_attention_backward.default,
              aten._scaled_dot_product_efficient_attention_backward.default}
+ATTENTION_BACKWARD = {aten._scaled_dot_product_flash_attention_backward.default,
+                      aten._scaled_dot_product_efficient_attention_backward.default,
+                      torch.ops.ivfast_rehearse.windowed_attention_backward.default}
+# forward ops that, met during backward, are activation checkpointing's recomputation
+# (attention only: a GEMM in backward may as well be a gradient's)
+RECOMPUTABLE = {aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+                torch.ops.ivfast_rehearse.windowed_attention.default}
 
 
 def _fp32_precision() -> str:
@@ -99,6 +108,7 @@ class OpRecorder(TorchDispatchMode):
         self.tracker = ModuleTracker()
         self.by_module: dict[str, Counter] = defaultdict(Counter)
         self.forward_flops: Counter = Counter()    # by module, with FlopCounterMode's formulas
+        self.recomputed_flops = 0                  # work redone in backward (not model FLOPs)
         self.off_device: list[str] = []
 
     def __enter__(self):
@@ -125,8 +135,14 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         ns = getattr(func, "namespace", "")
         packet = getattr(func, "_overloadpacket", None)
-        if not self.tracker.is_bw and packet in flop_registry:
-            self.forward_flops[self._where()] += flop_registry[packet](*args, **kwargs, out_val=out)
+        if packet in flop_registry:
+            n = flop_registry[packet](*args, **kwargs, out_val=out)
+            if not self.tracker.is_bw:
+                self.forward_flops[self._where()] += n
+            elif func in ATTENTION_BACKWARD:
+                self.recomputed_flops += n // 5        # a fused backward recomputes the scores
+            else:
+                self.recomputed_flops += n if func in RECOMPUTABLE else 0   # checkpointing re-runs
         decoder_op = ns == "ivfast" and "ieee" in [a.name for a in func._schema.arguments]
         if func in GEMMS or func in ATTENTION or decoder_op or ns == "ivfast_rehearse":
             tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]

@@ -55,7 +55,11 @@ def build(verbose: bool = False) -> Path:
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *[f"-I{p}" for p in ce.include_paths()], str(SOURCE), "-o", str(out) + ".tmp",
            *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"]
-    r = subprocess.run(cmd, capture_output=not verbose, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=not verbose, text=True)
+    except OSError as e:       # CXX names no runnable program
+        raise ShimError(f"compiling the rehearsal's stand-in CUDA library failed: cannot run {cxx} ({e.strerror}); "
+                        "install g++ (apt-get install g++) or set CXX to a C++20 compiler") from None
     if r.returncode != 0:
         tail = (r.stderr or "").strip().splitlines()[-5:] if not verbose else []
         raise ShimError(f"compiling the rehearsal's stand-in CUDA library failed ({cxx}, rc {r.returncode}):\n"
