@@ -215,6 +215,7 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
             trainer = T.Trainer(cfg)
             trainer.watchdog = _PhaseWatch(memory)
             model = T.unwrap(trainer.model)
+            step_peaks = []
             counts = {}      # stage 2: the step's visible and loss token counts per mask set
             model.register_forward_hook(lambda mod, args, out: counts.update(
                 {k: out[k] for k in ("visible", "predicted") if k in out}))
@@ -224,8 +225,10 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
                 last = i == steps - 1
                 with (FlopCounterMode(display=False) if last else contextlib.nullcontext()) as fc, \
                         (recorder if last else contextlib.nullcontext()):
+                    memory.reset_peak()
                     trainer.train_step()
                     trainer.step += 1
+                    step_peaks.append((memory.peak / GiB, memory.peak_phase))
             optimizer = sum(-(-t.untyped_storage().nbytes() // 512) * 512 for s in trainer.optimizer.state.values()
                             for t in s.values() if torch.is_tensor(t) and t.is_cuda)
             trainer.metrics.close() if hasattr(trainer.metrics, "close") else None
@@ -254,7 +257,10 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
         notes.append("flash-attn is not importable here: a GPU with it installed would run flash_attn where "
                      "these calls run SDPA/flex (the same saved tensors: output and log-sum-exp)")
     notes.append("runtime.compile: rehearsed eager (a compiled step saves no more than eager)")
-    return Report(config=config, gpu=spec, batch=B, peak_gib=memory.peak / GiB, peak_phase=memory.peak_phase,
+    peak, phase = max(step_peaks)
+    notes.insert(0, "peak by step: " + ", ".join(f"{p:.1f} GiB ({ph})" for p, ph in step_peaks)
+                 + " (AdamW's state appears in step 1's optimizer phase)")
+    return Report(config=config, gpu=spec, batch=B, peak_gib=peak, peak_phase=phase,
                   budget_gib=gpu_mem if gpu_mem else budget_gib(spec), weights_gib=weights / GiB,
                   optimizer_gib=optimizer / GiB, flops_measured=measured, flops_analytic=analytic,
                   precision={k: dict(v) for k, v in recorder.by_module.items()}, off_device=recorder.off_device,
