@@ -134,8 +134,9 @@ def _routed_sdpa(orig, log: SdpaLog):
             raise RuntimeError("No available kernel (rehearsal: flash and memory-efficient attention reject "
                                f"{query.dtype} head dim {d}{' with a mask' if attn_mask is not None else ''})")
         log.calls[("math", str(query.dtype), d)] += 1
-        return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                    scale=scale, enable_gqa=enable_gqa)
+        # the math kernel by name: SDPA's own choice asks the CUDA library (cuDNN's version) first
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
 
     return sdpa
 
