@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
             if sw["fp8_teacher"] and stage == 1 and "error" not in row["result"]:
                 row["fp8_vs_bf16_teacher"] = fp8_agreement(preset_config(preset, 1, ov, args.dry_run), dev)
             rows.append(row)
-            print(row, flush=True)
+            print(json.dumps(row, default=str), flush=True)
             H.write_result(out, meta, rows)          # a later crash keeps these
     print(f"wrote {out}")
     return 0
