@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ivfast import checkpoint as ckpt
-from ivfast.config import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402  (also puts the repo root on sys.path)
+
+from ivfast import checkpoint as ckpt  # noqa: E402
+from ivfast.config import load_config  # noqa: E402
 
 
 def main() -> None:
@@ -52,8 +55,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     res = {"bytes": size, "hash": ckpt.HASH, "save_s_incl_hash": statistics.median(saves),
            "hash_s": statistics.median(hashes),
-           "repeats": a.repeats, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+           "repeats": a.repeats, **H.stamp(torch.device("cpu"))}
     res["hash_share_of_save"] = res["hash_s"] / res["save_s_incl_hash"]
     res["hash_gb_s"] = size / res["hash_s"] / 1e9
     print(json.dumps(res, indent=1))

@@ -14,7 +14,7 @@ work), % of the device's dense peak, peak memory above weights and inputs, speed
     python bench/bench_diffusion_mlp.py --tiny --device cpu      # dry run: toy shape, CPU, seconds
     python bench/bench_diffusion_mlp.py --json out.json          # also write the result document there
 
-CLI (stable; bench/gpu_check.py calls it): --rows --shapes --impls (eager,compile,triton; "ivfast"
+CLI (bench/gpu_check.py calls ``run(parse_args([...]))`` with these): --rows --shapes --impls (eager,compile,triton; "ivfast"
 = triton) --modes (fwd,fwd+bwd) --dtype (bf16|fp32) --warmup --rep (ms) --out DIR --tag --json PATH
 --compile-mode (default|max-autotune|max-autotune-no-cudagraphs) --max-autotune --tiny --device
 (cuda|cpu) --no-floor. Writes ``DIR/diffusion_mlp_<device>[_tag].json`` and ``.csv``.
@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -67,10 +65,10 @@ def _cpu_run(argv) -> bool:
 if _cpu_run(sys.argv[1:]) and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402  (also puts the repo root on sys.path)
 
 from ivfast.config import DecoderConfig  # noqa: E402
-from ivfast.metrics import device_peak_flops  # noqa: E402
 from ivfast.models import diffusion as D  # noqa: E402
 from ivfast.models.diffusion import DiffusionDecoder, decoder_flops  # noqa: E402
 
@@ -224,28 +222,20 @@ def check_agreement(net, x, t, z) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args) -> dict:
+    """Every case of ``args`` (``parse_args``): ``{"meta": stamp and settings, "results": [...]}``."""
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
-        print("bench_diffusion_mlp.py: torch.cuda.is_available() is False; use --tiny --device cpu for a dry "
-              "run (tests/test_diffusion_kernels.py checks correctness without a GPU)", file=sys.stderr)
-        return 2
-    import triton
-
+        raise SystemExit("bench_diffusion_mlp.py: torch.cuda.is_available() is False; use --tiny --device cpu "
+                         "for a dry run (tests/test_diffusion_kernels.py checks correctness without a GPU)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     target, cond = (TINY["target"], TINY["cond"]) if args.tiny else (TARGET_DIM, COND_DIM)
-    dev_name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({platform.processor() or 'host'})"
-    peak = device_peak_flops(torch.device(dev)) if dev == "cuda" else None
+    peak = H.peak_flops(torch.device(dev))
     impls, modes = args.impls.split(","), args.modes.split(",")
-    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), dtype=args.dtype,
-                compile_mode=args.compile_mode, tiny=args.tiny,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                peak_tflops=peak / 1e12 if peak else None,
+    meta = dict(H.stamp(torch.device(dev)), dtype=args.dtype, compile_mode=args.compile_mode, tiny=args.tiny,
                 floor="sum of torch.mm medians over the decoder's GEMM shapes (fwd; +dX,+dW for fwd+bwd)")
-    print(f"# {dev_name}  torch {torch.__version__}  triton {triton.__version__}  {args.dtype}  "
-          f"compile mode {args.compile_mode}  peak {meta['peak_tflops']} TFLOP/s")
+    print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {args.dtype}  "
+          f"compile mode {args.compile_mode}  peak {meta['peak_bf16_tflops']} TFLOP/s")
     rows_out = []
     hdr = f"{'rows':>6} {'shape':>8} {'mode':>8} {'impl':>8} {'ms':>9} {'p20':>8} {'p80':>8} " \
           f"{'TFLOP/s':>8} {'%floor':>6} {'peakMiB':>8} {'vs eager':>8} {'vs comp':>8}"
@@ -314,10 +304,16 @@ def main(argv=None) -> int:
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
-    doc = dict(meta=meta, results=rows_out)
+    return dict(meta=meta, results=rows_out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    doc = run(args)
+    meta, rows_out = doc["meta"], doc["results"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "diffusion_mlp_" + dev_name.split(" (")[0].replace(" ", "_").replace("/", "_") + \
+    stem = "diffusion_mlp_" + meta["device"].split(" (")[0].replace(" ", "_").replace("/", "_") + \
         (f"_{args.tag}" if args.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     if args.json:

@@ -9,17 +9,19 @@ this run met it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from ivfast import __version__, masking
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (also puts the repo root on sys.path)
+
+from ivfast import masking  # noqa: E402
 
 
 class VJEPAStyleCollator:
@@ -115,12 +117,9 @@ def main():
     for r in rows:
         x = "" if r["x_vs_python_collator"] is None else f"{r['x_vs_python_collator']:.1f}"
         print(f"{r['grid']:<10} {r['sampler']:<34} {r['masks_per_s']:>12.0f} {x:>9}")
-    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
-                cpu=platform.processor() or platform.machine(), torch=torch.__version__,
-                ivfast=__version__, batch=B, cpu_count=os.cpu_count(),
+    meta = dict(harness.stamp(torch.device("cpu")), batch=B, cpu_count=os.cpu_count(),
                 note="best of --repeats runs; 'C++' uses the default thread count (up to 8)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    harness.write_result(Path(args.out), meta, rows)
     worst = min(r["x_vs_python_collator"] for r in rows if r["sampler"] == "multiblock C++")
     print(f"target (C++ multi-block >= 50x the Python collator): {'met' if worst >= 50 else 'NOT met'} "
           f"(worst grid {worst:.1f}x)")

@@ -9,7 +9,7 @@ For each op, pass and implementation: median time, GB/s moved (the bytes the op 
 write at least: gathered rows, outputs, gradients, ids, and the [N, C] position table counted
 once, although every batch element reads it: L2 serves the repeats) and the % of the device's
 copy bandwidth measured in the same run (a plain device-to-device ``copy_`` of 1 GiB).
-Targets (issue 5): >= 85 % of copy bandwidth for gather / assemble / patch targets, and faster
+Targets: >= 85 % of copy bandwidth for gather / assemble / patch targets, and faster
 than torch.compile. Also times ``semantic_mask`` (topk / sample) at the same shapes.
 Writes CSV and JSON (device, versions, date) to bench/results/tokens_<device>.{csv,json}.
 """
@@ -17,49 +17,41 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parent
-
-
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--quick", action="store_true", help="one shape per op")
-    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (script check only)")
-    ap.add_argument("--impls", default="triton,compile,eager")
-    ap.add_argument("--out", default=str(ROOT / "results"))
-    return ap.parse_args()
-
-
-ARGS = parse_args()
-if ARGS.smoke:
+if __name__ == "__main__" and "--smoke" in sys.argv[1:]:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
-elif not torch.cuda.is_available():
-    sys.exit("bench_tokens.py needs a CUDA GPU (torch.cuda.is_available() is False). "
-             "Use --smoke to only check that the script runs on CPU.")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402  (also puts the repo root on sys.path)
 
 from ivfast import ops  # noqa: E402
 from ivfast.masking import semantic_mask  # noqa: E402
 
-DEV = "cpu" if ARGS.smoke else "cuda"
+ROOT = Path(__file__).resolve().parent
 # one compiled graph per op and shape: keep dynamo from giving up (and silently running eager)
 for _name in ("cache_size_limit", "recompile_limit"):
     if hasattr(torch._dynamo.config, _name):
         setattr(torch._dynamo.config, _name, 256)
-DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ARGS.dtype]
-IMPLS = ARGS.impls.split(",")
+ARGS = DEV = DTYPE = IMPLS = None          # set by run()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--quick", action="store_true", help="one shape per op")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (script check only; Triton "
+                                                         "kernels under the interpreter)")
+    ap.add_argument("--impls", default="triton,compile,eager")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    return ap.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- timing
@@ -166,9 +158,18 @@ def check(case):
                                msg=lambda m: f"{case['op']} {case['shape']}: triton != eager\n{m}")
 
 
-def main():
+def run(argv=None) -> dict:
+    """Every case of ``argv``'s settings: ``{"meta": stamp and copy bandwidth, "rows": [...]}``."""
+    global ARGS, DEV, DTYPE, IMPLS
+    ARGS = parse_args(argv)
+    if not ARGS.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_tokens.py needs a CUDA GPU (torch.cuda.is_available() is False). "
+                         "Use --smoke to only check that the script runs on CPU.")
+    DEV = "cpu" if ARGS.smoke else "cuda"
+    DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ARGS.dtype]
+    IMPLS = ARGS.impls.split(",")
     copy_gbs = copy_bandwidth()
-    dev_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke run)"
+    dev_name = H.device_name(torch.device(DEV))
     print(f"device: {dev_name}; copy bandwidth {copy_gbs:.0f} GB/s; dtype {ARGS.dtype}")
     rows = []
     for case in cases():
@@ -203,7 +204,7 @@ def main():
             for t in case["inputs"]:
                 t.grad = None
 
-    # issue 5 targets: >= 85 % of copy bandwidth for the three kernels, and faster than compile
+    # targets: >= 85 % of copy bandwidth for the three kernels, and faster than compile
     verdicts = []
     for r in rows:
         if r["impl"] == "triton" and r["pct_copy_bw"] is not None:
@@ -214,14 +215,17 @@ def main():
                 print(f"below target: {r['op']} {r['shape']} {r['pass_']}: {r['pct_copy_bw']}% of copy, "
                       f"x{r.get('speedup_vs_compile')} vs compile")
     print(f"{sum(verdicts)}/{len(verdicts)} triton rows meet the target")
+    meta = dict(H.stamp(torch.device(DEV)), copy_bandwidth_gb_s=round(copy_gbs, 1), dtype=ARGS.dtype,
+                smoke=ARGS.smoke)
+    return dict(meta=meta, rows=rows)
 
-    meta = dict(device=dev_name, copy_bandwidth_gb_s=round(copy_gbs, 1), dtype=ARGS.dtype,
-                torch=torch.__version__, triton=triton.__version__, host=platform.node(),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), smoke=ARGS.smoke)
+
+def main(argv=None) -> int:
+    doc = run(argv)
+    meta, rows = doc["meta"], doc["rows"]
     out_dir = Path(ARGS.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "tokens_" + ("smoke" if ARGS.smoke else dev_name.replace(" ", "_").replace("/", "_"))
-    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    stem = "tokens_" + ("smoke" if ARGS.smoke else meta["device"].replace(" ", "_").replace("/", "_"))
+    H.write_result(out_dir / f"{stem}.json", meta, rows)
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         keys = ["op", "shape", "pass_", "impl", "median_ms", "gb_s", "pct_copy_bw", "speedup_vs_compile",
                 "meets_target"]
@@ -230,7 +234,8 @@ def main():
         for r in rows:
             w.writerow({**{k: r.get(k) for k in keys}, **meta})
     print(f"wrote {out_dir / stem}.json and .csv")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

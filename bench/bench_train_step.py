@@ -1,34 +1,24 @@
-"""Training-step throughput per lever (issue 14): step time, clips/s, MFU and peak memory.
+"""One optimiser step of the real ``Trainer.train_step`` at a preset: step time, clips/s, MFU, memory.
 
-    python bench/bench_train_step.py                       # stage 1 b16 and stage 2 b14, ViT-B, levers cumulative
-    python bench/bench_train_step.py --presets stage2_vitb --plan single
-    python bench/bench_train_step.py --levers sync_free compile --steps 5
-    python bench/bench_train_step.py --batch-search 32 24 16   # the old search: largest batch that fits
-    python bench/bench_train_step.py --smoke               # tiny demo model on CPU: checks the script
+    python bench/bench_train_step.py                                   # stage 1 b16 and stage 2 b14, ViT-B
+    python bench/bench_train_step.py --presets stage2_vitb --levers pack_sets compile --plan single
+    python bench/bench_train_step.py --presets stage1_vitb --batch 16 8   # the first batch that fits
+    python bench/bench_train_step.py --dry-run                         # the demo model on the CPU
 
-Stable CLI (bench/gpu_check.sh calls it): --presets, --levers, --plan {cumulative,single,all},
---batch, --steps, --warmup, --smoke, --out. Each run records every switch's state in the JSON.
+``TrainStep`` is the one step timer of bench/ (bench/gpu_check.py uses it too): a ``Trainer`` built
+from the preset with random weights (the teacher has the configured architecture; stage 2 starts
+from a random stage-1 checkpoint of the preset's sizes), one micro-batch per step, fed the same
+random clips already on the device. The loader is left out on purpose: it needs video files and
+PyAV or DALI, and its cost is not the step's.
 
-Levers (each a switch; off = the code before issue 14):
-  sync_free    no host sync in the step: fused AdamW skips non-finite updates through found_inf
-               (off: bool(isfinite(...)) every step)
-  compile      torch.compile of the encoder and every predictor layer (runtime.compile=auto on CUDA)
-  teacher      frozen teacher with autocast off on its bf16 weights: stage 1's SigLIP with fused
-               q/k/v GEMM and GELU epilogue (off: inside the step's autocast, separate q/k/v,
-               GELU pass); stage 2's ViT with GELU epilogue and LayerScale+residual in one
-               addcmul (off: inside autocast, GELU and LayerScale as their own passes)
-  attn_timed   SDPA kernel picked by timing (cuDNN / flash / efficient) instead of first-that-runs
-  fp8_teacher  stage-1 teacher GEMMs in row-wise FP8 (Hopper/Ada); stage 1 only
+Levers are config switches, each off in the first row (``--plan cumulative``: then switched on one
+after another; ``single``: each alone; ``all``: all on). A "before" of a code change is this file
+run at that git revision, not a switch in the code.
+  compile      runtime.compile (torch.compile of encoder and predictor layers)
+  fp8_teacher  model.teacher.fp8: row-wise FP8 teacher GEMMs (stage 1 only; Hopper/Ada)
   pred_ckpt    model.predictor.act_checkpoint=selective (a memory lever: costs time, saves GiB)
-  pack_sets    model.stage2_pack_sets=true: both mask sets in one encoder pass, varlen attention
-               (off: one pass per set); stage 2 only
-
-``--plan cumulative`` (default): all off, then the levers switched on one after another in the
-order given; ``single``: all off, then each alone; ``all``: all off and all on. The batch is the
-preset's ``optim.batch_per_gpu`` (``--batch`` overrides). The teacher has the configured
-architecture with random weights (speed does not depend on them). Clips are in GPU memory: the
-pinned side-stream upload of train.py is not measured here. PYTORCH_CUDA_ALLOC_CONF is set to
-expandable_segments:True before CUDA starts (unless set). Results: bench/results/train_step_<device>.json.
+  pack_sets    model.stage2_pack_sets: both mask sets in one encoder pass (stage 2 only)
+Results: bench/results/train_step_<device>.json (meta: the device and version stamp).
 """
 from __future__ import annotations
 
@@ -37,36 +27,237 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # before CUDA init
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402  (also puts the repo root on sys.path)
+
+import ivfast.data  # noqa: E402
+import ivfast.models.attention as A  # noqa: E402
 from ivfast.config import load_config  # noqa: E402
-from ivfast.metrics import device_peak_flops  # noqa: E402
-from ivfast.models import attention as attn  # noqa: E402
-from ivfast.models.epd import build_model, param_groups  # noqa: E402
+from ivfast.models import predictor as P, teacher as TT, vit as V  # noqa: E402
+from ivfast.models.epd import build_model  # noqa: E402
 from ivfast.models.flops import flops_per_clip, predicted_peak_memory  # noqa: E402
+from ivfast.models.teacher import build_teacher, teacher_agreement  # noqa: E402
+from ivfast.train import Trainer  # noqa: E402
 
-LEVERS = ("sync_free", "compile", "teacher", "attn_timed", "fp8_teacher", "pred_ckpt", "pack_sets")
-STAGE_ONLY = {1: {"fp8_teacher"}, 2: {"pack_sets"}}     # levers that exist in one stage only
+LEVERS = {"compile": ("runtime.compile={}", "true", "false"),
+          "fp8_teacher": ("model.teacher.fp8={}", "true", "false"),
+          "pred_ckpt": ("model.predictor.act_checkpoint={}", "selective", "none"),
+          "pack_sets": ("model.stage2_pack_sets={}", "true", "false")}
+STAGE_ONLY = {"fp8_teacher": 1, "pack_sets": 2}
+# the demo model at stage 2 (dry run): multiblock masks that fit its 4 x 4 grid
+DRY_STAGE2 = ["stage=2", "masking.kind=multiblock", "masking.max_keep=0",
+              "masking.blocks=[{num_blocks: 2, spatial_scale: [0.3, 0.3]}, {num_blocks: 1, spatial_scale: [0.5, 0.5]}]"]
 
 
+# --------------------------------------------------------------------------- the step timer
+class DeviceClips:
+    """What the Trainer's loader yields, without files: one batch of random uint8 clips on the device."""
+
+    def __init__(self, cfg, device: torch.device):
+        B, T, S = cfg.optim.batch_per_gpu, cfg.model.num_frames, cfg.model.img_size
+        g = torch.Generator().manual_seed(0)
+        video = torch.randint(0, 256, (B, 3, T, S, S), generator=g, dtype=torch.uint8)
+        self.batch = {"video": video.to(device), "index": torch.arange(B)}
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class TrainStep:
+    """The real ``Trainer`` at ``cfg``; calling it runs one ``train_step()``.
+
+    The model is built directly on the device (a 1 B random teacher takes about a minute to
+    initialise on a CPU). While the Trainer is built, ``build_loader`` (wherever the Trainer's
+    module finds it) returns :class:`DeviceClips`."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        clips = DeviceClips(cfg, device)
+        homes = {ivfast.data, sys.modules[Trainer.__module__]}
+        saved = {m: vars(m).get("build_loader") for m in homes}
+        for m in homes:
+            m.build_loader = lambda *a, **kw: clips
+        try:
+            with torch.device(device):
+                self.trainer = Trainer(cfg)
+        finally:
+            for m, f in saved.items():
+                if f is None:
+                    delattr(m, "build_loader")
+                else:
+                    m.build_loader = f
+
+    def __call__(self) -> dict:
+        return self.trainer.train_step()
+
+    def close(self) -> None:
+        self.trainer.metrics.close()
+
+
+def preset_config(preset: str, batch: int, overrides=(), dry: bool = False, out_dir: str = ""):
+    """The config ``TrainStep`` times: the preset with random weights, ``batch`` clips per step in
+    one micro-batch, no data files. Stage 2 gets a random stage-1 checkpoint in ``out_dir``.
+    Dry run: the demo model (``preset`` names the stage only)."""
+    out_dir = out_dir or tempfile.mkdtemp(prefix="bench_train_step_")
+    stage = 2 if "stage2" in preset else 1
+    common = [f"optim.batch_per_gpu={batch}", f"optim.global_batch={batch}", "runtime.device=auto",
+              f"runtime.output_dir={out_dir}/run", "model.predictor.init_from="]
+    if dry:
+        cfg = load_config("demo", ["demo=false", *common, *(DRY_STAGE2 if stage == 2 else []), *overrides])
+    elif stage == 1:
+        cfg = load_config(preset, [*common, "model.teacher.init_from=random", *overrides])
+    else:
+        cfg = load_config(preset, [*common, "model.init_from=x", *overrides])
+    if stage == 2:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=stage1_checkpoint(cfg, out_dir)))
+    return cfg
+
+
+def stage1_checkpoint(cfg2, out_dir: str) -> str:
+    """A random stage-1 model with the stage-2 config's encoder and predictor (a one-layer teacher:
+    its weights are not saved), written where stage 2 reads it."""
+    from safetensors.torch import save_file
+    m = cfg2.model
+    teacher = dataclasses.replace(m.teacher, init_from="random", depth=1, middle_layers=[0], student_layers=[0])
+    cfg1 = dataclasses.replace(cfg2, stage=1, model=dataclasses.replace(m, teacher=teacher, init_from=""))
+    dev = torch.device("cuda" if cfg2.runtime.device != "cpu" and torch.cuda.is_available() else "cpu")
+    with torch.device(dev):
+        model = build_model(cfg1)
+    path = Path(out_dir) / "stage1"
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
+    return str(path)
+
+
+def measure(rec: H.Record, preset: str, batches, overrides=(), dry: bool = False, steps: int = 3,
+            warmup: int = 2, profile_reserve_s: float | None = None) -> dict | None:
+    """Time ``steps`` train steps after ``warmup`` at the first of ``batches`` that fits; records
+    ``build_s``, ``warmup_step_s``, ``oom_batches`` and ``result`` on ``rec`` as it goes, and the
+    top kernels of one more step when more than ``profile_reserve_s`` of its budget is left."""
+    dev = H.device(dry)
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        for batch in batches:
+            A.reset()          # every row chooses its attention kernels afresh, as a new process would
+            step = None
+            try:
+                t0 = time.monotonic()
+                cfg = preset_config(preset, batch, overrides, dry, tmp)
+                step = TrainStep(cfg, dev)
+                H.sync(dev)
+                rec.set("build_s", round(time.monotonic() - t0, 1))
+                for _ in range(warmup):        # the first compiles flex and autotunes the decoder
+                    t0 = time.monotonic()
+                    step()
+                    H.sync(dev)
+                    rec.add("warmup_step_s", round(time.monotonic() - t0, 2))
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms = H.time_ms(step, dev, warmup=0, reps=steps)
+            except torch.OutOfMemoryError as e:
+                oom = H.err(e)
+            else:
+                oom = None
+            if oom is not None:    # outside the handler, so the failed step's frames and tensors are gone
+                rec.add("oom_batches", batch)
+                rec.set("last_oom", oom)
+                step = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            res = _figures(cfg, batch, ms, dev)
+            rec.set("result", res)
+            rec.set("attention_backends", A.used_backends())
+            rec.set("attention_timings", A.timed_report())
+            rec.set("flex_failed", A.flex_failures())
+            if profile_reserve_s is not None and rec.left() > profile_reserve_s:
+                rec.set("top_kernels", H.top_kernels(step, dev))
+            step.close()
+            return res
+    rec.set("result", {"error": f"out of memory at every batch of {list(batches)}"})
+    return None
+
+
+def _figures(cfg, batch: int, ms: float, dev: torch.device) -> dict:
+    f = flops_per_clip(cfg)
+    peak = H.peak_flops(dev)
+    clips_s = batch / (ms / 1e3)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    return {"batch_per_gpu": batch, "frames": cfg.model.num_frames, "step_ms": round(ms, 1),
+            "clips_per_s": round(clips_s, 2), "tflop_per_clip": round(f["total"] / 1e12, 3),
+            "teacher_tflop_per_clip": round(f["teacher"] / 1e12, 3),
+            "mfu": round(clips_s * f["total"] / peak, 4) if peak else None,
+            "mfu_without_teacher": round(clips_s * (f["total"] - f["teacher"]) / peak, 4) if peak else None,
+            "peak_mem_gib": round(mem, 2) if mem is not None else None,
+            "peak_mem_gib_per_clip": round(mem / batch, 3) if mem is not None else None,
+            "predicted_peak_mem_gib": round(predicted_peak_memory(cfg)["total"], 1)}
+
+
+# --------------------------------------------------------------------------- dtypes of one step
+_GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "convolution", "_scaled_mm")
+
+
+def dtype_census(step, dev: torch.device) -> dict:
+    """Dtype of every tensor entering attention and the GEMMs in one call of ``step`` (fwd + bwd):
+    aten ops through a TorchDispatchMode, the attention entry through a wrapper (which also sees
+    q, k, v before the entry unifies them). One untimed call first (lazy init, cached masks)."""
+    entry: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    real = A.attention
+
+    def spy(q, k, v, **kw):
+        key = f"q {q.dtype} k {k.dtype} v {v.dtype} d{q.shape[-1]}{' window' if kw.get('window') is not None else ''}"
+        entry[key] = entry.get(key, 0) + 1
+        return real(q, k, v, **kw)
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _GEMM_OPS or "attention" in name:
+                dts = ",".join(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor))
+                counts[f"{name}({dts})"] = counts.get(f"{name}({dts})", 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    step()
+    mods = [m for m in (V, P, TT) if getattr(m, "attention", None) is real]
+    for m in mods:
+        m.attention = spy
+    try:
+        with Census():
+            step()
+        H.sync(dev)
+    finally:
+        for m in mods:
+            m.attention = real
+    return {"attention_entry": entry, "aten_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "fp32_gemm_inputs": sorted(k for k in counts if "float32" in k and k.split("(")[0] in _GEMM_OPS),
+            "attention_backends": A.used_backends()}
+
+
+# --------------------------------------------------------------------------- levers (the CLI)
 def plan_runs(levers: list[str], plan: str) -> list[dict]:
     off = {k: False for k in LEVERS}
     runs = [dict(off)]
     if plan == "cumulative":
-        cur = dict(off)
-        for lv in levers:
-            cur = dict(cur, **{lv: True})
-            runs.append(dict(cur))
+        for i in range(len(levers)):
+            runs.append(dict(off, **{lv: True for lv in levers[:i + 1]}))
     elif plan == "single":
         runs += [dict(off, **{lv: True}) for lv in levers]
     elif plan == "all":
@@ -76,174 +267,20 @@ def plan_runs(levers: list[str], plan: str) -> list[dict]:
     return runs
 
 
-def fake_stage1_checkpoint(preset2: str, overrides: list[str], out: Path) -> str:
-    """A random stage-1 model of the stage-2 preset's sizes, saved where stage 2 reads it."""
-    from safetensors.torch import save_file
-
-    cfg2 = load_config(preset2, ["model.init_from=x", *overrides])
-    cfg1 = load_config("stage1_vitb" if "vitb" in preset2 else "stage1_vitl",
-                       ["model.teacher.init_from=random", "model.teacher.depth=1", "model.teacher.middle_layers=[0]",
-                        "model.teacher.student_layers=[0]", "model.predictor.init_from=", *overrides])
-    cfg1 = dataclasses.replace(cfg1, model=dataclasses.replace(
-        cfg1.model, encoder=cfg2.model.encoder, predictor=cfg2.model.predictor))
-    model = build_model(cfg1)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    return str(out)
-
-
-def make_cfg(preset: str, sw: dict, batch: int, overrides: list[str], stage1_ckpt: str = ""):
-    ov = [f"model.teacher.fp8={str(sw['fp8_teacher']).lower()}",
-          f"model.predictor.act_checkpoint={'selective' if sw['pred_ckpt'] else 'none'}",
-          f"model.stage2_pack_sets={str(sw['pack_sets']).lower()}", *overrides]
-    if batch:
-        ov.append(f"optim.batch_per_gpu={batch}")
-    if preset == "demo":
-        return load_config("demo", ov)
-    ov.append("model.predictor.init_from=")
-    ov.append("model.teacher.init_from=random" if preset.startswith("stage1") else f"model.init_from={stage1_ckpt}")
-    return load_config(preset, ov)
-
-
-def run_steps(cfg, sw: dict, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
-    attn.timed_selection = sw["attn_timed"]
-    attn._sdpa_choice.clear()
-    attn._timed_choice.clear()
-    model = build_model(cfg).to(device)
-    if hasattr(model, "teacher") and hasattr(model.teacher, "fast"):
-        model.teacher.fast = sw["teacher"]          # stage 1's SigLIP
-    if hasattr(model, "teacher_fast"):
-        model.teacher_fast = sw["teacher"]          # stage 2's ViT
-    if sw["compile"]:
-        model.encoder.compile()
-        for layer in model.predictor.layers:
-            layer.compile()
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, 0.05)],
-                            lr=1e-4, fused=True)
-    B, T, S = cfg.optim.batch_per_gpu, cfg.model.num_frames, cfg.model.img_size
-    video = torch.randint(0, 256, (B, 3, T, S, S), dtype=torch.uint8, device=device)
-    use_amp = device.type == "cuda"
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(i):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(video, i)
-        out["loss"].backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, 5.0)
-        bad = ~(torch.isfinite(gn) & torch.isfinite(out["loss"]))
-        if sw["sync_free"]:
-            opt.found_inf = bad.float().reshape(())
-            opt.step()
-        elif not bool(bad):          # the pre-issue-14 host decision: one sync per step
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for i in range(warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(warmup + i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model, opt
-    return dt, peak
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["stage1_vitb", "stage2_vitb"])
-    ap.add_argument("--levers", nargs="+", default=None, choices=LEVERS,
-                    help="levers in the order switched on (default: all but pred_ckpt; smoke: no compile)")
-    ap.add_argument("--plan", default="cumulative", choices=("cumulative", "single", "all"))
-    ap.add_argument("--batch", type=int, default=0, help="clips per GPU (default: the preset's)")
-    ap.add_argument("--batch-search", nargs="*", type=int, default=None,
-                    help="try these batches, largest first, keep the first that fits (default: no search)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true", help="tiny demo model on CPU (checks the script only)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
-
-    if args.smoke:
-        device = torch.device("cpu")
-        args.presets, args.steps, args.warmup = ["demo"], min(args.steps, 2), min(args.warmup, 1)
-        levers = args.levers or ["sync_free", "teacher", "attn_timed", "fp8_teacher", "pred_ckpt"]
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_train_step.py measures GPU throughput and needs CUDA; none is visible. "
-                             "Use --smoke to check the script on CPU.")
-        device = torch.device("cuda")
-        levers = args.levers or [lv for lv in LEVERS if lv != "pred_ckpt"]
-    peak_flops = device_peak_flops(device)
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    tag = "smoke_cpu" if args.smoke else dev_name.replace(" ", "_")
-    meta = dict(device=dev_name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, cuda=torch.version.cuda, peak_bf16_tflops=peak_flops and peak_flops / 1e12,
-                plan=args.plan, levers=levers, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-                measured=not args.smoke)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets:
-            s1 = fake_stage1_checkpoint(preset, [], Path(tmp) / preset) if preset.startswith("stage2") else ""
-            stage = 1 if preset == "demo" or preset.startswith("stage1") else 2
-            seen = set()
-            for sw in plan_runs(levers, args.plan):
-                other = STAGE_ONLY[2 if stage == 1 else 1]   # the other stage's levers do not exist here
-                sw = {k: (v and k not in other) for k, v in sw.items()}
-                if tuple(sorted(sw.items())) in seen:
-                    continue
-                seen.add(tuple(sorted(sw.items())))
-                row = measure(preset, sw, args, s1, device, peak_flops)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                write_results(Path(args.out), tag, meta, rows)   # a later crash keeps these
-    write_results(Path(args.out), tag, meta, rows)
-    print(f"wrote {args.out}/train_step_{tag}.json")
-    return 0
-
-
-def measure(preset, sw, args, s1, device, peak_flops) -> dict:
-    batches = args.batch_search or [args.batch]
-    on = [k for k, v in sw.items() if v] or ["none"]
-    for batch in batches:
-        cfg = make_cfg(preset, sw, batch, [], s1)
-        try:
-            dt, mem = run_steps(cfg, sw, device, args.steps, args.warmup)
-        except torch.OutOfMemoryError:
-            dt = None
-        if dt is None:       # outside the handler, so the failed step's tensors are gone
-            gc.collect()
-            torch.cuda.empty_cache()
-            continue
-        B = cfg.optim.batch_per_gpu
-        flops = flops_per_clip(cfg)["total"]
-        clips_s = B / dt
-        extra = {}
-        if sw["fp8_teacher"] and cfg.stage == 1:
-            extra["fp8_vs_bf16_teacher"] = fp8_agreement(cfg, device)
-        return dict(**extra, preset=preset, levers_on=on, switches=sw, batch_per_gpu=B, step_ms=round(dt * 1e3, 2),
-                    clips_per_s=round(clips_s, 2), tflop_per_clip=round(flops / 1e12, 3),
-                    mfu=round(clips_s * flops / peak_flops, 4) if peak_flops else None,
-                    peak_mem_gib=None if mem is None else round(mem, 2), predicted_peak_mem_gib=round(predicted_peak_memory(cfg)["total"], 1),
-                    attention=attn.used_backends(), attention_timings=attn.timed_report())
-    return dict(preset=preset, levers_on=on, switches=sw, error=f"no batch of {batches} fits")
+def lever_overrides(switches: dict, stage: int) -> list[str]:
+    """The config overrides of ``switches`` (a lever of the other stage stays at its default)."""
+    return [fmt.format(on if switches[k] else off) for k, (fmt, on, off) in LEVERS.items()
+            if STAGE_ONLY.get(k, stage) == stage]
 
 
 def fp8_agreement(cfg, device, clips: int = 2) -> dict:
-    """FP8 vs bf16 teacher (same weights: model.teacher.init_from, random by default, seeded) on
-    ``clips`` random clips: semantic-mask scores and alignment targets (teacher_agreement)."""
-    from ivfast.models.epd import _teacher_dtype
-    from ivfast.models.teacher import build_teacher, teacher_agreement
-
+    """FP8 vs bf16 teacher (same random weights, seeded) on ``clips`` random clips: semantic-mask
+    scores and alignment targets (teacher_agreement)."""
     m = cfg.model
-    dt = _teacher_dtype(cfg)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     outs = []
     for fp8 in (False, True):
+        torch.manual_seed(0)
         t = build_teacher(dataclasses.replace(m.teacher, fp8=fp8), m.align_dim, m.attn_backend, dtype=dt).to(device)
         g = torch.Generator(device="cpu").manual_seed(0)
         video = torch.rand(clips, 3, m.num_frames, m.img_size, m.img_size, generator=g).to(device, dt)
@@ -252,9 +289,49 @@ def fp8_agreement(cfg, device, clips: int = 2) -> dict:
     return teacher_agreement(outs[0], outs[1], frames=m.num_frames)   # the teacher sees every frame
 
 
-def write_results(out: Path, tag: str, meta: dict, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_step_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["stage1_vitb", "stage2_vitb"])
+    ap.add_argument("--levers", nargs="*", default=None, choices=list(LEVERS),
+                    help="levers in the order switched on (default: all but pred_ckpt; dry run: none)")
+    ap.add_argument("--plan", default="cumulative", choices=("cumulative", "single", "all"))
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="clips per GPU, tried in order until one fits (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dry-run", action="store_true", help="the demo model on the CPU (checks the script only)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    dev = H.device(args.dry_run)
+    if args.dry_run:
+        args.presets, args.steps, args.warmup = ["demo"], min(args.steps, 2), min(args.warmup, 1)
+    levers = args.levers if args.levers is not None else ([] if args.dry_run else
+                                                          [lv for lv in LEVERS if lv != "pred_ckpt"])
+    meta = dict(H.stamp(dev), plan=args.plan, levers=levers, measured=not args.dry_run,
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    tag = "dryrun_cpu" if args.dry_run else H.device_name(dev).replace(" ", "_").replace("/", "_")
+    out = Path(args.out) / f"train_step_{tag}.json"
+    rows = []
+    for preset in args.presets:
+        stage = 2 if "stage2" in preset else 1
+        seen = set()
+        for sw in plan_runs(levers, args.plan):
+            ov = lever_overrides(sw, stage)
+            if tuple(ov) in seen:          # a lever of the other stage: the same run again
+                continue
+            seen.add(tuple(ov))
+            batches = args.batch or [load_config("demo" if args.dry_run else preset).optim.batch_per_gpu]
+            rec = H.Record()
+            measure(rec, preset, batches, ov, args.dry_run, args.steps, args.warmup)
+            row = dict(preset=preset, levers_on=[k for k, v in sw.items() if v] or ["none"], overrides=ov,
+                       **{k: v for k, v in rec.data.items() if k not in ("status", "started", "budget_s")})
+            if sw["fp8_teacher"] and stage == 1 and "error" not in row["result"]:
+                row["fp8_vs_bf16_teacher"] = fp8_agreement(preset_config(preset, 1, ov, args.dry_run), dev)
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+            H.write_result(out, meta, rows)          # a later crash keeps these
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 11 in at most 12 minutes from a cold machine, on a bare copy of the
-# working tree (nothing pip-installed, no network):
+# The GPU figures of every benchmark in at most 12 minutes from a cold machine, on a bare copy of
+# the working tree (nothing pip-installed, no network):
 #   bash bench/gpu_check.sh                 # results: bench/results/gpu_check_<device>.json (+ .log)
 #   bash bench/gpu_check.sh --dry-run       # every part, tiny shapes, CPU only (a test runs this)
 #   bash bench/gpu_check.sh --out FILE --parts preflight,attention
 # Each part runs in its own process under its own `timeout` and writes its figures into the JSON
 # as it measures them; a part that times out keeps what it had (status "timeout"). A short table
-# ends the run. The driver is bench/gpu_check.py. NEVER RUN ON A GPU YET (written blind).
+# ends the run. The driver, and the one place the budgets are set, is bench/gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,14 +25,10 @@ done
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 start=$(date +%s)
-# Seconds per part (sum + setup < 12 min; the run also stops giving time at TOTAL).
-TOTAL=700
-declare -A BUDGET=([preflight]=30 [dtypes]=75 [attention]=90 [decoder]=150 [stage1]=130 [stage2]=90 [tokens]=35 [nvdec]=40)
-PARTS="preflight dtypes attention decoder stage1 stage2 tokens nvdec"
-if [ $dry = 1 ]; then
-  TOTAL=240
-  for k in "${!BUDGET[@]}"; do BUDGET[$k]=40; done
-fi
+dflag=""; [ $dry = 1 ] && dflag="--dry-run"
+# TOTAL, SETUP, PIP_QUICK, BUILD_EXT, PARTS and BUDGET[part], in seconds
+budgets=$("$PY" bench/gpu_check.py --budgets $dflag) || { echo "gpu_check.sh: could not read the budgets" >&2; exit 1; }
+eval "$budgets"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -45,14 +41,14 @@ have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 if [ $dry = 0 ] && ! { have ivfast.kernels && have ivfast._C; }; then
   echo "=== setup: pip install --no-build-isolation --no-deps -e . (builds ivfast._C with cmake)"
   mkdir -p bench/results
-  if ! timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . -q \
+  if ! timeout "$SETUP" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . -q \
       > bench/results/gpu_check_setup.log 2>&1; then
     echo "=== setup: pip install failed (tail of bench/results/gpu_check_setup.log):"
     tail -n 5 bench/results/gpu_check_setup.log
-    if ! have ivfast._C && [ $(( $(date +%s) - start )) -lt 60 ]; then
+    if ! have ivfast._C && [ $(( $(date +%s) - start )) -lt "$PIP_QUICK" ]; then
       # a packaging failure (not the C++ build) still lets setup.py build the extension in place
       echo "=== setup: python setup.py build_ext --inplace"
-      timeout 90 "$PY" setup.py build_ext --inplace >> bench/results/gpu_check_setup.log 2>&1 \
+      timeout "$BUILD_EXT" "$PY" setup.py build_ext --inplace >> bench/results/gpu_check_setup.log 2>&1 \
         || echo "=== setup: build_ext failed too"
     fi
   fi
@@ -64,7 +60,6 @@ if [ $dry = 0 ] && ! { have ivfast.kernels && have ivfast._C; }; then
   have ivfast._C || echo "=== setup: ivfast._C not built; mask sampling uses the NumPy reference (slower)"
 fi
 
-dflag=""; [ $dry = 1 ] && dflag="--dry-run"
 oflag=(); [ -n "$out" ] && oflag=(--out "$out")
 json=$(timeout 60 "$PY" bench/gpu_check.py --init $dflag "${oflag[@]}" | tail -n 1)
 if [ -z "$json" ]; then echo "gpu_check.sh: could not create the result file" >&2; exit 1; fi

@@ -169,18 +169,33 @@ def test_flex_failure_is_an_error_unless_fallback_allowed(monkeypatch):
     monkeypatch.setattr(A, "_flex", broken_flex)
     q, k, v = (t.detach() for t in _qkv(N=20, D=8))
     key = ("cpu", q.dtype, 8, True)
-    monkeypatch.setattr(A, "_flex_failed", {})
+    A.reset()
     A.set_dense_fallback(False)
     try:
         with pytest.raises(RuntimeError, match="attn_allow_dense_fallback=true"):
             A._auto_windowed(q, k, v, 3, key)
-        assert key not in A._flex_failed
+        assert A.flex_failures() == {}
         A.set_dense_fallback(True)
         out = A._auto_windowed(q, k, v, 3, key)
         torch.testing.assert_close(out.double(), _naive(q, k, v, 3), atol=2e-5, rtol=1e-4)
-        assert key in A._flex_failed and A.used_backends()["cpu float32 d8 window"].startswith("sdpa:")
+        assert A.flex_failures() == {"cpu float32 d8 window": "RuntimeError: simulated flex compile failure"}
+        assert A.used_backends()["cpu float32 d8 window"].startswith("sdpa:")
     finally:
         A.set_dense_fallback(True)
+        A.reset()
+
+
+def test_reset_forgets_every_choice():
+    """A benchmark building several models in one process starts each from a fresh process's state."""
+    q, k, v = (t.detach() for t in _qkv(N=20, D=8))
+    A.attention(q, k, v, backend="sdpa")
+    A.attention(q, k, v, window=3, backend="sdpa")
+    assert A.used_backends() and A._sdpa_choice and A._masks
+    A.reset()
+    assert A.used_backends() == {} and A.flex_failures() == {} and A.timed_report() == {}
+    assert not A._sdpa_choice and not A._masks
+    torch.testing.assert_close(A.attention(q, k, v, window=3, backend="sdpa").double(), _naive(q, k, v, 3),
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_used_backends_includes_compiled_calls():

@@ -310,7 +310,8 @@ def _tiny_teacher(**kw):
 
 
 def _unfused_layers(teacher, video):
-    """The teacher's forward with separate q/k/v projections (the pre-fusion code)."""
+    """Readable reference of the teacher forward: separate q/k/v projections, math attention and
+    the MLP module's own GELU pass (no fused qkv GEMM, no GEMM-epilogue GELU)."""
     from ivfast.models.attention import attention
 
     def layer_fn(layer, x, i):
@@ -455,37 +456,66 @@ def test_attention_uses_the_timed_backend(monkeypatch):
 
 
 # --------------------------------------------------------------------------- bench CLI
-def test_bench_train_step_smoke_names_the_switches(tmp_path):
+def _bench_train_step():
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "bench_train_step.py"
     spec = importlib.util.spec_from_file_location("bench_train_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert [sorted(k for k, v in r.items() if v) for r in bench.plan_runs(["sync_free", "compile"], "cumulative")] \
-        == [[], ["sync_free"], ["compile", "sync_free"]]
-    assert bench.main(["--smoke", "--levers", "sync_free", "--steps", "1", "--warmup", "0",
+    return bench
+
+
+def test_bench_train_step_dry_run_names_the_levers(tmp_path):
+    import json
+
+    bench = _bench_train_step()
+    assert [sorted(k for k, v in r.items() if v) for r in bench.plan_runs(["compile", "pred_ckpt"], "cumulative")] \
+        == [[], ["compile"], ["compile", "pred_ckpt"]]
+    assert bench.lever_overrides(dict.fromkeys(bench.LEVERS, False) | {"pack_sets": True}, 2) == [
+        "runtime.compile=false", "model.predictor.act_checkpoint=none", "model.stage2_pack_sets=true"]
+    assert bench.main(["--dry-run", "--levers", "pred_ckpt", "--steps", "1", "--warmup", "0",
                        "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "train_step_smoke_cpu.json").read_text())
-    assert res["meta"]["measured"] is False
-    assert [r["levers_on"] for r in res["rows"]] == [["none"], ["sync_free"]]
-    assert set(res["rows"][1]["switches"]) == set(bench.LEVERS) and res["rows"][1]["step_ms"] > 0
+    res = json.loads((tmp_path / "train_step_dryrun_cpu.json").read_text())
+    assert res["meta"]["measured"] is False and res["meta"]["torch"] and res["meta"]["ivfast"]
+    assert [r["levers_on"] for r in res["rows"]] == [["none"], ["pred_ckpt"]]
+    assert "model.predictor.act_checkpoint=selective" in res["rows"][1]["overrides"]
+    assert res["rows"][1]["result"]["step_ms"] > 0 and res["rows"][1]["attention_backends"]
+
+
+def test_step_timer_runs_the_trainers_train_step(monkeypatch):
+    """The bench's step timer is ivfast.train.Trainer.train_step itself, fed device clips while the
+    Trainer is built; the loader factory is back in place afterwards."""
+    import ivfast.data
+    import ivfast.train
+
+    bench = _bench_train_step()
+    real_loader = ivfast.data.build_loader
+    calls = []
+    real_step = ivfast.train.Trainer.train_step
+    monkeypatch.setattr(ivfast.train.Trainer, "train_step", lambda self: calls.append(1) or real_step(self))
+    cfg = bench.preset_config("stage1", 2, dry=True)
+    step = bench.TrainStep(cfg, torch.device("cpu"))
+    out = step()
+    step.close()
+    assert calls == [1] and isinstance(step.trainer, ivfast.train.Trainer)
+    assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0 and step.trainer.step == 0
+    assert ivfast.data.build_loader is real_loader and "build_loader" not in vars(ivfast.train)
 
 
 @pytest.mark.gpu
-def test_cuda_teacher_fast_path_matches_the_old_one():
+def test_cuda_teacher_fast_path_matches_the_unfused_reference():
     """On a GPU: bias+tanh-GELU in the cuBLASLt epilogue, fused qkv and autocast off give the
-    old path's outputs to bf16 accuracy, and FP8 runs through torch._scaled_mm where available."""
+    unfused reference's outputs to bf16 accuracy, and FP8 runs through torch._scaled_mm where
+    available."""
     from ivfast.models.teacher import teacher_agreement
 
     teacher = _tiny_teacher(dtype="bf16").to("cuda", torch.bfloat16)
     video = torch.rand(2, 3, 4, 56, 56, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         new = teacher(video.bfloat16())
-        teacher.fast = False
-        old = teacher(video.bfloat16())
+    old = _unfused_layers(teacher, video.bfloat16())
     agree = teacher_agreement(old, new, frames=4)
     assert agree["middle_cos_min"] > 0.999 and agree["pooled_cos_min"] > 0.999, agree
     if torch.cuda.get_device_capability() >= (8, 9):

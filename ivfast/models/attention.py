@@ -485,14 +485,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
 
 
 # --------------------------------------------------------------------------- SDPA backend by timing
-# (issue 14, lever 3) "First that runs" keeps FLASH (FA2) for every unmasked call and never
-# tries cuDNN attention (FA3-class on Hopper, predicted ~80-100 ms/step faster in stage 2). On
-# CUDA, eager calls instead time every SDPA kernel that accepts the call, once per (kind, shape
-# bucket), forward + backward when the inputs need gradients, check each against an fp32 math
-# reference on a slice, and keep the fastest that passes. The first winner of a call kind is also
-# what compiled graphs pin (``_sdpa_choice``). Timing syncs the GPU, but only for new buckets.
+# "First that runs" would keep FLASH (FA2) for every unmasked call and never try cuDNN attention
+# (FA3-class on Hopper). On CUDA, eager calls instead time every SDPA kernel that accepts the
+# call, once per (kind, shape bucket), forward + backward when the inputs need gradients, check
+# each against an fp32 math reference on a slice, and keep the fastest that passes. The first
+# winner of a call kind is also what compiled graphs pin (``_sdpa_choice``). Timing syncs the
+# GPU, but only for new buckets.
 TIMED_CANDIDATES = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
-timed_selection = True                     # set False to get "first that runs" (the old order)
 _timed_choice: dict[tuple, SDPBackend] = {}
 _timings: dict[tuple, dict[str, float]] = {}   # bucket -> {backend: ms, or "rejected: why"}
 
@@ -545,7 +544,7 @@ def pick_fastest(run, candidates, check, timer) -> tuple[object, dict]:
 
 def _timed_sdpa_choice(qt, kt, vt, mask, key):
     """The timed SDPA kernel for this call ([B, H, N, D] inputs), or None (then: first that runs)."""
-    if not timed_selection or not _timing_device_ok(qt):
+    if not _timing_device_ok(qt):
         return None
     bkey = (key, qt.shape[0], qt.shape[1], _bucket(qt.shape[2]), _bucket(kt.shape[2]))
     if bkey in _timed_choice:
@@ -589,3 +588,16 @@ def _timed_sdpa_choice(qt, kt, vt, mask, key):
 def timed_report() -> dict:
     """Per shape bucket, each SDPA kernel's milliseconds (or why it was rejected): for benchmarks."""
     return {f"{_key_name(k[0])} B{k[1]} H{k[2]} N{k[3]}x{k[4]}": v for k, v in _timings.items()}
+
+
+def flex_failures() -> dict[str, str]:
+    """Per call kind, why FlexAttention could not run (``auto`` then used dense SDPA): for reports."""
+    return {_key_name(k): why for k, why in _flex_failed.items()}
+
+
+def reset() -> None:
+    """Forget every backend choice, timing, failure and cached mask, as in a fresh process (a
+    benchmark that builds several models in one process starts each from the same state)."""
+    for cache in (_resolved, _sdpa_choice, _flex_failed, _masks, _compiled_resolved, _resolved_packed,
+                  _timed_choice, _timings):
+        cache.clear()

@@ -408,26 +408,10 @@ class Stage2Model(_Base):
         if m.stage2_pack_sets not in ("auto", True, False):
             raise ValueError(f"model.stage2_pack_sets must be auto, true or false, got {m.stage2_pack_sets!r}")
         self.teacher = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
-        # False = the pre-issue-14 teacher (inside the step's autocast, GELU and LayerScale as
-        # their own passes): kept only so bench/bench_train_step.py can measure this lever
-        self.teacher_fast = True
         self.sync_teacher()
         self.teacher.to(teacher_dtype)
         if m.stage2_loss not in ("cosine", "l1", "mse"):
             raise ValueError(f"model.stage2_loss must be cosine, l1 or mse, got {m.stage2_loss!r}")
-
-    @property
-    def teacher_fast(self) -> bool:
-        return self._teacher_fast
-
-    @teacher_fast.setter
-    def teacher_fast(self, on: bool) -> None:
-        self._teacher_fast = bool(on)
-        for blk in getattr(self, "teacher", nn.Module()).modules():
-            if hasattr(blk, "fused_residual"):
-                blk.fused_residual = self._teacher_fast
-            if hasattr(blk, "gelu_epilogue"):
-                blk.gelu_epilogue = self._teacher_fast
 
     @torch.no_grad()
     def sync_teacher(self):
@@ -439,7 +423,11 @@ class Stage2Model(_Base):
         self.teacher.load_state_dict(sd)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.teacher_fast = self.teacher_fast      # the teacher's fused frozen paths follow the switch
+        for blk in self.teacher.modules():         # frozen: it may take the fused inference paths
+            if hasattr(blk, "fused_residual"):
+                blk.fused_residual = True
+            if hasattr(blk, "gelu_epilogue"):
+                blk.gelu_epilogue = True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -466,7 +454,7 @@ class Stage2Model(_Base):
         weights (``teacher.dtype=fp32`` under bf16 autocast) it runs as before, inside autocast."""
         dev = patches.device.type
         wdt = self.teacher.patch_embed.weight.dtype
-        if (self.teacher_fast and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+        if (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
                 and torch.get_autocast_dtype(dev) == wdt):
             with torch.autocast(dev, enabled=False):
                 return self.teacher(patches, None)[0]

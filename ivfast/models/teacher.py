@@ -218,15 +218,12 @@ class SiglipTeacher(nn.Module):
         # GELU in the GEMM epilogue: cuBLASLt's is the tanh form, i.e. gelu_pytorch_tanh only
         self._tanh_gelu = getattr(conf, "hidden_act", "") == "gelu_pytorch_tanh"
         self.fp8 = fp8
-        # False = the pre-issue-14 path (inside the caller's autocast, separate q/k/v GEMMs, GELU
-        # as its own pass): kept only so bench/bench_train_step.py can measure this lever
-        self.fast = True
         self._qkv: list = []
         self._fuse_qkv()
         if fp8:
             self._to_fp8()
 
-    # ---- load-time rewrites (issue 14, lever 2)
+    # ---- load-time rewrites
     def _fuse_qkv(self) -> None:
         """q, k, v projections as one [3D, D] GEMM: the fused weight is built once and the HF
         modules' q/k/v weights become views into it (no extra memory). Redone after .to()."""
@@ -278,18 +275,15 @@ class SiglipTeacher(nn.Module):
         h = layer.layer_norm1(x)
         a = layer.self_attn
         shape = (B, N, self.heads, D // self.heads)
-        if not self.fast and hasattr(a, "q_proj"):          # (bench only: the old path)
-            q, k, v = a.q_proj(h).view(shape), a.k_proj(h).view(shape), a.v_proj(h).view(shape)
-        else:
-            # one GEMM for q, k and v
-            qkv = F.linear(h, *self._qkv[i]) if self._qkv[i] is not None else a.qkv_fp8(h)
-            q, k, v = qkv.view(B, N, 3, *shape[2:]).unbind(2)
+        # one GEMM for q, k and v
+        qkv = F.linear(h, *self._qkv[i]) if self._qkv[i] is not None else a.qkv_fp8(h)
+        q, k, v = qkv.view(B, N, 3, *shape[2:]).unbind(2)
         x = x + a.out_proj(attention(q, k, v, backend=self.backend).reshape(B, N, D))
         return x + self._mlp(layer.mlp, layer.layer_norm2(x))
 
     def _mlp(self, mlp, h):
         fc1 = mlp.fc1
-        if self.fast and h.is_cuda and self._tanh_gelu and isinstance(fc1, nn.Linear) and fc1.bias is not None:
+        if h.is_cuda and self._tanh_gelu and isinstance(fc1, nn.Linear) and fc1.bias is not None:
             # bias + tanh-GELU in cuBLASLt's epilogue: no separate pass over [rows, mlp_hidden]
             h2 = torch._addmm_activation(fc1.bias, h.reshape(-1, h.shape[-1]), fc1.weight.t(), use_gelu=True)
             return mlp.fc2(h2.view(*h.shape[:-1], -1))
@@ -319,8 +313,6 @@ class SiglipTeacher(nn.Module):
         # Autocast off: the frozen weights' dtype (bf16 on CUDA) is the compute dtype, so each
         # LayerNorm returns bf16 (fp32 statistics inside the kernel) instead of an fp32 tensor
         # that autocast re-casts for q, k, v and fc1 (~100 ms/step of traffic in stage 1, predicted).
-        if not self.fast:
-            return self._forward(video01)
         with torch.autocast(video01.device.type, enabled=False):
             return self._forward(video01)
 
