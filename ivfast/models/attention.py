@@ -496,8 +496,18 @@ _timed_choice: dict[tuple, SDPBackend] = {}
 _timings: dict[tuple, dict[str, float]] = {}   # bucket -> {backend: ms, or "rejected: why"}
 
 
+_kernel_timing = True
+
+
+def set_kernel_timing(enabled: bool) -> None:
+    """Time the SDPA kernels once per shape bucket (True, the default; CUDA only) or take the
+    first kernel that runs (False): fake tensors, as the GPU-free rehearsal runs, cannot be timed."""
+    global _kernel_timing
+    _kernel_timing = bool(enabled)
+
+
 def _timing_device_ok(t: torch.Tensor) -> bool:
-    return t.is_cuda
+    return _kernel_timing and t.is_cuda
 
 
 def _bucket(n: int) -> int:

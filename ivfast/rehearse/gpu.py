@@ -261,9 +261,6 @@ def simulated_gpu(spec: GpuSpec, memory, sdpa_log: SdpaLog) -> Iterator[None]:
         (cuda.nvtx, "range_pop"): lambda: 0,
         (torch.Tensor, "record_stream"): lambda self, stream: None,
         (F, "scaled_dot_product_attention"): _routed_sdpa(F.scaled_dot_product_attention, sdpa_log),
-        # a GPU times the SDPA kernels once per shape, which fake tensors cannot: the rehearsal
-        # takes torch's first-that-runs kernel
-        (A, "timed_selection"): False,
     }
     # torch's truncated normal draws until no value falls outside, a loop on values that fake
     # tensors do not have; the rehearsal's weights need no values
@@ -276,7 +273,11 @@ def simulated_gpu(spec: GpuSpec, memory, sdpa_log: SdpaLog) -> Iterator[None]:
     try:
         for (obj, name), value in patches.items():
             setattr(obj, name, value)
+        # a GPU times the SDPA kernels once per shape, which fake tensors cannot: the rehearsal
+        # takes torch's first-that-runs kernel
+        A.set_kernel_timing(False)
         yield
     finally:
+        A.set_kernel_timing(True)
         for (obj, name), value in saved.items():
             setattr(obj, name, value)
