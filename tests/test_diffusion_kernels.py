@@ -575,7 +575,7 @@ def test_decoder_custom_ops_pass_opcheck():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "auto"])
 def test_compiled_decoder_loss_has_no_graph_break(dtype):
-    """What torch.compile sees of the stage-1 decoder (the DiffusionLoss module train.py compiles):
+    """What torch.compile sees of the stage-1 decoder (the DiffusionLoss module trainer.py compiles):
     one graph, with the decoder as ivfast custom ops, for every model.decoder.dtype."""
     from ivfast.config import DecoderConfig
     from ivfast.models.diffusion import DiffusionLoss

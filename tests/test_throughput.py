@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ivfast.config import load_config
-from ivfast.train import Trainer
+from ivfast.train import demo_stage2_config
+from ivfast.trainer import Trainer, compile_enabled, setup_distributed
 
 SYNCING = ("item", "__bool__", "cpu", "tolist")
 
@@ -66,8 +67,6 @@ def _run_counting(trainer):
 def test_training_steps_2_to_5_make_no_host_reads(clip_list, tmp_path, stage):
     cfg = tiny_cfg(clip_list, tmp_path)
     if stage == 2:   # the demo's stage 2: multi-block masks, two sets packed in the predictor
-        from ivfast.train import demo_stage2_config
-
         stage1 = Trainer(tiny_cfg(clip_list, tmp_path / "s1", "runtime.max_steps=1")).fit()
         cfg = demo_stage2_config(cfg, stage1)
     trainer = Trainer(cfg)
@@ -114,7 +113,7 @@ def test_nonfinite_step_skipped_on_device_and_counted_at_log(clip_list, tmp_path
 
     trainer.train_step = step_and_snapshot
     trainer.fit()
-    assert trainer.nonfinite_total == 1 and trainer.nonfinite_in_row == 0
+    assert trainer.nonfinite.total == 1 and trainer.nonfinite.in_row == 0
 
 
 @pytest.mark.gpu
@@ -138,8 +137,6 @@ def test_cuda_steps_2_to_5_do_not_synchronise(clip_list, tmp_path):
 
 # --------------------------------------------------------------------------- compile (lever 1)
 def test_compile_auto_means_cuda_only():
-    from ivfast.train import compile_enabled
-
     assert load_config("demo", []).runtime.compile == "auto"
     cfg = load_config("demo", [])
     assert compile_enabled(cfg, torch.device("cuda")) and not compile_enabled(cfg, torch.device("cpu"))
@@ -284,8 +281,6 @@ def test_flops_cli_prints_predicted_peak_memory(capsys):
 def test_expandable_segments_set_before_cuda_init(monkeypatch):
     """setup_distributed sets PYTORCH_CUDA_ALLOC_CONF before touching CUDA (simulated: a visible
     but uninitialised CUDA device; set_device patched out), and keeps a user's own value."""
-    from ivfast.train import setup_distributed
-
     cfg = load_config("demo", ["runtime.device=cuda"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ivfast import checkpoint as ckpt
 from ivfast.config import load_config
-from ivfast.train import NonFiniteLossError, Trainer, lr_at
+from ivfast.trainer import NonFiniteLossError, NonFiniteSteps, Trainer, lr_at
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -99,9 +99,20 @@ def test_nonfinite_loss_skips_update_and_stops(clip_list, tmp_path):
     trainer.model.forward = poisoned
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
         trainer.fit()
-    assert trainer.nonfinite_total == 2
+    assert trainer.nonfinite.total == 2
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed although every update was skipped"
+
+
+def test_nonfinite_steps_counts_runs_and_a_resumed_total():
+    """A finite step ends the run in a row, the longest run is kept, the total carries the resumed
+    run's count, and read() reports the bad steps since the last read."""
+    nf = NonFiniteSteps(torch.device("cpu"), total_before=3)
+    for bad in (True, True, False, True):
+        nf.add(torch.tensor(bad))
+    assert nf.read() == (3, 2) and (nf.in_row, nf.total) == (1, 6)
+    nf.add(torch.tensor(False))
+    assert nf.read() == (0, 2) and (nf.in_row, nf.total) == (0, 6)
 
 
 def test_bad_videos_over_the_limit_stop_training(clip_list, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from ivfast.config import load_config
 from ivfast.models import attention as A
-from ivfast.train import Trainer
+from ivfast.trainer import Trainer
 
 
 def _cfg(clip_list, out, *extra):

@@ -43,16 +43,16 @@ def test_a_rank_sleeping_in_its_data_step_is_named(clip_list, tmp_path):
         import sys
         import time
 
-        from ivfast import train
+        from ivfast import train, trainer
 
-        real = train.Trainer._next_batch
+        real = trainer.Trainer._next_batch
 
         def next_batch(self):
             if self.rank == 1 and self.step == 2:
                 time.sleep(3600)                 # a stuck file system read
             return real(self)
 
-        train.Trainer._next_batch = next_batch
+        trainer.Trainer._next_batch = next_batch
         sys.exit(train.main(sys.argv[1:]))
     """))
     timeout = 20
