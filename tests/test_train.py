@@ -15,14 +15,9 @@ from safetensors.torch import load_file
 from ivfast import checkpoint as ckpt
 from ivfast.config import load_config
 from ivfast.trainer import NonFiniteLossError, NonFiniteSteps, Trainer, lr_at
+from utils import tiny_cfg, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def tiny_cfg(clip_list, out, *extra):
-    return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
-                                "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1",
-                                "optim.warmup_epochs=0.5", "runtime.log_every=1", *extra])
 
 
 def test_lr_schedule_shape():
@@ -150,9 +145,8 @@ def test_bad_setups_fail_clearly(clip_list, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
-    cmd = [sys.executable, "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}",
-           "demo=false", f"runtime.output_dir={tmp_path}", "optim.batch_per_gpu=2", "optim.global_batch=2",
-           "optim.epochs=50", "runtime.log_every=1"]
+    cmd = [sys.executable, "-m", "ivfast.train", "--config", "demo",
+           *tiny_overrides(clip_list, tmp_path, "optim.epochs=50", "runtime.log_every=1")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
@@ -177,9 +171,9 @@ def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
 
 def _two_rank_run(clip_list, out, strategy, port):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}", "demo=false",
-           f"runtime.output_dir={out}", "optim.batch_per_gpu=2", "optim.global_batch=4",
-           "optim.epochs=1", "runtime.log_every=1", "runtime.ckpt_every=2", f"runtime.distributed={strategy}"]
+           "-m", "ivfast.train", "--config", "demo",
+           *tiny_overrides(clip_list, out, "optim.global_batch=4", "runtime.log_every=1", "runtime.ckpt_every=2",
+                           f"runtime.distributed={strategy}")]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return ckpt.find_latest(out / "checkpoints")
@@ -303,9 +297,9 @@ def test_torchrun_restart_after_a_killed_rank_resumes_exactly(clip_list, tmp_pat
     weights bitwise equal to an uninterrupted run's."""
     def cmd(out, port):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-                "--master-port", str(port), "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}",
-                "demo=false", f"runtime.output_dir={out}", "optim.batch_per_gpu=2", "optim.global_batch=4",
-                "optim.epochs=20", "runtime.log_every=1", "runtime.ckpt_every=2", "runtime.keep_last=40"]
+                "--master-port", str(port), "-m", "ivfast.train", "--config", "demo",
+                *tiny_overrides(clip_list, out, "optim.global_batch=4", "optim.epochs=20", "runtime.log_every=1",
+                                "runtime.ckpt_every=2", "runtime.keep_last=40")]
 
     ref = subprocess.run(cmd(tmp_path / "ref", 29541), env=ENV, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -1,6 +1,9 @@
-"""Helpers shared by the tests: the tolerance rule for low-precision kernels. Test modules import
-them as ``from utils import ...`` (pytest puts tests/ on sys.path, as for kernel_compile)."""
+"""Helpers shared by the tests: the tolerance rule for low-precision kernels and the tiny training
+config. Test modules import them as ``from utils import ...``
+(pytest puts tests/ on sys.path, as for kernel_compile)."""
 import torch
+
+from ivfast.config import Config, load_config
 
 # --------------------------------------------------------------------------- tolerance
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}   # relative to max |ref|
@@ -18,3 +21,15 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, lowp: torch.Tensor, name: 
     base = (lowp.double() - ref).abs().max().item()
     tol = 2 * base + ATOL[out.dtype] * scale
     assert err <= tol, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} + atol (max|ref| {scale:.3g})"
+
+
+# --------------------------------------------------------------------------- tiny training config
+def tiny_overrides(clip_list, out, *extra: str) -> list[str]:
+    """Overrides of the demo preset for a training test: the demo's tiny model on ``clip_list``
+    (no clip generation), 2 clips a step, one epoch, output in ``out``; ``extra`` wins over these."""
+    return [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
+            "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1", *extra]
+
+
+def tiny_cfg(clip_list, out, *extra: str) -> Config:
+    return load_config("demo", tiny_overrides(clip_list, out, *extra))
