@@ -1,9 +1,10 @@
-"""Helpers shared by the tests: the tolerance rule for low-precision kernels and the tiny training
-config. Test modules import them as ``from utils import ...``
+"""Helpers shared by the tests: the tolerance rule for low-precision kernels, the tiny training
+config, and generated labelled clips. Test modules import them as ``from utils import ...``
 (pytest puts tests/ on sys.path, as for kernel_compile)."""
 import torch
 
 from ivfast.config import Config, load_config
+from ivfast.eval.synth_labels import make_labelled_clips
 
 # --------------------------------------------------------------------------- tolerance
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}   # relative to max |ref|
@@ -33,3 +34,12 @@ def tiny_overrides(clip_list, out, *extra: str) -> list[str]:
 
 def tiny_cfg(clip_list, out, *extra: str) -> Config:
     return load_config("demo", tiny_overrides(clip_list, out, *extra))
+
+
+# --------------------------------------------------------------------------- labelled clips
+def labelled_lists(directory, train_per_class: int, val_per_class: int, classes: list[int]):
+    """Train and val lists of generated labelled clips (8 frames, 32 px) of ``classes``
+    (ivfast.eval.synth_labels), and the label map: (train.csv, val.csv, labels.txt)."""
+    train = make_labelled_clips(directory, train_per_class, frames=8, size=32, split="train", classes=classes)
+    val = make_labelled_clips(directory, val_per_class, frames=8, size=32, split="val", classes=classes)
+    return train, val, directory / "labels.txt"
