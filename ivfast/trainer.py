@@ -602,9 +602,10 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to ``stop_step`` or a pre-emption signal, save, and return the last checkpoint's path."""
-        stop, window, bar = Preemption(), StepWindow(), self._progress_bar()
+        stop, bar = Preemption(), self._progress_bar()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        window = StepWindow()
         self.model.train()
         self.watchdog = RankWatchdog.for_run(self.rank, self.world, self.cfg.runtime.collective_timeout_s)
         try:
