@@ -38,7 +38,8 @@ from ivfast.eval.run import run_protocol
 from ivfast.eval.synth_labels import make_labelled_clips
 from ivfast.models.epd import purpose_seed
 from ivfast.models.release_weights import load_encoder
-from ivfast.train import Trainer, demo_stage2_config
+from ivfast.train import demo_stage2_config
+from ivfast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"linear": 10.0, "knn": 5.0}     # stage-1 gain (points) whose CI must also exclude 0

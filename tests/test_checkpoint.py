@@ -12,6 +12,9 @@ import torch
 
 from ivfast import checkpoint as ckpt
 from ivfast.config import load_config
+from ivfast.train import main
+from ivfast.trainer import Trainer, set_rng_state
+from utils import tiny_overrides
 
 
 def _write(tmp_path, step, keep_last=3, value=1.0):
@@ -155,10 +158,7 @@ def test_corrupt_train_state_is_found(tmp_path):
 def test_resume_auto_skips_corrupt_newest_and_named_one_stops(clip_list, tmp_path, capsys):
     """Training: --resume auto falls back to the previous checkpoint with one warning naming the
     file; the corrupt checkpoint named on the command line ends the run with one line."""
-    from ivfast.train import Trainer, main
-
-    args = [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={tmp_path}",
-            "optim.batch_per_gpu=2", "optim.global_batch=2", "runtime.ckpt_every=1", "runtime.max_steps=2"]
+    args = tiny_overrides(clip_list, tmp_path, "runtime.ckpt_every=1", "runtime.max_steps=2")
     Trainer(load_config("demo", args)).fit()
     newest = tmp_path / "checkpoints" / "step_00000002"
     _flip_tensor_byte(newest / ckpt.MODEL_FILE, "encoder.patch_embed.weight")
@@ -219,10 +219,7 @@ def test_hostile_train_state_is_refused_and_never_runs(tmp_path, wrap):
 
 def test_train_state_of_a_real_run_is_plain_data(clip_list, tmp_path, capsys):
     """A trainer's train_state.pt loads with weights_only=True; a planted one stops the resume in one line."""
-    from ivfast.train import Trainer, main
-
-    args = [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={tmp_path / 'run'}",
-            "optim.batch_per_gpu=2", "optim.global_batch=2", "runtime.max_steps=1"]
+    args = tiny_overrides(clip_list, tmp_path / "run", "runtime.max_steps=1")
     last = Trainer(load_config("demo", args)).fit()
     state = torch.load(last / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
     assert state["step"] == 1 and torch.is_tensor(state["rng"]["numpy"]["key"])
@@ -337,11 +334,8 @@ def test_run_on_a_full_disk_says_so_at_start_and_ends_in_one_line(clip_list, tmp
     second save ends the run with one line, and step 1 still resumes."""
     import logging
 
-    from ivfast.train import Trainer, main
-
     def args(out, steps):
-        return [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}", "optim.batch_per_gpu=2",
-                "optim.global_batch=2", "runtime.ckpt_every=1", f"runtime.max_steps={steps}"]
+        return tiny_overrides(clip_list, out, "runtime.ckpt_every=1", f"runtime.max_steps={steps}")
 
     Trainer(load_config("demo", args(tmp_path / "probe", 1))).fit()
     one = sum(f.stat().st_size for f in (tmp_path / "probe" / "checkpoints" / "step_00000001").iterdir())
@@ -371,8 +365,6 @@ def test_train_state_of_an_older_ivfast_still_resumes(tmp_path):
     import random
 
     import numpy as np
-
-    from ivfast.train import set_rng_state
 
     path = _write(tmp_path, 1)
     np.random.seed(5)

@@ -52,7 +52,7 @@ class GemmRecorder(TorchDispatchMode):
 
 @pytest.fixture
 def tf32_on():
-    """The trainer's global setting on a GPU (train.py turns TF32 on), restored after the test."""
+    """The trainer's global setting on a GPU (trainer.py turns TF32 on), restored after the test."""
     m = torch.backends.cuda.matmul
     old = m.fp32_precision
     m.fp32_precision = "tf32"

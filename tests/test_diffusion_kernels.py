@@ -1,7 +1,8 @@
 """Fused diffusion-MLP kernels against plain PyTorch references, forward and backward.
 
 Rule (flash-attention's): the kernel's error against an fp64 reference must be at most 2x the
-error of the same computation done by PyTorch in the kernel's dtype, plus a small atol.
+error of the same computation done by PyTorch in the kernel's dtype, plus a small atol
+(utils.check_close).
 CPU runs the kernels under the Triton interpreter in fp32/fp16 with small odd shapes;
 bf16 and the > 2^31-element offsets are GPU tests.
 """
@@ -13,21 +14,10 @@ import torch.nn.functional as F
 
 from ivfast.kernels import diffusion_mlp as K
 from ivfast.models.diffusion import DiffusionDecoder
+from utils import ATOL, check_close
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16]
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}   # relative to max |ref|
-
-
-def check(out, ref64, lowp, name=""):
-    """|out - ref64| <= 2 |lowp - ref64| + atol * max|ref64| (elementwise max norms)."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    scale = ref64.abs().max().item() or 1.0
-    err = (out.double() - ref64).abs().max().item()
-    base = (lowp.double() - ref64).abs().max().item()
-    tol = 2 * base + ATOL[out.dtype] * scale
-    assert err <= tol, f"{name}: error {err:.3g} > 2 x torch's {base:.3g} + atol (max|ref| {scale:.3g})"
 
 
 def rnd(*shape, dtype=torch.float32, scale=1.0):
@@ -77,15 +67,15 @@ def test_dsilu_backward(dtype, store_act, colsum, inplace):
     buf = da.clone()
     res = K.dsilu_backward(buf, u, store_act=store_act, colsum=colsum, out=buf if inplace else None)
     res = res if isinstance(res, tuple) else (res,)
-    check(res[0], du64, du_low, "du")
+    check_close(res[0], du64, du_low, "du")
     if inplace:
         assert res[0].data_ptr() == buf.data_ptr()
     k = 1
     if store_act:
-        check(res[k], F.silu(u64), F.silu(u.float()).to(dtype), "act")
+        check_close(res[k], F.silu(u64), F.silu(u.float()).to(dtype), "act")
         k += 1
     if colsum:
-        check(res[k].to(dtype), du64.sum(0), du_low.float().sum(0).to(dtype), "colsum")
+        check_close(res[k].to(dtype), du64.sum(0), du_low.float().sum(0).to(dtype), "colsum")
         k += 1
     assert len(res) == k
 
@@ -103,10 +93,10 @@ def test_residual_ln_modulate(dtype, affine):
     y, h = K.residual_ln_modulate(x, h2, gate, w, b, shift, scale, 1e-6)
     d = lambda t: None if t is None else t.double()
     y64 = d(x) + d(gate) * d(h2)
-    check(y, y64, (x.float() + gate.float() * h2.float()).to(dtype), "y")
+    check_close(y, y64, (x.float() + gate.float() * h2.float()).to(dtype), "y")
     ref = _ln_mod_torch(y64, d(w), d(b), d(shift), d(scale))
     f = lambda t: None if t is None else t.float()
-    check(h, ref, _ln_mod_torch(y.float(), f(w), f(b), f(shift), f(scale)).to(dtype), "h")
+    check_close(h, ref, _ln_mod_torch(y.float(), f(w), f(b), f(shift), f(scale)).to(dtype), "h")
     # the backward recomputes h from the stored y: it must be bit-equal to the forward's h
     torch.testing.assert_close(K.ln_modulate(y, w, b, shift, scale, 1e-6), h, rtol=0, atol=0)
 
@@ -131,7 +121,7 @@ def test_ln_modulate_forward(dtype, W, affine):
     d = lambda t: None if t is None else t.double()
     f = lambda t: None if t is None else t.float()    # fp32 maths rounded to dtype = the kernel's recipe
     ref = _ln_mod_torch(d(x), d(w), d(b), d(shift), d(scale))
-    check(out, ref, _ln_mod_torch(f(x), f(w), f(b), f(shift), f(scale)).to(dtype), "ln_modulate")
+    check_close(out, ref, _ln_mod_torch(f(x), f(w), f(b), f(shift), f(scale)).to(dtype), "ln_modulate")
     torch.testing.assert_close(K.ln_modulate_reference(x, w, b, shift, scale).double(), ref,
                                atol=ATOL[dtype] * ref.abs().max().item(), rtol=0)
 
@@ -164,16 +154,16 @@ def test_ln_modulate_backward(dtype, W, affine, dres):
 
     ref = grads(lambda t: t.double())
     low = grads(lambda t: t.clone())
-    check(dx, ref[0], low[0].to(dtype), "dx")
-    check(dada[:, :W], ref[3], low[3].to(dtype), "dshift")
-    check(dada[:, 2 * W:], ref[4], low[4].to(dtype), "dscale")
+    check_close(dx, ref[0], low[0].to(dtype), "dx")
+    check_close(dada[:, :W], ref[3], low[3].to(dtype), "dshift")
+    check_close(dada[:, 2 * W:], ref[4], low[4].to(dtype), "dscale")
     assert torch.isnan(dada[:, W:2 * W]).all(), "wrote outside its slices"
     # column sums of d(shift), d(scale): the adaLN bias gradient, from the same kernel
-    check(s_shift.to(dtype), ref[3].sum(0), low[3].sum(0).to(dtype), "dshift colsum")
-    check(s_scale.to(dtype), ref[4].sum(0), low[4].sum(0).to(dtype), "dscale colsum")
+    check_close(s_shift.to(dtype), ref[3].sum(0), low[3].sum(0).to(dtype), "dshift colsum")
+    check_close(s_scale.to(dtype), ref[4].sum(0), low[4].sum(0).to(dtype), "dscale colsum")
     if affine:
-        check(dw.to(dtype), ref[1], low[1].to(dtype), "dweight")
-        check(db.to(dtype), ref[2], low[2].to(dtype), "dbias")
+        check_close(dw.to(dtype), ref[1], low[1].to(dtype), "dweight")
+        check_close(db.to(dtype), ref[2], low[2].to(dtype), "dbias")
     else:
         assert dw is None and db is None
 
@@ -185,10 +175,12 @@ def test_gate_backward(dtype):
     dy, h2, gate = rnd(M, W, dtype=dtype), rnd(M, W, dtype=dtype), rnd(M, W, dtype=dtype)
     dada = torch.zeros(M, 3 * W, device=DEV, dtype=dtype)
     dh2, s_dh2, s_dgate = K.gate_backward(dy, h2, gate, dada[:, 2 * W:])
-    check(dh2, dy.double() * gate.double(), dy * gate, "dh2")
-    check(dada[:, 2 * W:], dy.double() * h2.double(), dy * h2, "dgate")
-    check(s_dh2.to(dtype), (dy.double() * gate.double()).sum(0), (dy.float() * gate.float()).sum(0).to(dtype), "db2")
-    check(s_dgate.to(dtype), (dy.double() * h2.double()).sum(0), (dy.float() * h2.float()).sum(0).to(dtype), "dgate b")
+    check_close(dh2, dy.double() * gate.double(), dy * gate, "dh2")
+    check_close(dada[:, 2 * W:], dy.double() * h2.double(), dy * h2, "dgate")
+    check_close(s_dh2.to(dtype), (dy.double() * gate.double()).sum(0),
+                (dy.float() * gate.float()).sum(0).to(dtype), "db2")
+    check_close(s_dgate.to(dtype), (dy.double() * h2.double()).sum(0),
+                (dy.float() * h2.float()).sum(0).to(dtype), "dgate b")
     assert dada[:, :2 * W].abs().max().item() == 0
 
 
@@ -219,7 +211,7 @@ def test_linear_fn_forward_backward(dtype, act):
     ref = run(lambda t: t.double(), torch_fn)
     low = run(lambda t: t.clone(), torch_fn)
     for name, o, r, lo in zip(["y", "dx", "dw", "db"], out, ref, low):
-        check(o, r, lo, name)
+        check_close(o, r, lo, name)
 
 
 def _trunk_inputs(M, W, D, O, dtype):
@@ -251,7 +243,7 @@ def test_adaln_trunk_forward_backward(dtype):
     ref = _trunk_grads(inp, lambda t: t.double(), K.adaln_trunk_reference)
     low = _trunk_grads(inp, lambda t: t.clone(), K.adaln_trunk_reference)
     for k in ref:
-        check(out[k], ref[k], low[k].to(dtype), k)
+        check_close(out[k], ref[k], low[k].to(dtype), k)
 
 
 def test_adaln_trunk_rejects_mixed_dtypes():
@@ -296,7 +288,7 @@ def test_fused_module_matches_reference(dtype):
     low = _module_grads(copy.deepcopy(base).to(dtype), x.to(dtype), t, z.to(dtype), g)
     assert set(out) == set(ref)
     for k in ref:
-        check(out[k], ref[k], low[k].to(dtype), k)
+        check_close(out[k], ref[k], low[k].to(dtype), k)
 
 
 def test_padded_widths_reach_the_gemms_aligned(monkeypatch):
@@ -338,7 +330,7 @@ def test_frozen_parameters_get_no_weight_gradient_gemm(monkeypatch):
         if k in frozen:
             assert out[k] is None, f"{k} is frozen but got a gradient"
         else:
-            check(out[k], ref[k], low[k], k)
+            check_close(out[k], ref[k], low[k], k)
     # dW GEMMs that remain: time MLP (2), input_proj, block 1 (w1, w2); none for adaLN (N = 3W / 2W),
     # block 0, the final Linear or cond_embed
     assert sorted(shapes) == sorted([(24, 256), (24, 24), (24, 16), (24, 24), (24, 24)]), shapes
@@ -403,8 +395,8 @@ def test_fused_module_bf16_autocast_matches_reference():
     ref = _module_grads(copy.deepcopy(base).double(), x.double(), t, z.double(), g.double())
     for k in ref:
         o, lo = out[k], low[k]
-        check(o.to(torch.bfloat16) if o.dtype == torch.float32 else o, ref[k],
-              lo.to(torch.bfloat16) if lo.dtype == torch.float32 else lo, k)
+        check_close(o.to(torch.bfloat16) if o.dtype == torch.float32 else o, ref[k],
+                    lo.to(torch.bfloat16) if lo.dtype == torch.float32 else lo, k)
 
 
 @pytest.mark.gpu
@@ -416,7 +408,7 @@ def test_bf16_trunk_matches_reference(W):
     ref = _trunk_grads(inp, lambda t: t.double(), K.adaln_trunk_reference)
     low = _trunk_grads(inp, lambda t: t.clone(), K.adaln_trunk_reference)
     for k in ref:
-        check(out[k], ref[k], low[k], k)
+        check_close(out[k], ref[k], low[k], k)
 
 
 @pytest.mark.gpu
@@ -429,10 +421,11 @@ def test_int64_offsets_past_2_31_elements():
     ss = torch.randn(M, 2 * W, device="cuda", dtype=torch.bfloat16)
     h = K.ln_modulate(x, None, None, ss[:, :W], ss[:, W:])
     tail = slice(M - 100, M)
-    check(h[tail], _ln_mod_torch(x[tail].double(), None, None, ss[tail, :W].double(), ss[tail, W:].double()),
-          _ln_mod_torch(x[tail], None, None, ss[tail, :W], ss[tail, W:]), "ln tail rows")
+    check_close(h[tail], _ln_mod_torch(x[tail].double(), None, None, ss[tail, :W].double(), ss[tail, W:].double()),
+                _ln_mod_torch(x[tail], None, None, ss[tail, :W], ss[tail, W:]), "ln tail rows")
     y, h = K.residual_ln_modulate(x, x, ss[:, :W], None, None, ss[:, :W], ss[:, W:])
-    check(y[tail], x[tail].double() * (1 + ss[tail, :W].double()), x[tail] * (1 + ss[tail, :W]), "residual tail rows")
+    check_close(y[tail], x[tail].double() * (1 + ss[tail, :W].double()), x[tail] * (1 + ss[tail, :W]),
+                "residual tail rows")
 
 
 def test_trunk_without_grad_gives_the_same_output():
@@ -575,7 +568,7 @@ def test_decoder_custom_ops_pass_opcheck():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "auto"])
 def test_compiled_decoder_loss_has_no_graph_break(dtype):
-    """What torch.compile sees of the stage-1 decoder (the DiffusionLoss module train.py compiles):
+    """What torch.compile sees of the stage-1 decoder (the DiffusionLoss module trainer.py compiles):
     one graph, with the decoder as ivfast custom ops, for every model.decoder.dtype."""
     from ivfast.config import DecoderConfig
     from ivfast.models.diffusion import DiffusionLoss

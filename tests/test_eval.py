@@ -10,6 +10,7 @@ from ivfast.eval.config import EvalConfig, ProbeConfig, ViewConfig, load_eval_co
 from ivfast.eval.data import LabelError, _crop, _window_frames, ViewSpec, check_labels, read_label_map
 from ivfast.eval.probes import HeadGrid, QueryProbe, build_head, knn_predict
 from ivfast.models.vit import VisionTransformer
+from utils import labelled_lists
 
 TINY = EncoderConfig(dim=32, depth=1, heads=2, patch_size=8, drop_path=0.0)
 
@@ -24,11 +25,7 @@ def tiny_encoder(frames=4, size=32, seed=0):
 @pytest.fixture(scope="module")
 def appearance_lists(tmp_path_factory):
     """Red square vs blue square, drifting in random directions: an appearance-only task."""
-    from ivfast.eval.synth_labels import make_labelled_clips
-    d = tmp_path_factory.mktemp("labelled")
-    train = make_labelled_clips(d, 8, frames=8, size=32, split="train", classes=[6, 7])
-    val = make_labelled_clips(d, 4, frames=8, size=32, split="val", classes=[6, 7])
-    return train, val, d / "labels.txt"
+    return labelled_lists(tmp_path_factory.mktemp("labelled"), 8, 4, classes=[6, 7])
 
 
 # --------------------------------------------------------------------------- protocols

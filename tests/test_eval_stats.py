@@ -15,6 +15,7 @@ from ivfast.eval.data import label_groups, read_label_map
 from ivfast.eval.metrics import bootstrap_ci, gain_ci
 from ivfast.eval.probes import LinearProbe, fit_linear
 from ivfast.models.vit import VisionTransformer
+from utils import labelled_lists
 
 
 def test_bootstrap_ci_brackets_the_mean_with_the_binomial_width():
@@ -92,11 +93,7 @@ def test_help_names_protocols_and_datasets():
 
 @pytest.fixture(scope="module")
 def two_class_lists(tmp_path_factory):
-    from ivfast.eval.synth_labels import make_labelled_clips
-    d = tmp_path_factory.mktemp("two")
-    train = make_labelled_clips(d, 6, frames=8, size=32, split="train", classes=[0, 6])
-    val = make_labelled_clips(d, 6, frames=8, size=32, split="val", classes=[0, 6])
-    return train, val, d / "labels.txt"
+    return labelled_lists(tmp_path_factory.mktemp("two"), 6, 6, classes=[0, 6])
 
 
 def test_knn_votes_on_standardised_features(two_class_lists, tmp_path, monkeypatch):

@@ -463,7 +463,7 @@ def test_random_streams_are_independent_per_purpose(stage1, monkeypatch):
     """The semantic-mask generator is not seeded like the global RNG (drop path) nor like the
     diffusion draws: every purpose has its own stream from the step seed."""
     import ivfast.masking as masking
-    from ivfast.train import step_seed
+    from ivfast.trainer import step_seed
     cfg, model = stage1
     seed = step_seed(0, 3, 0, 0)
     seeds = {p: purpose_seed(seed, p) for p in ("drop_path", "semantic", "multiblock", "tube", "diffusion")}

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from ivfast.config import load_config
-from ivfast.train import Trainer
+from ivfast.train import demo_stage2_config
+from ivfast.trainer import Trainer, compile_enabled, setup_distributed
+from utils import tiny_cfg
 
 SYNCING = ("item", "__bool__", "cpu", "tolist")
 
 
-def tiny_cfg(clip_list, out, *extra):
-    return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
-                                "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=2",
-                                "optim.warmup_epochs=0.5", "runtime.log_every=100", "runtime.max_steps=6",
-                                *extra])
+def six_steps_cfg(clip_list, out, *extra):
+    """Two epochs, logging only at the end: steps 2-5 are plain steps."""
+    return tiny_cfg(clip_list, out, "optim.epochs=2", "runtime.log_every=100", "runtime.max_steps=6", *extra)
 
 
 @contextlib.contextmanager
@@ -64,11 +64,9 @@ def _run_counting(trainer):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_training_steps_2_to_5_make_no_host_reads(clip_list, tmp_path, stage):
-    cfg = tiny_cfg(clip_list, tmp_path)
+    cfg = six_steps_cfg(clip_list, tmp_path)
     if stage == 2:   # the demo's stage 2: multi-block masks, two sets packed in the predictor
-        from ivfast.train import demo_stage2_config
-
-        stage1 = Trainer(tiny_cfg(clip_list, tmp_path / "s1", "runtime.max_steps=1")).fit()
+        stage1 = Trainer(six_steps_cfg(clip_list, tmp_path / "s1", "runtime.max_steps=1")).fit()
         cfg = demo_stage2_config(cfg, stage1)
     trainer = Trainer(cfg)
     assert trainer._sync_free, "fused AdamW (found_inf) should be in use"
@@ -79,14 +77,14 @@ def test_training_steps_2_to_5_make_no_host_reads(clip_list, tmp_path, stage):
 
 def test_the_counter_sees_a_host_sync(clip_list, tmp_path):
     """The probe works: the old per-step ``bool(isfinite(...))`` is caught."""
-    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "runtime.max_steps=3"))
+    trainer = Trainer(six_steps_cfg(clip_list, tmp_path, "runtime.max_steps=3"))
     trainer._sync_free = False       # the host-checked path (optimisers without found_inf)
     calls = _run_counting(trainer)
     assert any(name == "__bool__" for name, _ in calls)
 
 
 def test_nonfinite_step_skipped_on_device_and_counted_at_log(clip_list, tmp_path):
-    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "runtime.max_steps=3", "runtime.max_nonfinite=5"))
+    trainer = Trainer(six_steps_cfg(clip_list, tmp_path, "runtime.max_steps=3", "runtime.max_nonfinite=5"))
     real_forward = trainer.model.forward
     calls = {"n": 0}
 
@@ -114,14 +112,14 @@ def test_nonfinite_step_skipped_on_device_and_counted_at_log(clip_list, tmp_path
 
     trainer.train_step = step_and_snapshot
     trainer.fit()
-    assert trainer.nonfinite_total == 1 and trainer.nonfinite_in_row == 0
+    assert trainer.nonfinite.total == 1 and trainer.nonfinite.in_row == 0
 
 
 @pytest.mark.gpu
 def test_cuda_steps_2_to_5_do_not_synchronise(clip_list, tmp_path):
     """On a GPU: torch.cuda.set_sync_debug_mode('error') raises on any synchronising call in
     steps 2-5 (the first step compiles, autotunes and probes attention backends)."""
-    trainer = Trainer(tiny_cfg(clip_list, tmp_path, "runtime.device=cuda", "runtime.max_steps=5"))
+    trainer = Trainer(six_steps_cfg(clip_list, tmp_path, "runtime.device=cuda", "runtime.max_steps=5"))
     trainer.train_step()
     trainer.step += 1
     trainer._next_batch()   # warm the loader's first epoch plan
@@ -138,8 +136,6 @@ def test_cuda_steps_2_to_5_do_not_synchronise(clip_list, tmp_path):
 
 # --------------------------------------------------------------------------- compile (lever 1)
 def test_compile_auto_means_cuda_only():
-    from ivfast.train import compile_enabled
-
     assert load_config("demo", []).runtime.compile == "auto"
     cfg = load_config("demo", [])
     assert compile_enabled(cfg, torch.device("cuda")) and not compile_enabled(cfg, torch.device("cpu"))
@@ -284,8 +280,6 @@ def test_flops_cli_prints_predicted_peak_memory(capsys):
 def test_expandable_segments_set_before_cuda_init(monkeypatch):
     """setup_distributed sets PYTORCH_CUDA_ALLOC_CONF before touching CUDA (simulated: a visible
     but uninitialised CUDA device; set_device patched out), and keeps a user's own value."""
-    from ivfast.train import setup_distributed
-
     cfg = load_config("demo", ["runtime.device=cuda"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)

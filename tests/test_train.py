@@ -14,15 +14,10 @@ from safetensors.torch import load_file
 
 from ivfast import checkpoint as ckpt
 from ivfast.config import load_config
-from ivfast.train import NonFiniteLossError, Trainer, lr_at
+from ivfast.trainer import NonFiniteLossError, NonFiniteSteps, Trainer, lr_at
+from utils import tiny_cfg, tiny_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def tiny_cfg(clip_list, out, *extra):
-    return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
-                                "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1",
-                                "optim.warmup_epochs=0.5", "runtime.log_every=1", *extra])
 
 
 def test_lr_schedule_shape():
@@ -99,9 +94,20 @@ def test_nonfinite_loss_skips_update_and_stops(clip_list, tmp_path):
     trainer.model.forward = poisoned
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
         trainer.fit()
-    assert trainer.nonfinite_total == 2
+    assert trainer.nonfinite.total == 2
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed although every update was skipped"
+
+
+def test_nonfinite_steps_counts_runs_and_a_resumed_total():
+    """A finite step ends the run in a row, the longest run is kept, the total carries the resumed
+    run's count, and read() reports the bad steps since the last read."""
+    nf = NonFiniteSteps(torch.device("cpu"), total_before=3)
+    for bad in (True, True, False, True):
+        nf.add(torch.tensor(bad))
+    assert nf.read() == (3, 2) and (nf.in_row, nf.total) == (1, 6)
+    nf.add(torch.tensor(False))
+    assert nf.read() == (0, 2) and (nf.in_row, nf.total) == (0, 6)
 
 
 def test_bad_videos_over_the_limit_stop_training(clip_list, tmp_path):
@@ -139,9 +145,8 @@ def test_bad_setups_fail_clearly(clip_list, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
-    cmd = [sys.executable, "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}",
-           "demo=false", f"runtime.output_dir={tmp_path}", "optim.batch_per_gpu=2", "optim.global_batch=2",
-           "optim.epochs=50", "runtime.log_every=1"]
+    cmd = [sys.executable, "-m", "ivfast.train", "--config", "demo",
+           *tiny_overrides(clip_list, tmp_path, "optim.epochs=50", "runtime.log_every=1")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
@@ -166,9 +171,9 @@ def test_sigterm_saves_and_exits_zero(clip_list, tmp_path):
 
 def _two_rank_run(clip_list, out, strategy, port):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}", "demo=false",
-           f"runtime.output_dir={out}", "optim.batch_per_gpu=2", "optim.global_batch=4",
-           "optim.epochs=1", "runtime.log_every=1", "runtime.ckpt_every=2", f"runtime.distributed={strategy}"]
+           "-m", "ivfast.train", "--config", "demo",
+           *tiny_overrides(clip_list, out, "optim.global_batch=4", "runtime.log_every=1", "runtime.ckpt_every=2",
+                           f"runtime.distributed={strategy}")]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return ckpt.find_latest(out / "checkpoints")
@@ -292,9 +297,9 @@ def test_torchrun_restart_after_a_killed_rank_resumes_exactly(clip_list, tmp_pat
     weights bitwise equal to an uninterrupted run's."""
     def cmd(out, port):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-                "--master-port", str(port), "-m", "ivfast.train", "--config", "demo", f"data.train_list={clip_list}",
-                "demo=false", f"runtime.output_dir={out}", "optim.batch_per_gpu=2", "optim.global_batch=4",
-                "optim.epochs=20", "runtime.log_every=1", "runtime.ckpt_every=2", "runtime.keep_last=40"]
+                "--master-port", str(port), "-m", "ivfast.train", "--config", "demo",
+                *tiny_overrides(clip_list, out, "optim.global_batch=4", "optim.epochs=20", "runtime.log_every=1",
+                                "runtime.ckpt_every=2", "runtime.keep_last=40")]
 
     ref = subprocess.run(cmd(tmp_path / "ref", 29541), env=ENV, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]

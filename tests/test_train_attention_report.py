@@ -4,22 +4,16 @@ import json
 
 import pytest
 
-from ivfast.config import load_config
 from ivfast.models import attention as A
-from ivfast.train import Trainer
-
-
-def _cfg(clip_list, out, *extra):
-    return load_config("demo", [f"data.train_list={clip_list}", "demo=false", f"runtime.output_dir={out}",
-                                "optim.batch_per_gpu=2", "optim.global_batch=2", "optim.epochs=1",
-                                "runtime.log_every=1", "runtime.max_steps=1", *extra])
+from ivfast.trainer import Trainer
+from utils import tiny_cfg
 
 
 def test_training_reports_backends_and_forbids_dense_fallback(clip_list, tmp_path):
     try:
-        Trainer(_cfg(clip_list, tmp_path / "b", "model.attn_allow_dense_fallback=true"))
+        Trainer(tiny_cfg(clip_list, tmp_path / "b", "runtime.max_steps=1", "model.attn_allow_dense_fallback=true"))
         assert A._allow_dense_fallback is True
-        trainer = Trainer(_cfg(clip_list, tmp_path / "a"))
+        trainer = Trainer(tiny_cfg(clip_list, tmp_path / "a", "runtime.max_steps=1"))
         assert A._allow_dense_fallback is False, "training must turn the dense fallback into an error"
         trainer.fit()
     finally:

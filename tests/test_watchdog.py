@@ -8,6 +8,7 @@ import time
 import pytest
 
 from ivfast.watchdog import culprits
+from utils import tiny_overrides
 
 
 def _beat(phase, step, micro=0, since=0.0, beat=100.0):
@@ -43,23 +44,23 @@ def test_a_rank_sleeping_in_its_data_step_is_named(clip_list, tmp_path):
         import sys
         import time
 
-        from ivfast import train
+        from ivfast import train, trainer
 
-        real = train.Trainer._next_batch
+        real = trainer.Trainer._next_batch
 
         def next_batch(self):
             if self.rank == 1 and self.step == 2:
                 time.sleep(3600)                 # a stuck file system read
             return real(self)
 
-        train.Trainer._next_batch = next_batch
+        trainer.Trainer._next_batch = next_batch
         sys.exit(train.main(sys.argv[1:]))
     """))
     timeout = 20
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29551",
-           str(script), "--config", "demo", f"data.train_list={clip_list}", "demo=false",
-           f"runtime.output_dir={tmp_path / 'run'}", "optim.batch_per_gpu=2", "optim.global_batch=4",
-           "optim.epochs=5", "runtime.log_every=1", f"runtime.collective_timeout_s={timeout}"]
+           str(script), "--config", "demo",
+           *tiny_overrides(clip_list, tmp_path / "run", "optim.global_batch=4", "optim.epochs=5",
+                           "runtime.log_every=1", f"runtime.collective_timeout_s={timeout}")]
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
