@@ -40,14 +40,13 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as H  # noqa: E402  (also puts the repo root on sys.path)
 
-import ivfast.data  # noqa: E402
 import ivfast.models.attention as A  # noqa: E402
 from ivfast.config import load_config  # noqa: E402
 from ivfast.models import predictor as P, teacher as TT, vit as V  # noqa: E402
 from ivfast.models.epd import build_model  # noqa: E402
 from ivfast.models.flops import flops_per_clip, predicted_peak_memory  # noqa: E402
 from ivfast.models.teacher import build_teacher, teacher_agreement  # noqa: E402
-from ivfast.train import Trainer  # noqa: E402
+from ivfast.trainer import Trainer  # noqa: E402
 
 LEVERS = {"compile": ("runtime.compile={}", "true", "false"),
           "fp8_teacher": ("model.teacher.fp8={}", "true", "false"),
@@ -84,25 +83,12 @@ class TrainStep:
     """The real ``Trainer`` at ``cfg``; calling it runs one ``train_step()``.
 
     The model is built directly on the device (a 1 B random teacher takes about a minute to
-    initialise on a CPU). While the Trainer is built, ``build_loader`` (wherever the Trainer's
-    module finds it) returns :class:`DeviceClips`."""
+    initialise on a CPU); its loader is :class:`DeviceClips`."""
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
-        clips = DeviceClips(cfg, device)
-        homes = {ivfast.data, sys.modules[Trainer.__module__]}
-        saved = {m: vars(m).get("build_loader") for m in homes}
-        for m in homes:
-            m.build_loader = lambda *a, **kw: clips
-        try:
-            with torch.device(device):
-                self.trainer = Trainer(cfg)
-        finally:
-            for m, f in saved.items():
-                if f is None:
-                    delattr(m, "build_loader")
-                else:
-                    m.build_loader = f
+        with torch.device(device):
+            self.trainer = Trainer(cfg, loader=DeviceClips(cfg, device))
 
     def __call__(self) -> dict:
         return self.trainer.train_step()

@@ -285,7 +285,7 @@ class Trainer:
     """One stage's training run: ``Trainer(cfg, resume).fit()``; ``resume`` is "auto" (the newest
     valid checkpoint in the output directory), a checkpoint path, or "" (start afresh)."""
 
-    def __init__(self, cfg: Config, resume: str = ""):
+    def __init__(self, cfg: Config, resume: str = "", loader=None):
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed(cfg)
         self.is_main = self.rank == 0
@@ -295,7 +295,10 @@ class Trainer:
         # randomness comes later from step_seed().
         torch.manual_seed(cfg.runtime.seed)
 
-        self.loader = build_loader(cfg, rank=self.rank, world_size=self.world, device=self.device)
+        # ``loader``: any iterable of batches in the loader's output contract, for runs that read
+        # no files (the step benchmark, the GPU-free rehearsal); None builds it from cfg.data
+        self.loader = loader if loader is not None else build_loader(cfg, rank=self.rank, world_size=self.world,
+                                                                     device=self.device)
         self.model = build_model(cfg).to(self.device)
         set_dense_fallback(cfg.model.attn_allow_dense_fallback)   # a silent 32-64x slower local attention is an error
         self.flops_per_clip = flops_per_clip(cfg)["total"]

@@ -479,23 +479,21 @@ def test_bench_train_step_dry_run_names_the_levers(tmp_path):
 
 
 def test_step_timer_runs_the_trainers_train_step(monkeypatch):
-    """The bench's step timer is ivfast.train.Trainer.train_step itself, fed device clips while the
-    Trainer is built; the loader factory is back in place afterwards."""
-    import ivfast.data
-    import ivfast.train
+    """The bench's step timer is ivfast.trainer.Trainer.train_step itself, fed device clips through
+    the Trainer's ``loader`` argument (no data file read)."""
+    import ivfast.trainer
 
     bench = _bench_train_step()
-    real_loader = ivfast.data.build_loader
     calls = []
-    real_step = ivfast.train.Trainer.train_step
-    monkeypatch.setattr(ivfast.train.Trainer, "train_step", lambda self: calls.append(1) or real_step(self))
+    real_step = ivfast.trainer.Trainer.train_step
+    monkeypatch.setattr(ivfast.trainer.Trainer, "train_step", lambda self: calls.append(1) or real_step(self))
     cfg = bench.preset_config("stage1", 2, dry=True)
     step = bench.TrainStep(cfg, torch.device("cpu"))
     out = step()
     step.close()
-    assert calls == [1] and isinstance(step.trainer, ivfast.train.Trainer)
+    assert calls == [1] and isinstance(step.trainer, ivfast.trainer.Trainer)
+    assert isinstance(step.trainer.loader, bench.DeviceClips)
     assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0 and step.trainer.step == 0
-    assert ivfast.data.build_loader is real_loader and "build_loader" not in vars(ivfast.train)
 
 
 @pytest.mark.gpu

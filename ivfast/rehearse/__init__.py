@@ -184,8 +184,7 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ivfast import data as ivdata
-    from ivfast import train as T
+    from ivfast.trainer import Trainer, unwrap
     from ivfast.config import load_config
     from ivfast.models import attention as A
     from ivfast.models.flops import flops_per_clip, predicted_peak_memory
@@ -207,14 +206,13 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
     device = torch.device("cuda", 0)
     notes = []
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    saved_apply, saved_loader = torch.nn.Module._apply, ivdata.build_loader
+    saved_apply = torch.nn.Module._apply
     torch.nn.Module._apply = _move_params
-    ivdata.build_loader = lambda cfg, **kw: RehearsalLoader(cfg, device)
     try:
         with fake, simulated_gpu(spec, memory, sdpa_log), memory:
-            trainer = T.Trainer(cfg)
+            trainer = Trainer(cfg, loader=RehearsalLoader(cfg, device))
             trainer.watchdog = _PhaseWatch(memory)
-            model = T.unwrap(trainer.model)
+            model = unwrap(trainer.model)
             step_peaks = []
             counts = {}      # stage 2: the step's visible and loss token counts per mask set
             model.register_forward_hook(lambda mod, args, out: counts.update(
@@ -233,7 +231,7 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
                             for t in s.values() if torch.is_tensor(t) and t.is_cuda)
             trainer.metrics.close() if hasattr(trainer.metrics, "close") else None
     finally:
-        torch.nn.Module._apply, ivdata.build_loader = saved_apply, saved_loader
+        torch.nn.Module._apply = saved_apply
     B = cfg.optim.batch_per_gpu
     fpc = flops_per_clip(cfg, keep=counts.get("visible"), predicted=counts.get("predicted"))
     analytic = {k: v * B for k, v in fpc.items() if k in ("teacher", "encoder", "predictor", "decoder", "heads", "total")}
