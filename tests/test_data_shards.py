@@ -23,9 +23,10 @@ except ImportError as _e:
     pytest.skip(f"PyAV is not importable: {_e}", allow_module_level=True)
 
 from ivfast.config import load_config  # noqa: E402
-from ivfast.data import DataError, build_index, build_loader, read_list  # noqa: E402
+from ivfast.data import DataError, Entry, build_index, build_loader, read_list  # noqa: E402
 from ivfast.data.pyav import decode_frames  # noqa: E402
-from ivfast.data.shards import Member, MemberFile, Sample, open_video, pack, read_array  # noqa: E402
+from ivfast.data.shards import pack  # noqa: E402
+from ivfast.data.sources import Member, MemberFile, open_video, read_array  # noqa: E402
 from ivfast.data.synth import make_videos, read_frame_number  # noqa: E402
 
 W, H, N = 96, 80, 40
@@ -175,7 +176,7 @@ def test_dali_backend_is_fed_member_bytes(prepared, tmp_path):
 # --------------------------------------------------------------------------- damage
 def _copy_shards(prepared, dst: Path) -> tuple[Path, list]:
     """Pack the prepared files again into ``dst`` (one sample per shard), for damaging."""
-    samples = [Sample(e.path, e.label, e.source) for e in read_list(prepared["plain"])]
+    samples = [Entry(e.path, e.label, e.source) for e in read_list(prepared["plain"])]
     lst, _ = pack(samples, str(dst), shard_mb=1e-6, verify=False, progress=False)
     return Path(lst), read_list(lst)
 

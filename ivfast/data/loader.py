@@ -62,7 +62,7 @@ from ivfast.ops import channel_constant
 from . import dali as dali_mod
 from .index import DataError, DatasetIndex, build_index, save_cache
 from .pyav import BadSample, decode_frames, resize_flip
-from .shards import read_array
+from .sources import read_array
 from .sampling import ClipPlan, plan_clip, sample_rng
 
 log = logging.getLogger("ivfast.data")
@@ -172,7 +172,7 @@ class ClipDataset(torch.utils.data.Dataset):
         plan = self.plan(sid, epoch, rep)
         self._note(sid)
         try:
-            # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
+            # source(): the file's path, or a tar shard member (read in place, see ivfast.data.sources)
             # only the crop is converted to RGB (bit-identical to cropping full frames)
             frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads,
                                    crop=plan.crop, rgb=self.rgb)
