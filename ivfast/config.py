@@ -278,7 +278,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -314,7 +314,8 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
+    """``cls`` from a nested mapping, every value checked against its field's type."""
     fields = _fields(cls)
     kwargs = {}
     for name, value in data.items():
@@ -331,7 +332,7 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Build and validate a Config from a (possibly partial) nested mapping."""
-    cfg = _build(Config, data or {})
+    cfg = build_dataclass(Config, data or {})
     validate(cfg)
     return cfg
 
@@ -341,7 +342,7 @@ def presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -352,14 +353,15 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, merging nested mappings key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _preset_path(name_or_path: str, config_dir: Path, names: list[str], what: str = "config") -> Path:
+def preset_path(name_or_path: str, config_dir: Path, names: list[str], what: str = "config") -> Path:
     """A preset name in ``config_dir`` or a YAML path; a clear error naming the presets otherwise."""
     path = Path(name_or_path)
     if not path.suffix and (config_dir / f"{name_or_path}.yaml").exists():
@@ -371,17 +373,17 @@ def _preset_path(name_or_path: str, config_dir: Path, names: list[str], what: st
 
 
 def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
-    path = _preset_path(name_or_path, CONFIG_DIR, presets())
-    data = _read_yaml(path)
+    path = preset_path(name_or_path, CONFIG_DIR, presets())
+    data = read_yaml(path)
     base = data.pop("base", None)   # a preset may extend another one
     if base:
         if base in _seen:
             raise ConfigError(f"{path}: 'base' chain loops through {base!r}")
-        data = _deep_merge(_load_mapping(base, _seen + (base,)), data)
+        data = deep_merge(_load_mapping(base, _seen + (base,)), data)
     return data
 
 
-def _set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: str = "config") -> None:
+def set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: str = "config") -> None:
     """Apply one ``a.b.c=value`` override to a nested mapping, checking the key exists in the
     dataclass tree ``root`` (default :class:`Config`; the eval config passes its own)."""
     parts = dotted.split(".")
@@ -418,7 +420,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple = ()) -> Config:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         key, raw = ov.split("=", 1)
-        _set_key(data, key.strip(), raw.strip())
+        set_key(data, key.strip(), raw.strip())
     return from_dict(data)
 
 
