@@ -26,6 +26,19 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and what is valid."""
 
 
+# Keys that no longer exist, with what to do instead (a config that sets one fails on that line).
+REMOVED_KEYS = {
+    "data.num_frames": "the loader reads model.num_frames: delete the key, set model.num_frames",
+    "data.img_size": "the loader reads model.img_size: delete the key, set model.img_size",
+    "model.stage2_head": "the stage-2 head is always the released MLP: delete the key",
+}
+
+
+def _removed(key: str) -> None:
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"{key} was removed: {REMOVED_KEYS[key]}")
+
+
 # --------------------------------------------------------------------------- the tree
 @dataclass
 class EncoderConfig:
@@ -109,8 +122,8 @@ class TeacherConfig:
 
 @dataclass
 class ModelConfig:
-    num_frames: int = 16
-    img_size: int = 224
+    num_frames: int = 16                # frames per clip, for the model and the loader alike
+    img_size: int = 224                 # clip side in pixels, for the model and the loader alike
     init_from: str = ""                 # stage 2: path of a stage-1 checkpoint
     token_impl: KernelImpl = "triton"   # masked-token gather/scatter/targets kernels
     align_dim: int = 1536
@@ -129,9 +142,6 @@ class ModelConfig:
     final_target_renorm: bool = False
     # weight decay on predictor.pos_embed and predictor.mask_token (released: decayed); false: exempt
     decay_predictor_tokens: bool = True
-    # stage-2 output head: "mlp" = Linear(1024,1024) -> GELU -> Linear(1024,d) -> LayerNorm
-    # (released selfdist_decoder); "linear" = Linear(1024,d) -> LayerNorm (shallow, ivfast's old one)
-    stage2_head: Literal["mlp", "linear"] = "mlp"
     # stage-2 position tables: "reinterpolate" = learnable tables of stage2_pos_frames frames,
     # interpolated (linear in t) to num_frames on every forward, gradients reach the small tables
     # (released); "once" = interpolated once at load, free num_frames-frame tables are trained
@@ -179,8 +189,6 @@ class MaskingConfig:
 class DataConfig:
     train_list: str = ""                # CSV/TSV, the released code's list format, or a directory
     root: str = ""                      # prefix for relative paths in the list
-    num_frames: int = 16
-    img_size: int = 224
     sampling: Literal["segment", "stride"] = "segment"
     stride: int = 4
     scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])
@@ -321,6 +329,7 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
+            _removed(key)
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
         kwargs[name] = _coerce(value, fields[name], key)
     return cls(**kwargs)
@@ -393,6 +402,7 @@ def set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: s
         fields = _fields(cls)
         where = ".".join(parts[:i]) or "the top level"
         if part not in fields:
+            _removed(".".join(parts[:i + 1]))
             raise ConfigError(f"unknown {what} key {dotted!r}: {part!r} is not in {where}; "
                               f"valid keys there: {sorted(fields)}")
         tp = fields[part]
@@ -453,15 +463,11 @@ def validate(cfg: Config) -> None:
          "model.teacher.middle_layers and model.teacher.student_layers must have the same length")
     need(all(0 <= i < enc.depth for i in m.teacher.student_layers),
          f"model.teacher.student_layers must index encoder blocks 0..{enc.depth - 1}")
-    need(cfg.data.num_frames == m.num_frames,
-         f"data.num_frames={cfg.data.num_frames} must equal model.num_frames={m.num_frames}")
     need(m.stage2_pos_frames >= 1 and m.stage2_pos_frames % enc.tubelet == 0,
          f"model.stage2_pos_frames={m.stage2_pos_frames} must be >= 1 and a multiple of model.encoder.tubelet="
          f"{enc.tubelet} (the stage-1 checkpoint's num_frames; or model.stage2_pos=once)")
     need(cfg.data.min_frames >= 1, f"data.min_frames must be >= 1 (videos with fewer decodable frames are dropped), "
                                    f"got {cfg.data.min_frames}")
-    need(cfg.data.img_size == m.img_size,
-         f"data.img_size={cfg.data.img_size} must equal model.img_size={m.img_size}")
     need(all(0 < s <= 1 for s in cfg.data.scales), "data.scales must be in (0, 1]")
     for i, b in enumerate(cfg.masking.blocks):
         for name in ("spatial_scale", "temporal_scale", "aspect_ratio"):

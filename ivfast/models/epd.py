@@ -387,12 +387,7 @@ class Stage2Model(_Base):
     def __init__(self, cfg, teacher_dtype=torch.float32):
         super().__init__(cfg)
         m, enc = cfg.model, cfg.model.encoder
-        if m.stage2_head == "mlp":      # released selfdist_decoder: MLP_Decoder(1024 -> d)
-            self.head = MLPHead(m.predictor.dim, enc.dim)
-        elif m.stage2_head == "linear":
-            self.head = nn.Sequential(nn.Linear(m.predictor.dim, enc.dim), nn.LayerNorm(enc.dim, eps=1e-5))
-        else:
-            raise ValueError(f"model.stage2_head must be mlp or linear, got {m.stage2_head!r}")
+        self.head = MLPHead(m.predictor.dim, enc.dim)   # released selfdist_decoder: MLP_Decoder(1024 -> d)
         _init_head(self.head)
         if m.stage2_pos not in ("reinterpolate", "once"):
             raise ValueError(f"model.stage2_pos must be reinterpolate or once, got {m.stage2_pos!r}")
