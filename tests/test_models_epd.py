@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ivfast.config import ConfigError
 from ivfast.config import load_config as _load_config
 from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, _VideoInput, build_model,
                                final_alignment_loss, load_stage1_weights, param_groups, purpose_seed)
@@ -558,13 +559,15 @@ def test_stage2_packed_sets_equal_per_set_loop(stage1, tmp_path):
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_stage2_pack_sets_config_checked(stage1, tmp_path):
-    with pytest.raises(ValueError, match="stage2_pack_sets"):
-        load_config("demo", ["model.stage2_pack_sets=maybe"])
-    model = _stage2(stage1, tmp_path)
-    model.cfg.model.stage2_pack_sets = "yes"
-    with pytest.raises(ValueError, match="stage2_pack_sets must be auto, true or false"):
-        Stage2Model(model.cfg)
+@pytest.mark.parametrize("key, bad, choices", [("stage2_pack_sets", "maybe", "['auto', True, False]"),
+                                               ("stage2_pos", "twice", "['reinterpolate', 'once']"),
+                                               ("stage2_loss", "l3", "['cosine', 'l1', 'mse']")])
+def test_stage2_choices_checked_once_by_the_config(key, bad, choices):
+    """The config rejects a value outside a choice field, with one line naming the key and the
+    choices (the model trusts a loaded config and does not check again)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["stage=2", f"model.{key}={bad}"])
+    assert str(e.value) == f"model.{key}: {bad!r} is not valid; choose one of {choices}"
 
 
 def _teacher_probe(model):
