@@ -317,7 +317,7 @@ def crop_resize(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) 
 def resize_flip(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) -> "torch.Tensor":
     """Already-cropped [T, h, w, 3] uint8 frames (``decode_frames(..., crop=plan.crop)``) ->
     [3, T, size, size] uint8: the resize and flip of :func:`crop_resize`."""
-    import torch   # here, so that the inspect CLI and synth start without importing torch
+    import torch   # here, so that importing the decoder does not import torch
     import torch.nn.functional as F
 
     x = torch.as_tensor(frames)
