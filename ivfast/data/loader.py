@@ -62,8 +62,8 @@ from ivfast.ops import channel_constant
 from . import dali as dali_mod
 from .index import DataError, DatasetIndex, build_index, save_cache
 from .pyav import BadSample, decode_frames, resize_flip
-from .sources import read_array
 from .sampling import ClipPlan, plan_clip, sample_rng
+from .sources import read_array
 
 log = logging.getLogger("ivfast.data")
 
