@@ -163,7 +163,7 @@ def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) 
     for rgb in ("exact", "fast"):
         cfg = load_config("stage1_vitb", [
             f"data.train_list={list_path}", f"data.index_cache={cache}", "data.backend=pyav",
-            f"data.num_frames={frames}", f"model.num_frames={frames}", "data.num_workers=0",
+            f"model.num_frames={frames}", "data.num_workers=0",
             "optim.batch_per_gpu=1", "data.output=uint8", "data.verify=first", f"data.rgb={rgb}",
             "data.decode_threads=1"])     # one core: without workers the loader would use 2 decoder threads
         ds[rgb] = build_loader(cfg, device="cpu").dataset
@@ -177,7 +177,7 @@ def bench_cpu(list_path: str, cache: str, index, frames: int, use_decord: bool) 
 def bench_ivfast(list_path: str, cache: str, frames: int, batch: int, batches: int, workers: int) -> float:
     cfg = load_config("stage1_vitb", [
         f"data.train_list={list_path}", f"data.index_cache={cache}", "data.backend=pyav",
-        f"data.num_frames={frames}", f"model.num_frames={frames}", f"data.num_workers={workers}",
+        f"model.num_frames={frames}", f"data.num_workers={workers}",
         f"optim.batch_per_gpu={batch}", "data.output=uint8", "data.verify=first", "data.prefetch=2"])
     loader = build_loader(cfg, device="cpu")
     return _loop(loader, batches, lambda: loader.set_epoch(loader.epoch + 1))

@@ -200,7 +200,7 @@ def loader_stage(listing: str, out: Path, time_limit: float) -> None:
     cfg = load_config("demo", [f"data.train_list={listing}", f"data.index_cache={out / 'index.jsonl'}",
                                "data.num_workers=2", "data.backend=pyav", "data.max_bad_fraction=1.0",
                                f"data.decode_timeout_s={time_limit}", "data.verify=first",
-                               "optim.batch_per_gpu=4", "data.num_frames=4", "data.img_size=56"])
+                               "optim.batch_per_gpu=4"])
     loader = build_loader(cfg)
     delivered = set()
     for batch in loader:

@@ -26,6 +26,19 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and what is valid."""
 
 
+# Keys that no longer exist, with what to do instead (a config that sets one fails on that line).
+REMOVED_KEYS = {
+    "data.num_frames": "the loader reads model.num_frames: delete the key, set model.num_frames",
+    "data.img_size": "the loader reads model.img_size: delete the key, set model.img_size",
+    "model.stage2_head": "the stage-2 head is always the released MLP: delete the key",
+}
+
+
+def _removed(key: str) -> None:
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"{key} was removed: {REMOVED_KEYS[key]}")
+
+
 # --------------------------------------------------------------------------- the tree
 @dataclass
 class EncoderConfig:
@@ -109,8 +122,8 @@ class TeacherConfig:
 
 @dataclass
 class ModelConfig:
-    num_frames: int = 16
-    img_size: int = 224
+    num_frames: int = 16                # frames per clip, for the model and the loader alike
+    img_size: int = 224                 # clip side in pixels, for the model and the loader alike
     init_from: str = ""                 # stage 2: path of a stage-1 checkpoint ("random": no weights, never for training)
     token_impl: KernelImpl = "triton"   # masked-token gather/scatter/targets kernels
     align_dim: int = 1536
@@ -129,9 +142,6 @@ class ModelConfig:
     final_target_renorm: bool = False
     # weight decay on predictor.pos_embed and predictor.mask_token (released: decayed); false: exempt
     decay_predictor_tokens: bool = True
-    # stage-2 output head: "mlp" = Linear(1024,1024) -> GELU -> Linear(1024,d) -> LayerNorm
-    # (released selfdist_decoder); "linear" = Linear(1024,d) -> LayerNorm (shallow, ivfast's old one)
-    stage2_head: Literal["mlp", "linear"] = "mlp"
     # stage-2 position tables: "reinterpolate" = learnable tables of stage2_pos_frames frames,
     # interpolated (linear in t) to num_frames on every forward, gradients reach the small tables
     # (released); "once" = interpolated once at load, free num_frames-frame tables are trained
@@ -179,8 +189,6 @@ class MaskingConfig:
 class DataConfig:
     train_list: str = ""                # CSV/TSV, the released code's list format, or a directory
     root: str = ""                      # prefix for relative paths in the list
-    num_frames: int = 16
-    img_size: int = 224
     sampling: Literal["segment", "stride"] = "segment"
     stride: int = 4
     scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])
@@ -278,7 +286,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -314,12 +322,14 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
+    """``cls`` from a nested mapping, every value checked against its field's type."""
     fields = _fields(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
+            _removed(key)
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
         kwargs[name] = _coerce(value, fields[name], key)
     return cls(**kwargs)
@@ -331,7 +341,7 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Build and validate a Config from a (possibly partial) nested mapping."""
-    cfg = _build(Config, data or {})
+    cfg = build_dataclass(Config, data or {})
     validate(cfg)
     return cfg
 
@@ -341,7 +351,7 @@ def presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -352,14 +362,15 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, merging nested mappings key by key."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _preset_path(name_or_path: str, config_dir: Path, names: list[str], what: str = "config") -> Path:
+def preset_path(name_or_path: str, config_dir: Path, names: list[str], what: str = "config") -> Path:
     """A preset name in ``config_dir`` or a YAML path; a clear error naming the presets otherwise."""
     path = Path(name_or_path)
     if not path.suffix and (config_dir / f"{name_or_path}.yaml").exists():
@@ -371,17 +382,17 @@ def _preset_path(name_or_path: str, config_dir: Path, names: list[str], what: st
 
 
 def _load_mapping(name_or_path: str, _seen: tuple = ()) -> dict:
-    path = _preset_path(name_or_path, CONFIG_DIR, presets())
-    data = _read_yaml(path)
+    path = preset_path(name_or_path, CONFIG_DIR, presets())
+    data = read_yaml(path)
     base = data.pop("base", None)   # a preset may extend another one
     if base:
         if base in _seen:
             raise ConfigError(f"{path}: 'base' chain loops through {base!r}")
-        data = _deep_merge(_load_mapping(base, _seen + (base,)), data)
+        data = deep_merge(_load_mapping(base, _seen + (base,)), data)
     return data
 
 
-def _set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: str = "config") -> None:
+def set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: str = "config") -> None:
     """Apply one ``a.b.c=value`` override to a nested mapping, checking the key exists in the
     dataclass tree ``root`` (default :class:`Config`; the eval config passes its own)."""
     parts = dotted.split(".")
@@ -391,6 +402,7 @@ def _set_key(data: dict, dotted: str, raw: str, root: type | None = None, what: 
         fields = _fields(cls)
         where = ".".join(parts[:i]) or "the top level"
         if part not in fields:
+            _removed(".".join(parts[:i + 1]))
             raise ConfigError(f"unknown {what} key {dotted!r}: {part!r} is not in {where}; "
                               f"valid keys there: {sorted(fields)}")
         tp = fields[part]
@@ -418,7 +430,21 @@ def load_config(name_or_path: str, overrides: list[str] | tuple = ()) -> Config:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         key, raw = ov.split("=", 1)
-        _set_key(data, key.strip(), raw.strip())
+        set_key(data, key.strip(), raw.strip())
+    return from_dict(data)
+
+
+def load_saved_config(path: str | os.PathLike) -> Config:
+    """A checkpoint's ``config.yaml``, also one written before keys were removed: a removed key
+    whose value the current config still holds (the data copies of the model's frames and image
+    size, the released stage-2 head) is dropped, so no checkpoint becomes unreadable."""
+    data = read_yaml(Path(path))
+    d, m = data.get("data") or {}, data.get("model") or {}
+    for k in ("num_frames", "img_size"):
+        if k in d and d[k] == m.get(k, d[k]):
+            m.setdefault(k, d.pop(k))
+    if m.get("stage2_head", "mlp") == "mlp":
+        m.pop("stage2_head", None)
     return from_dict(data)
 
 
@@ -451,15 +477,11 @@ def validate(cfg: Config) -> None:
          "model.teacher.middle_layers and model.teacher.student_layers must have the same length")
     need(all(0 <= i < enc.depth for i in m.teacher.student_layers),
          f"model.teacher.student_layers must index encoder blocks 0..{enc.depth - 1}")
-    need(cfg.data.num_frames == m.num_frames,
-         f"data.num_frames={cfg.data.num_frames} must equal model.num_frames={m.num_frames}")
     need(m.stage2_pos_frames >= 1 and m.stage2_pos_frames % enc.tubelet == 0,
          f"model.stage2_pos_frames={m.stage2_pos_frames} must be >= 1 and a multiple of model.encoder.tubelet="
          f"{enc.tubelet} (the stage-1 checkpoint's num_frames; or model.stage2_pos=once)")
     need(cfg.data.min_frames >= 1, f"data.min_frames must be >= 1 (videos with fewer decodable frames are dropped), "
                                    f"got {cfg.data.min_frames}")
-    need(cfg.data.img_size == m.img_size,
-         f"data.img_size={cfg.data.img_size} must equal model.img_size={m.img_size}")
     need(all(0 < s <= 1 for s in cfg.data.scales), "data.scales must be in (0, 1]")
     for i, b in enumerate(cfg.masking.blocks):
         for name in ("spatial_scale", "temporal_scale", "aspect_ratio"):

@@ -61,7 +61,7 @@ def prepare_demo_data(cfg: Config) -> Config:
                 raise TimeoutError(f"waited 10 minutes for local rank 0 to write {listing}")
             time.sleep(0.5)
     if not listing.exists():
-        made = make_labelled_clips(clip_dir, DEMO_CLIPS_PER_CLASS, frames=max(16, 2 * cfg.data.num_frames), size=64,
+        made = make_labelled_clips(clip_dir, DEMO_CLIPS_PER_CLASS, frames=max(16, 2 * cfg.model.num_frames), size=64,
                                    seed=cfg.runtime.seed, split="unlabelled")
         tmp = listing.with_suffix(".tmp")
         tmp.write_text("".join(f"{line.split(',')[0]}\n" for line in made.read_text().splitlines()[1:]))

@@ -67,6 +67,32 @@ def test_out_of_range_values_name_the_key(override):
         load_config("demo", [override])
 
 
+@pytest.mark.parametrize("key, value, fix", [
+    ("data.num_frames", "8", "the loader reads model.num_frames: delete the key, set model.num_frames"),
+    ("data.img_size", "112", "the loader reads model.img_size: delete the key, set model.img_size"),
+    ("model.stage2_head", "linear", "the stage-2 head is always the released MLP: delete the key"),
+])
+def test_removed_keys_say_what_to_do(tmp_path, key, value, fix):
+    """One key each for frames and image size (the model's; the loader reads them), no head
+    switch: setting a removed key, by override or in a YAML file, fails with one line naming the fix."""
+    want = f"{key} was removed: {fix}"
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [f"{key}={value}"])
+    assert str(e.value) == want
+    section, name = key.split(".")
+    yml = tmp_path / "old.yaml"
+    yml.write_text(f"base: demo\n{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(yml))
+    assert str(e.value) == want
+
+
+def test_frames_and_size_are_the_model_keys():
+    cfg = load_config("demo", ["model.num_frames=8", "model.img_size=112"])
+    assert not hasattr(cfg.data, "num_frames") and not hasattr(cfg.data, "img_size")
+    assert (cfg.model.num_frames, cfg.model.img_size) == (8, 112)
+
+
 def test_unknown_preset_lists_choices(tmp_path):
     with pytest.raises(ConfigError, match="stage1_vitb"):
         load_config("stage3_vitz")
@@ -105,7 +131,6 @@ def test_presets_print_the_released_recipe():
     s1, s2 = printed("stage1_vitb"), printed("stage2_vitb")
     assert s1.model.decoder.dtype == "fp32"                      # forward_diff_loss under fp32 autocast
     assert s2.masking.predict == "unseen"                        # every position the encoder did not see
-    assert s2.model.stage2_head == "mlp"                         # selfdist_decoder = MLP_Decoder
     assert (s2.model.stage2_pos, s2.model.stage2_pos_frames) == ("reinterpolate", 16)
     assert (s2.optim.global_batch, s2.optim.batch_per_gpu) == (1792, 14)   # 14 x 128 GPUs, lr x 7
     assert [b.num_blocks for b in s2.masking.blocks] == [8, 2] and s2.masking.max_keep == 1600
@@ -124,3 +149,19 @@ def test_base_chain_loop_is_a_config_error(tmp_path):
     b.write_text(f"base: {a}\n")
     with pytest.raises(ConfigError, match="'base' chain loops through"):
         load_config(str(a))
+
+
+def test_a_checkpoint_config_from_before_the_key_removals_still_loads(tmp_path):
+    """A config.yaml saved with data.num_frames / data.img_size / model.stage2_head (removed keys
+    that held no information of their own) loads for checkpoints; a user config that sets them fails."""
+    import yaml
+    from ivfast.config import ConfigError, load_config, load_saved_config, to_dict
+    old = to_dict(load_config("stage2_vitb"))
+    old["data"].update(num_frames=old["model"]["num_frames"], img_size=old["model"]["img_size"])
+    old["model"]["stage2_head"] = "mlp"
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(old))
+    cfg = load_saved_config(f)
+    assert (cfg.model.num_frames, cfg.model.img_size) == (old["model"]["num_frames"], old["model"]["img_size"])
+    with pytest.raises(ConfigError, match=r"data\.(num_frames|img_size) was removed"):
+        load_config(str(f))

@@ -17,7 +17,7 @@ except ImportError as _e:
 from ivfast.data import read_list  # noqa: E402
 from ivfast.data.plan import Budget, Row, recommend  # noqa: E402
 from ivfast.data.prepare import Job, is_small, prepare_one  # noqa: E402
-from ivfast.data.prepare import main as prepare_main  # noqa: E402
+from ivfast.data.__main__ import prepare_main  # noqa: E402
 from ivfast.data.synth import make_videos  # noqa: E402
 
 W, H, N = 96, 80, 50

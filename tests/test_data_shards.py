@@ -23,9 +23,11 @@ except ImportError as _e:
     pytest.skip(f"PyAV is not importable: {_e}", allow_module_level=True)
 
 from ivfast.config import load_config  # noqa: E402
-from ivfast.data import DataError, build_index, build_loader, read_list  # noqa: E402
+from ivfast.data import DataError, Entry, build_index, build_loader, read_list  # noqa: E402
 from ivfast.data.pyav import decode_frames  # noqa: E402
-from ivfast.data.shards import Member, MemberFile, Sample, open_video, pack, read_array  # noqa: E402
+from ivfast.data.index import write_list  # noqa: E402
+from ivfast.data.shards import pack  # noqa: E402
+from ivfast.data.sources import Member, MemberFile, open_video, read_array  # noqa: E402
 from ivfast.data.synth import make_videos, read_frame_number  # noqa: E402
 
 W, H, N = 96, 80, 40
@@ -175,7 +177,7 @@ def test_dali_backend_is_fed_member_bytes(prepared, tmp_path):
 # --------------------------------------------------------------------------- damage
 def _copy_shards(prepared, dst: Path) -> tuple[Path, list]:
     """Pack the prepared files again into ``dst`` (one sample per shard), for damaging."""
-    samples = [Sample(e.path, e.label, e.source) for e in read_list(prepared["plain"])]
+    samples = [Entry(e.path, e.label, e.source) for e in read_list(prepared["plain"])]
     lst, _ = pack(samples, str(dst), shard_mb=1e-6, verify=False, progress=False)
     return Path(lst), read_list(lst)
 
@@ -255,3 +257,13 @@ def test_shard_cli_packs_a_list_as_it_is(prepared, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ivfast.data", "shard", str(bad), str(out)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_list_format_has_no_frames_column(tmp_path):
+    """An entry's ``frames`` (what packing checks) is not a list column: shards.csv keeps its format."""
+    lst = tmp_path / "shards.csv"
+    write_list(str(lst), [Entry("/d/shard-000000.tar#000000_a.mp4", 3, "k400", -1.0, -1.0, 1536, 20480, frames=7),
+                          Entry("/d/shard-000000.tar#000001_b.mp4", offset=23552, size=512)])
+    assert lst.read_bytes() == (b"path,label,source,start_sec,end_sec,offset,size\r\n"
+                                b"/d/shard-000000.tar#000000_a.mp4,3,k400,-1.0,-1.0,1536,20480\r\n"
+                                b"/d/shard-000000.tar#000001_b.mp4,-1,,-1.0,-1.0,23552,512\r\n")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ivfast.config import ConfigError
 from ivfast.config import load_config as _load_config
 from ivfast.models.epd import (IMAGENET_MEAN, IMAGENET_STD, Stage1Model, Stage2Model, _VideoInput, build_model,
                                final_alignment_loss, load_stage1_weights, param_groups, purpose_seed)
@@ -194,7 +195,7 @@ def test_stage2_from_stage1_checkpoint(stage1, tmp_path, loss):
     _, s1 = stage1
     ckpt = _save_stage1(s1, tmp_path)
     # stage 2 at twice the frames: position tables are interpolated in time
-    cfg2 = load_config("demo", ["stage=2", f"model.init_from={ckpt}", "model.num_frames=8", "data.num_frames=8",
+    cfg2 = load_config("demo", ["stage=2", f"model.init_from={ckpt}", "model.num_frames=8",
                                 "masking.kind=multiblock", "model.attn_backend=sdpa", f"model.stage2_loss={loss}"])
     model = build_model(cfg2)
     assert isinstance(model, Stage2Model)
@@ -394,8 +395,8 @@ def test_stage2_default_loss_positions_are_the_releases(stage1, tmp_path):
 
 
 def test_stage2_head_structure_and_init(stage1, tmp_path):
-    """Release selfdist_decoder: Linear(1024,1024)-GELU-Linear(1024,d)-LayerNorm; 'linear' keeps
-    the shallow Linear-LayerNorm. Small heads trunc-normal 0.02 with zero bias (the parent's init)."""
+    """Release selfdist_decoder: Linear(1024,1024)-GELU-Linear(1024,d)-LayerNorm. Small heads
+    trunc-normal 0.02 with zero bias (the parent's init)."""
     from ivfast.models.vit import MLPHead
     _, s1 = stage1
     base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "masking.kind=multiblock",
@@ -409,12 +410,9 @@ def test_stage2_head_structure_and_init(stage1, tmp_path):
     z = torch.randn(3, P)
     ref = mlp.head.norm(mlp.head.fc2(torch.nn.functional.gelu(mlp.head.fc1(z))))
     torch.testing.assert_close(mlp.head(z), ref)
-    lin = build_model(load_config("demo", base + ["model.stage2_head=linear"]))
-    assert [type(m) for m in lin.head] == [torch.nn.Linear, torch.nn.LayerNorm]
-    for head in (mlp.head, lin.head):
-        for m in head.modules():
-            if isinstance(m, torch.nn.Linear):
-                assert 0.015 < m.weight.std().item() < 0.025 and not m.bias.any()
+    for m in mlp.head.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert 0.015 < m.weight.std().item() < 0.025 and not m.bias.any()
 
 
 def test_small_heads_trunc_normal_and_conv_default_patch_init():
@@ -491,7 +489,7 @@ def test_stage2_position_tables_reinterpolated_every_forward(stage1, tmp_path):
     every forward, gradients reach them; checkpoints load between both modes; 'once' = free tables."""
     from ivfast.models.vit import interpolate_pos_table
     _, s1 = stage1
-    base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "model.num_frames=8", "data.num_frames=8",
+    base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "model.num_frames=8",
             "masking.kind=multiblock", "model.attn_backend=sdpa", "model.stage2_pos_frames=4"]
     re = build_model(load_config("demo", base))
     params = dict(re.named_parameters())
@@ -537,7 +535,7 @@ def test_stage2_packed_sets_equal_per_set_loop(stage1, tmp_path):
     """model.stage2_pack_sets=true (one encoder pass over both mask sets, per-sequence attention)
     gives the loss and every gradient of the per-set loop; odd, unequal visible counts, re-interpolated
     position tables, 3 clips. auto on CPU keeps the loop."""
-    model = _stage2(stage1, tmp_path, "model.num_frames=8", "data.num_frames=8", "model.stage2_pos_frames=4",
+    model = _stage2(stage1, tmp_path, "model.num_frames=8", "model.stage2_pos_frames=4",
                     "masking.max_keep=37")
     with torch.no_grad():              # LayerScale 1e-5 (stage-1 init) would hide the encoder blocks
         for blk in model.encoder.blocks:
@@ -563,13 +561,15 @@ def test_stage2_packed_sets_equal_per_set_loop(stage1, tmp_path):
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_stage2_pack_sets_config_checked(stage1, tmp_path):
-    with pytest.raises(ValueError, match="stage2_pack_sets"):
-        load_config("demo", ["model.stage2_pack_sets=maybe"])
-    model = _stage2(stage1, tmp_path)
-    model.cfg.model.stage2_pack_sets = "yes"
-    with pytest.raises(ValueError, match="stage2_pack_sets must be auto, true or false"):
-        Stage2Model(model.cfg)
+@pytest.mark.parametrize("key, bad, choices", [("stage2_pack_sets", "maybe", "['auto', True, False]"),
+                                               ("stage2_pos", "twice", "['reinterpolate', 'once']"),
+                                               ("stage2_loss", "l3", "['cosine', 'l1', 'mse']")])
+def test_stage2_choices_checked_once_by_the_config(key, bad, choices):
+    """The config rejects a value outside a choice field, with one line naming the key and the
+    choices (the model trusts a loaded config and does not check again)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["stage=2", f"model.{key}={bad}"])
+    assert str(e.value) == f"model.{key}: {bad!r} is not valid; choose one of {choices}"
 
 
 def _teacher_probe(model):

@@ -237,7 +237,7 @@ def test_stage2_reinterpolated_tables_train_save_and_resume(clip_list, tmp_path)
     s1 = Trainer(tiny_cfg(clip_list, tmp_path / "s1", "runtime.max_steps=1"))
     last1 = s1.fit()
     extra = ["stage=2", "masking.kind=multiblock", f"model.init_from={last1}", "model.num_frames=8",
-             "data.num_frames=8", "model.stage2_pos_frames=4", "runtime.ckpt_every=1", "runtime.keep_last=10",
+             "model.stage2_pos_frames=4", "runtime.ckpt_every=1", "runtime.keep_last=10",
              "masking.blocks=[{num_blocks: 2, spatial_scale: [0.15, 0.15]}]", "runtime.max_steps=2"]
     full = Trainer(tiny_cfg(clip_list, tmp_path / "full", *extra))
     full.fit()

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-# Lazy: ``python -m ivfast.data.synth`` and ``inspect`` should not pay for importing torch.
+# Lazy: ``python -m ivfast.data.synth`` and ``from ivfast.data import DataError`` should not pay for
+# importing torch.
 _EXPORTS = {
     "index": ["BAD_REASONS", "DataError", "DatasetIndex", "Entry", "VideoInfo", "build_index", "probe", "read_list"],
     "loader": ["ClipDataset", "ClipLoader", "build_loader", "normalize", "shard_epoch"],

@@ -30,12 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .shards import Member, absolute, is_member_path, open_video, source_of, split_member_path
+from .sources import (VIDEO_EXTS, CorruptStream, Member, absolute, is_member_path, iter_frames, open_video, source_of,
+                      split_member_path)
 
 log = logging.getLogger("ivfast.data")
-
-VIDEO_EXTS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv",
-              ".wmv", ".3gp", ".ts"}
 
 # Why a file cannot be used, in the order a file meets the checks.
 BAD_REASONS = (
@@ -59,7 +57,7 @@ class DataError(RuntimeError):
 
 @dataclass
 class Entry:
-    """One line of the list."""
+    """One line of the list (and one sample to pack into shards)."""
     path: str
     label: int = -1
     source: str = ""
@@ -67,6 +65,7 @@ class Entry:
     end_sec: float = -1.0
     offset: int = -1         # a tar shard member (path '<tar>#<member>'): its data's byte range
     size: int = -1
+    frames: int = 0          # frames that decode, when known (packing checks it); not a list column
 
 
 @dataclass
@@ -94,7 +93,7 @@ class VideoInfo:
         return not self.error
 
     def source(self) -> str:
-        """What the decoders open: the path, or a :class:`~ivfast.data.shards.Member` of a shard."""
+        """What the decoders open: the path, or a :class:`~ivfast.data.sources.Member` of a shard."""
         return source_of(self.path, self.member_offset, self.member_size, lookup=False)
 
 
@@ -315,8 +314,6 @@ def probe(path: str, full: bool = False) -> VideoInfo:
         if full:
             # The video's length is what decodes; container counts are often off (edit lists,
             # a cut mid-GOP, a partial last packet), by one frame or by hundreds.
-            from .pyav import CorruptStream, iter_frames
-
             try:
                 container.seek(0)
                 decoded = sum(1 for _ in iter_frames(container, stream))

@@ -62,8 +62,8 @@ from ivfast.ops import channel_constant
 from . import dali as dali_mod
 from .index import DataError, DatasetIndex, build_index, save_cache
 from .pyav import BadSample, decode_frames, resize_flip
-from .shards import read_array
 from .sampling import ClipPlan, plan_clip, sample_rng
+from .sources import read_array
 
 log = logging.getLogger("ivfast.data")
 
@@ -172,7 +172,7 @@ class ClipDataset(torch.utils.data.Dataset):
         plan = self.plan(sid, epoch, rep)
         self._note(sid)
         try:
-            # source(): the file's path, or a tar shard member (read in place, see ivfast.data.shards)
+            # source(): the file's path, or a tar shard member (read in place, see ivfast.data.sources)
             # only the crop is converted to RGB (bit-identical to cropping full frames)
             frames = decode_frames(self.index.infos[sid].source(), plan.frames, threads=self.decode_threads,
                                    crop=plan.crop, rgb=self.rgb)
@@ -690,10 +690,12 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
                  train: bool = True, index: DatasetIndex | None = None) -> ClipLoader:
     """Index ``cfg.data.train_list`` (cached), check the bad fraction, and build this rank's loader.
 
-    Batch per rank: ``cfg.optim.batch_per_gpu``; clip: ``cfg.data.num_frames`` frames of
-    ``cfg.data.img_size`` px; seed ``cfg.runtime.seed``. Pass ``index`` to reuse one already built.
+    Batch per rank: ``cfg.optim.batch_per_gpu``; clip: ``cfg.model.num_frames`` frames of
+    ``cfg.model.img_size`` px (what the model takes); seed ``cfg.runtime.seed``. Pass ``index`` to
+    reuse one already built.
     """
     d = cfg.data
+    num_frames, size = cfg.model.num_frames, cfg.model.img_size
     device = torch.device(device)
     backend = choose_backend(d.backend, device)
     if index is None:
@@ -702,10 +704,10 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
         full = d.verify == "full" or (d.verify == "auto" and backend == "dali")
         index = build_index(d.train_list, d.root, d.index_cache, workers=workers, full=full)
     usable, bad, bad_paths = split_usable(index, d.min_frames)
-    short = sum(1 for i in usable if index.infos[int(i)].frames < d.num_frames)
+    short = sum(1 for i in usable if index.infos[int(i)].frames < num_frames)
     if short:
         log.info("%d of %d usable videos have fewer than %d frames: sampled with repeated frames "
-                 "(data.min_frames=%d decides what is dropped)", short, len(usable), d.num_frames, d.min_frames)
+                 "(data.min_frames=%d decides what is dropped)", short, len(usable), num_frames, d.min_frames)
     for path, reason in list(bad_paths.items())[:20]:
         detail = next((i.detail for i in index.infos if i.path == path), "")
         log.warning("skipping bad video (%s) %s %s", reason, path, detail)
@@ -720,7 +722,7 @@ def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch
     if d.rgb == "fast" and backend == "dali":
         log.warning("data.rgb=fast with the DALI backend: files DALI cannot decode go to PyAV and convert "
                     "to RGB differently (~44 dB); use data.rgb=exact for one conversion everywhere")
-    dataset = ClipDataset(index, usable, num_frames=d.num_frames, size=d.img_size, sampling=d.sampling,
+    dataset = ClipDataset(index, usable, num_frames=num_frames, size=size, sampling=d.sampling,
                           stride=d.stride, scales=d.scales, flip=d.flip, no_flip_sources=d.no_flip_sources,
                           train=train, seed=cfg.runtime.seed, decode_threads=1 if d.num_workers > 0 else d.decode_threads,
                           min_frames=d.min_frames, rgb=d.rgb)

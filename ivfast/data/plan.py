@@ -124,7 +124,7 @@ def loader_decoder(paths: list[str], folder: str, config: str = "stage1_vitb"):
                                "data.backend=pyav", "data.num_workers=0", "data.decode_threads=1",
                                "data.verify=first", "optim.batch_per_gpu=1"])
     ds = build_loader(cfg, device="cpu").dataset
-    return (lambda i: ds.decode_one(int(ds.usable[i % len(ds.usable)]), 0, 0)), cfg.data.num_frames, cfg.data.img_size
+    return (lambda i: ds.decode_one(int(ds.usable[i % len(ds.usable)]), 0, 0)), cfg.model.num_frames, cfg.model.img_size
 
 
 def sample_entries(entries: list[Entry], files: int, seed: int = 0) -> list[Entry]:

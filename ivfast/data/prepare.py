@@ -31,19 +31,19 @@ gop 1 files are 7.0-8.1x the sources (up to 11x per clip), gop 16 2.4-3.5x.
   reads a sample in place, by id, so exact resume is kept (see ``ivfast.data.shards``). Each
   shard is verified (bytes and a full decode of every video) before its rename; a rerun keeps
   shards that match. The loose files stay (they are what makes the re-encode resumable).
+
+This module re-encodes one file (:func:`prepare_one`); the command that plans, re-encodes every
+file and packs is :func:`ivfast.data.__main__.prepare_main`.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
-from fractions import Fraction
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 
-from .index import DataError, Entry, probe, read_list, write_list
-
+from .index import probe
+from .sources import iter_frames
 
 
 @dataclass
@@ -104,10 +104,8 @@ def prepare_one(job: Job) -> dict:
 
 
 def _prepare_one(job: Job) -> dict:
-    import av
+    import av   # PyAV is optional: ivfast.data imports without it (the DALI-only GPU machine)
     from av.video.frame import PictureType
-
-    from .pyav import iter_frames
 
     rec = {"src": job.src, "dst": job.dst, "bytes_in": 0, "bytes_out": 0, "frames": 0}
     try:
@@ -198,125 +196,3 @@ def _keep(job: Job, rec: dict) -> dict | None:
         return {**rec, "status": "failed", "error": f"{full.error}: {full.detail}"}
     return {**rec, "dst": job.src, "status": "kept", "frames": full.frames, "bytes_out": rec["bytes_in"],
             "size": [full.width, full.height], "fps": full.fps}
-
-
-def main(argv: list[str] | None = None) -> int:
-    # the plan builds on this module (it encodes with prepare_one), hence imported here
-    from .plan import (DEFAULT_CLIPS_PER_GPU, DEFAULT_CORES_PER_GPU, DEFAULT_MARGIN, adopt_outputs,
-                       measure_outputs, plan_for_run, remove_work)
-
-    ap = argparse.ArgumentParser(prog="python -m ivfast.data prepare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("list", help="list file (CSV/TSV/released format) or a directory of videos")
-    ap.add_argument("out_dir")
-    ap.add_argument("--root", default="", help="prefix for relative paths in the list")
-    ap.add_argument("--short-side", type=int, default=256, help="short side in pixels (never upscaled); 0 keeps the size")
-    ap.add_argument("--gop", type=int, default=None,
-                    help="a keyframe every this many frames (1: all-intra, fastest; larger: smaller files); "
-                         "default: the plan's choice")
-    ap.add_argument("--plan", action="store_true", help="measure the candidates, print the table and the "
-                    "recommendation, and stop")
-    ap.add_argument("--clips-per-gpu", type=float, default=DEFAULT_CLIPS_PER_GPU,
-                    help="clips/s one GPU trains on (default: stage 1 ViT-B's predicted H100 rate)")
-    ap.add_argument("--cores-per-gpu", type=float, default=DEFAULT_CORES_PER_GPU, help="CPU cores per GPU")
-    ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                    help="the chosen setting must give this many times the clips per core needed")
-    ap.add_argument("--plan-files", type=int, default=24, help="files the plan samples")
-    ap.add_argument("--plan-seconds", type=float, default=10.0, help="seconds of each sampled file it encodes")
-    ap.add_argument("--plan-gops", default="1,4,16", help="GOPs the plan tries (comma list)")
-    ap.add_argument("--config", default="stage1_vitb", help="preset (or YAML) whose frames and crop the plan times")
-    ap.add_argument("--bframes", type=int, default=0, help="x264 B-frames between references (0: none)")
-    ap.add_argument("--fps-cap", type=float, default=0.0, help="drop frames above this rate (0: keep all)")
-    ap.add_argument("--crf", type=int, default=20, help="x264 quality (lower = better, larger)")
-    ap.add_argument("--preset", default="veryfast", help="x264 preset")
-    ap.add_argument("--shards", type=float, default=0.0, metavar="MB",
-                    help="then pack the outputs into tar shards of about MB megabytes (0: no shards)")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes")
-    args = ap.parse_args(argv)
-    if args.gop is not None and args.gop < 1:
-        print("error: --gop must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        plan_gops = [int(g) for g in args.plan_gops.split(",") if g.strip()]
-    except ValueError:
-        plan_gops = []
-    if not plan_gops or min(plan_gops) < 1:
-        print(f"error: --plan-gops must be a comma list of GOPs >= 1, got {args.plan_gops!r}", file=sys.stderr)
-        return 2
-    if min(args.clips_per_gpu, args.cores_per_gpu, args.margin, args.plan_files, args.plan_seconds) <= 0:
-        print("error: --clips-per-gpu, --cores-per-gpu, --margin, --plan-files and --plan-seconds must be > 0",
-              file=sys.stderr)
-        return 2
-    if args.bframes < 0:
-        print(f"error: --bframes must be >= 0, got {args.bframes}", file=sys.stderr)
-        return 2
-    if args.shards < 0:
-        print(f"error: --shards must be >= 0 MB (0: no shards), got {args.shards}", file=sys.stderr)
-        return 2
-    try:
-        entries = read_list(args.list, args.root)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    base = args.root or os.path.commonpath([os.path.dirname(os.path.abspath(e.path)) for e in entries])
-    os.makedirs(args.out_dir, exist_ok=True)
-    settings = Job("", "", args.short_side, 1, args.fps_cap, args.crf, args.preset, args.bframes)
-    gop, keep, planned, adopted = args.gop, False, None, set()
-    if gop is None or args.plan:
-        try:
-            gop, keep, planned = plan_for_run(args, entries, settings, plan_gops)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if args.plan:
-            return 0
-    jobs = [Job(os.path.abspath(e.path), out_path(e.path, base, args.out_dir), args.short_side, gop,
-                args.fps_cap, args.crf, args.preset, args.bframes, keep_small=keep) for e in entries]
-    if planned is not None:
-        if not keep:        # keeping: the sources are the outputs, not the plan's fallback encodes
-            adopted = adopt_outputs(planned, gop, jobs)
-        remove_work(args.out_dir)
-    t0 = time.time()
-    from tqdm import tqdm
-
-    if args.workers <= 1:
-        results = [prepare_one(j) for j in tqdm(jobs, desc="prepare", unit="file", file=sys.stderr)]
-    else:
-        with ProcessPoolExecutor(args.workers) as ex:
-            results = list(tqdm(ex.map(prepare_one, jobs), total=len(jobs), desc="prepare", unit="file",
-                                file=sys.stderr))
-    wall = time.time() - t0
-    ok = [(e, r) for e, r in zip(entries, results) if r["status"] != "failed"]
-    failed = [r for r in results if r["status"] == "failed"]
-    write_list(os.path.join(args.out_dir, "list.csv"),
-               [Entry(os.path.abspath(r["dst"]), e.label, e.source, e.start_sec, e.end_sec) for e, r in ok])
-    with open(os.path.join(args.out_dir, "failed.txt"), "w") as f:
-        for r in failed:
-            f.write(f"{r['src']}\t{r['error']}\n")
-    n = {s: sum(r["status"] == s for r in results) for s in ("done", "kept", "skipped", "failed")}
-    b_in = sum(r["bytes_in"] for r in results if r["status"] != "failed")
-    b_out = sum(r["bytes_out"] for r in results)
-    kept = f"{n['kept']} kept as they are (no re-encode), " if n["kept"] else ""
-    # the plan's whole-file encodes at the chosen GOP were moved into place before the run
-    n["plan"] = sum(r["status"] == "skipped" and r["dst"] in adopted for r in results)
-    plan = f"{n['plan']} encoded by the plan, " if n["plan"] else ""
-    print(f"prepared {len(results)} files in {wall:.1f} s: {n['done']} done, {kept}{plan}"
-          f"{n['skipped'] - n['plan']} already done, "
-          f"{n['failed']} failed; {b_in:,} bytes in -> {b_out:,} bytes out ({b_in / 1e6:.1f} -> {b_out / 1e6:.1f} MB, "
-          f"{b_out / max(1, b_in):.2f}x); list {os.path.join(args.out_dir, 'list.csv')}")
-    if ok:
-        print(measure_outputs([r["dst"] for _, r in ok], args.out_dir, args.config))
-    for r in failed[:10]:
-        print(f"  failed: {r['src']}: {r['error']}", file=sys.stderr)
-    if args.shards > 0 and ok:
-        from .shards import Sample, pack
-
-        lst, s = pack([Sample(os.path.abspath(r["dst"]), e.label, e.source, e.start_sec, e.end_sec, r["frames"])
-                       for e, r in ok], args.out_dir, args.shards)
-        print(f"packed {s['samples']} samples into {s['shards']} shards ({s['written']} written, {s['kept']} kept) "
-              f"in {s['seconds']:.1f} s, {s['bytes'] / 1e6:.1f} MB; list {lst}")
-    return 0 if not failed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .sampling import ClipPlan
+from .sources import iter_frames, open_video
 
 if TYPE_CHECKING:
     import torch
@@ -27,61 +28,6 @@ class BadSample(Exception):
     def __init__(self, reason: str, path: str, detail: str, decoded: int = -1):
         super().__init__(f"{reason}: {path}: {detail}")
         self.reason, self.path, self.detail, self.decoded = reason, path, detail, decoded
-
-
-class CorruptStream(Exception):
-    """Frames decode again after a packet failed: a corrupt payload inside the stream, which
-    would shift every later frame number (a failure only at the end is a cut, not this)."""
-
-
-
-
-def iter_frames(container, stream, skip_nonref=None):
-    """The stream's frames in output order; a stream whose last packets fail ends there.
-
-    Real files often end with packets that do not decode (a download cut mid-GOP, a partial
-    last sample): the frames before that are the video, and its length is their number. A
-    failure followed by more decodable packets raises :class:`CorruptStream`. ``skip_nonref``
-    (callable -> bool, asked before each packet): when it returns True the decoder skips
-    non-reference frames (they are not output, so the caller must not count on them).
-    """
-    ctx = stream.codec_context
-    # Packets that may still yield frames after a failed one without it meaning a corrupt
-    # middle: the decoder's reorder delay (B-frames) releases frames decoded before the failure.
-    slack = max(0, int(getattr(ctx, "has_b_frames", 0) or 0))
-    err: Exception | None = None
-    after_err = 0
-    packets = container.demux(stream)
-    # the codec context outlives an abandoned iterator (a seek starts a new one while the old
-    # one had switched skipping on): start from the decoder's real state, not from a guess
-    skipping = False
-    if skip_nonref is not None:
-        ctx.skip_frame = "DEFAULT"
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            break
-        except Exception as e:          # the demuxer itself fails: the container is cut here
-            err = err or e
-            break
-        if skip_nonref is not None:
-            want = bool(skip_nonref())
-            if want != skipping:
-                ctx.skip_frame = "NONREF" if want else "DEFAULT"
-                skipping = want
-        try:
-            frames = packet.decode()    # an empty packet (the last one) flushes the decoder
-        except Exception as e:
-            err = err or e
-            continue
-        if frames and err is not None and packet.size:
-            after_err += 1
-            if after_err > slack:
-                raise CorruptStream(f"frames decode again after a failed packet ({type(err).__name__}: {err})")
-        yield from frames
-    if skipping:
-        ctx.skip_frame = "DEFAULT"
 
 
 SEEK_GAP = 120     # frames: a longer jump forward seeks to a keyframe (when the GOP is unknown)
@@ -138,9 +84,7 @@ def decode_frames(path: str, indices, threads: int = 1, seek_gap: int = SEEK_GAP
     convert = CropConverter(crop, rgb) if crop is not None else (lambda f: to_rgb(f, rgb))
     got: dict[int, np.ndarray] = {}
     try:
-        from .shards import open_video   # a path, or a tar shard member
-
-        container = open_video(path)
+        container = open_video(path)     # a path, or a tar shard member
     except Exception as e:
         raise BadSample("unreadable", path, f"{type(e).__name__}: {e}") from e
     with container:
@@ -373,7 +317,7 @@ def crop_resize(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) 
 def resize_flip(frames: "np.ndarray | torch.Tensor", plan: ClipPlan, size: int) -> "torch.Tensor":
     """Already-cropped [T, h, w, 3] uint8 frames (``decode_frames(..., crop=plan.crop)``) ->
     [3, T, size, size] uint8: the resize and flip of :func:`crop_resize`."""
-    import torch   # here, so that the inspect CLI and synth start without importing torch
+    import torch   # here, so that importing the decoder does not import torch
     import torch.nn.functional as F
 
     x = torch.as_tensor(frames)

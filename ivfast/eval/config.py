@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ivfast.config import ConfigError, _build, _preset_path, _read_yaml, _set_key
+from ivfast.config import ConfigError, build_dataclass, deep_merge, preset_path, read_yaml, set_key
 
 EVAL_CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -153,20 +153,13 @@ def _is_unset(value) -> bool:
     return value == [] if isinstance(value, list) else value == _UNSET.get(type(value), None)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def protocol_values(protocol: str, dataset: str) -> dict:
     """The protocol's numbers for ``dataset`` as {'views': {...}, 'probe': {...}}."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol {protocol!r} unknown; choose one of {sorted(PROTOCOLS)}")
     p = copy.deepcopy(PROTOCOLS[protocol])
     per = {d: p.pop(d) for d in ("kinetics", "ssv2") if d in p}
-    return _deep_merge(p, per.get(dataset, {}))
+    return deep_merge(p, per.get(dataset, {}))
 
 
 def resolve(cfg: EvalConfig, protocol: str | None = None) -> EvalConfig:
@@ -234,10 +227,10 @@ def load_eval_config(name_or_path: str = "", overrides=()) -> EvalConfig:
     """An eval preset name (``ivfast/eval/configs/NAME.yaml``), a YAML path, or "" (defaults)."""
     data: dict = {}
     if name_or_path:
-        data = _read_yaml(_preset_path(name_or_path, EVAL_CONFIG_DIR, eval_presets(), what="eval config"))
+        data = read_yaml(preset_path(name_or_path, EVAL_CONFIG_DIR, eval_presets(), what="eval config"))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         k, raw = ov.split("=", 1)
-        _set_key(data, k.strip(), raw.strip(), root=EvalConfig, what="eval config")
-    return _build(EvalConfig, data)
+        set_key(data, k.strip(), raw.strip(), root=EvalConfig, what="eval config")
+    return build_dataclass(EvalConfig, data)

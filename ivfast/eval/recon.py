@@ -111,7 +111,7 @@ def save_grid(out: dict, b: int, path: Path, note: str = "") -> Path:
 
 
 def load_stage1(ckpt: str | Path):
-    from ivfast.config import load_config
+    from ivfast.config import load_saved_config
     from ivfast.models.epd import Stage1Model, build_model, load_stage1_weights
     from ivfast.models.release_weights import _ivfast_checkpoint_file
 
@@ -119,7 +119,7 @@ def load_stage1(ckpt: str | Path):
     cfg_file = f.with_name("config.yaml")
     if not cfg_file.exists():
         raise FileNotFoundError(f"{f}: no config.yaml next to it (an ivfast stage-1 checkpoint has one)")
-    cfg = load_config(str(cfg_file))
+    cfg = load_saved_config(cfg_file)
     if cfg.stage != 1:
         raise ValueError(f"{f} is a stage-{cfg.stage} checkpoint; reconstructions need the stage-1 diffusion "
                          f"decoder: pass a stage-1 checkpoint (e.g. runs/demo/stage1)")

@@ -124,8 +124,9 @@ class DiffusionDecoder(nn.Module):
     ``t`` holds the ORIGINAL (1000-step) timesteps, also when a respaced sampler drives it.
 
     ``dtype`` (constructor argument and attribute) is the compute precision, for every ``impl``:
-    ``"auto"`` (default, the old behaviour): the autocast dtype when autocast is on, else the
-    parameters' dtype; ``"bf16"``: bfloat16 whatever autocast says (the fast path);
+    ``"auto"`` (the constructor's default; no config sets it): the autocast dtype when autocast is
+    on, else the parameters' dtype, which the kernel tests use to run the module in fp16 and under
+    autocast; ``"bf16"``: bfloat16 whatever autocast says (the fast path);
     ``"fp32"``: float32 with autocast off and TF32 off for the decoder's matmuls (the released
     code's fp32 decoder). Parameters stay as they are (fp32 masters); the output is in the
     compute dtype.
@@ -634,7 +635,7 @@ class DiffusionLoss(nn.Module):
         self.target_dim, self.cond_dim = target_dim, cond_dim
         self.net = DiffusionDecoder(target_dim, cond_dim, cfg.width, cfg.depth,
                                     learn_sigma=cfg.learn_sigma, impl=cfg.impl,
-                                    dtype=getattr(cfg, "dtype", "auto"))   # model.decoder.dtype, once wired
+                                    dtype=cfg.dtype)
         self.train_diffusion = GaussianDiffusion.from_config(cfg.noise_schedule, cfg.train_steps,
                                                              cfg.learn_sigma)
         self._samplers: dict[int, GaussianDiffusion] = {}

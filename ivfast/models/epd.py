@@ -387,15 +387,8 @@ class Stage2Model(_Base):
     def __init__(self, cfg, teacher_dtype=torch.float32):
         super().__init__(cfg)
         m, enc = cfg.model, cfg.model.encoder
-        if m.stage2_head == "mlp":      # released selfdist_decoder: MLP_Decoder(1024 -> d)
-            self.head = MLPHead(m.predictor.dim, enc.dim)
-        elif m.stage2_head == "linear":
-            self.head = nn.Sequential(nn.Linear(m.predictor.dim, enc.dim), nn.LayerNorm(enc.dim, eps=1e-5))
-        else:
-            raise ValueError(f"model.stage2_head must be mlp or linear, got {m.stage2_head!r}")
+        self.head = MLPHead(m.predictor.dim, enc.dim)   # released selfdist_decoder: MLP_Decoder(1024 -> d)
         _init_head(self.head)
-        if m.stage2_pos not in ("reinterpolate", "once"):
-            raise ValueError(f"model.stage2_pos must be reinterpolate or once, got {m.stage2_pos!r}")
         small_t = min(m.stage2_pos_frames, m.num_frames) // enc.tubelet
         if m.stage2_pos == "reinterpolate" and enc.learnable_pos and small_t != self.grid[0]:
             for name in _POS_MODULES:
@@ -405,13 +398,9 @@ class Stage2Model(_Base):
             object.__setattr__(self, "stage2_pos_tables", _SmallTables(self))   # see _SmallTable
         self.register_state_dict_post_hook(_pos_to_checkpoint)
         self._register_load_state_dict_pre_hook(_pos_from_checkpoint, with_module=True)
-        if m.stage2_pack_sets not in ("auto", True, False):
-            raise ValueError(f"model.stage2_pack_sets must be auto, true or false, got {m.stage2_pack_sets!r}")
         self.teacher = VisionTransformer(enc, m.num_frames, m.img_size, m.attn_backend)
         self.sync_teacher()
         self.teacher.to(teacher_dtype)
-        if m.stage2_loss not in ("cosine", "l1", "mse"):
-            raise ValueError(f"model.stage2_loss must be cosine, l1 or mse, got {m.stage2_loss!r}")
 
     @torch.no_grad()
     def sync_teacher(self):

@@ -133,8 +133,8 @@ def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = Fal
         for K, P in zip(keeps, preds):
             out["encoder"] += trained_encoder(K)
             out["predictor"] += 3 * predictor_flops(p, d, seq, dense_local)
-            # stage-2 head at the loss positions: released MLP (P x P, then P x d) or the shallow Linear
-            out["heads"] += 3 * ((_lin(P, p.dim, p.dim) if m.stage2_head == "mlp" else 0) + _lin(P, p.dim, d))
+            # stage-2 head at the loss positions: the released MLP (P x P, then P x d)
+            out["heads"] += 3 * (_lin(P, p.dim, p.dim) + _lin(P, p.dim, d))
         f = encoder_flops(e, N)
         out["teacher"] = f["patch"] + f["blocks"]
         out.update(visible=keeps, masked=preds)
@@ -218,13 +218,12 @@ def predicted_peak_memory(cfg, batch: int | None = None) -> dict:
         out.update(decoder_and_heads=(dec_act + heads_act) / GiB)
     else:
         keeps, preds = stage2_counts(cfg, batch=max(B, 2))
-        mlp_head = m.stage2_head == "mlp"    # released head: one more p.dim x p.dim layer + GELU
-        trainable = enc_params + pred_params + p.dim * e.dim + (p.dim * p.dim if mlp_head else 0)
+        trainable = enc_params + pred_params + p.dim * e.dim + p.dim * p.dim     # the head: two layers
         teacher_params = enc_params
         enc_act = sum(B * (C + K) * e.depth * enc_tok for K in keeps)
         pred_act = len(keeps) * B * (C + N) * p.layers * pred_tok
         # fp32 head activations + targets at the loss positions
-        heads_act = sum(B * P * ((3 if mlp_head else 1) * p.dim + e.dim) * 4 * 2 for P in preds)
+        heads_act = sum(B * P * (3 * p.dim + e.dim) * 4 * 2 for P in preds)
         teacher_out = B * N * e.dim * 2
         out.update(decoder_and_heads=heads_act / GiB)
     # recomputation rebuilds one layer's full activations at a time

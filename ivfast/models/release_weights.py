@@ -170,7 +170,7 @@ def load_encoder(path: str | os.PathLike, num_frames: int = 0, img_size: int = 0
     """
     from safetensors.torch import load_file
 
-    from ivfast.config import Config, EncoderConfig, load_config
+    from ivfast.config import Config, EncoderConfig, load_saved_config
     from ivfast.models.vit import VisionTransformer, interpolate_pos_table
 
     f = _ivfast_checkpoint_file(Path(path))
@@ -200,7 +200,7 @@ def load_encoder(path: str | os.PathLike, num_frames: int = 0, img_size: int = 0
             cfg_file = f.with_name("config.yaml")
             if not cfg_file.exists():
                 raise FileNotFoundError(f"{f}: no config.yaml next to it; pass config= (an ivfast Config)")
-            config = load_config(str(cfg_file))
+            config = load_saved_config(cfg_file)
         enc_cfg = config.model.encoder if isinstance(config, Config) else config
         if isinstance(config, Config):
             frames0, size0 = config.model.num_frames, config.model.img_size
