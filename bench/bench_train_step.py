@@ -169,6 +169,8 @@ def measure(rec: H.Record, preset: str, batches, overrides=(), dry: bool = False
                 torch.cuda.empty_cache()
                 continue
             res = _figures(cfg, batch, ms, dev)
+            if not dry and set(overrides) <= {"runtime.compile=false"}:   # the rehearsal runs eager too
+                res["rehearsal_peak_mem_gib"] = rehearsal_peak(preset, batch)
             rec.set("result", res)
             rec.set("attention_backends", A.used_backends())
             rec.set("attention_timings", A.timed_report())
@@ -179,6 +181,19 @@ def measure(rec: H.Record, preset: str, batches, overrides=(), dry: bool = False
             return res
     rec.set("result", {"error": f"out of memory at every batch of {list(batches)}"})
     return None
+
+
+REHEARSAL = H.ROOT / "bench" / "results" / "rehearsal_fake_tensors.json"
+
+
+def rehearsal_peak(preset: str, batch: int) -> float | None:
+    """The peak memory the GPU-free rehearsal measured for ``preset`` at ``batch`` clips (eager, fake
+    tensors; committed in results/rehearsal_fake_tensors.json), to record next to the real one."""
+    try:
+        r = json.loads(REHEARSAL.read_text())["presets"][preset]
+    except (OSError, KeyError, ValueError):
+        return None
+    return round(r["peak_gib"], 2) if r.get("batch") == batch else None
 
 
 def _figures(cfg, batch: int, ms: float, dev: torch.device) -> dict:

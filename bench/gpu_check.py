@@ -208,7 +208,8 @@ def table(data: dict) -> str:
             res = r.get("result") or {}
             fig = (f"b{res.get('batch_per_gpu')} {res.get('step_ms')} ms {res.get('clips_per_s')} clips/s "
                    f"MFU {res.get('mfu')} (no teacher {res.get('mfu_without_teacher')}) "
-                   f"{res.get('peak_mem_gib')} GiB oom {r.get('oom_batches', [])}")
+                   f"{res.get('peak_mem_gib')} GiB (rehearsal {res.get('rehearsal_peak_mem_gib')}) "
+                   f"oom {r.get('oom_batches', [])}")
         elif name == "nvdec":
             fig = r.get("skipped") or "; ".join(f"{x.get('data')} {x.get('clips_per_s')} clips/s "
                                                 f"PSNR {x.get('psnr_vs_pyav_db')} dB" for x in r.get("results") or [])

@@ -159,3 +159,13 @@ def test_bare_tree_setup_maps_kernels_and_masks_without_C(tmp_path):
     assert imports["ivfast.kernels"].startswith("ok") and imports["ivfast.masking"].startswith("ok"), imports
     assert not imports["ivfast._C"].startswith("ok"), imports
     assert not (tree / "ivfast" / "kernels").exists(), "the symlink made for the check is removed at exit"
+
+
+def test_the_step_part_finds_the_rehearsals_peak_for_the_same_preset_and_batch():
+    """On a GPU, each preset's real peak memory is recorded next to the rehearsal's (committed
+    JSON), when the step runs the rehearsal's preset at its batch."""
+    import bench_train_step as T
+    rehearsed = json.loads(T.REHEARSAL.read_text())["presets"]["stage2_vitb"]
+    assert T.rehearsal_peak("stage2_vitb", rehearsed["batch"]) == round(rehearsed["peak_gib"], 2)
+    assert T.rehearsal_peak("stage2_vitb", rehearsed["batch"] // 2) is None
+    assert T.rehearsal_peak("no_such_preset", 16) is None
