@@ -227,7 +227,7 @@ def run(args) -> dict:
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_diffusion_mlp.py: torch.cuda.is_available() is False; use --tiny --device cpu "
-                         "for a dry run (tests/test_diffusion_kernels.py checks correctness without a GPU)")
+                         "for a dry run (tests/test_diffusion_mlp.py checks correctness without a GPU)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     target, cond = (TINY["target"], TINY["cond"]) if args.tiny else (TARGET_DIM, COND_DIM)
     peak = H.peak_flops(torch.device(dev))

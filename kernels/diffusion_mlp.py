@@ -332,7 +332,7 @@ def _gate_bwd_kernel(dy_ptr, h2_ptr, gate_ptr, dgate_ptr, dh2_ptr, part_ptr, M, 
 
 def _pointwise_settings() -> tuple[int, int]:
     # (BLOCK_R, BLOCK_W); 8 x 256 on a GPU keeps the fp32 column-sum accumulators small (see the
-    # ptxas report of tests/test_diffusion_kernels.py::test_kernels_compile_for_real_gpus_without_spills)
+    # ptxas report of tests/test_diffusion_mlp.py::test_kernels_compile_for_real_gpus_without_spills)
     return (16, 64) if _INTERPRET else (8, 256)
 
 

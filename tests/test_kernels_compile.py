@@ -3,7 +3,7 @@
 The interpreter checks the maths on CPU; this checks the other half, that Triton's real
 compiler lowers each launch to a cubin (see tests/kernel_compile.py). No GPU needed.
 (The diffusion-decoder kernels have their own compile test, with the runtime's divisibility hints
-and a zero-spill check: test_diffusion_kernels.py::test_kernels_compile_for_real_gpus_without_spills.)
+and a zero-spill check: test_diffusion_mlp.py::test_kernels_compile_for_real_gpus_without_spills.)
 """
 import os
 
