@@ -45,6 +45,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"linear": 10.0, "knn": 5.0}     # stage-1 gain (points) whose CI must also exclude 0
 
 
+def _mse_by_t_quarter(decoder, target: torch.Tensor, cond: torch.Tensor, draws: int = 4) -> list[float]:
+    """eps-MSE per quarter of the timesteps (low noise first), the same t and noise for any ``cond``:
+    where along the noise scale a condition helps."""
+    diff, T = decoder.train_diffusion, decoder.train_diffusion.num_timesteps
+    out = []
+    for q in range(4):
+        mse = 0.0
+        for d in range(draws):
+            g = torch.Generator().manual_seed(purpose_seed(1000 * q + d, "diffusion"))
+            t = torch.randint(q * T // 4, (q + 1) * T // 4, (target.shape[0],), generator=g).to(target.device)
+            noise = torch.randn(target.shape, generator=g).to(target.device)
+            terms = diff.training_losses(lambda xt, tt: decoder.net(xt, tt, cond), target, t, noise)
+            mse += float(terms["mse"].mean()) / draws
+        out.append(mse)
+    return out
+
+
 def decoder_condition(trainer: Trainer, draws: int = 4) -> dict:
     """eps-MSE of the stage-1 decoder on one batch: true, shuffled and zeroed conditions, the
     same timesteps and noise for the three (a decoder that ignores its condition scores alike)."""
@@ -64,6 +81,7 @@ def decoder_condition(trainer: Trainer, draws: int = 4) -> dict:
                 torch.manual_seed(purpose_seed(d, "diffusion"))
                 mse += float(model.decoder(target, cond)["mse"]) / draws
             out[f"mse_{name}"] = mse
+            out[f"mse_{name}_by_t_quarter"] = _mse_by_t_quarter(model.decoder, target, cond)
     out["rows"] = int(target.shape[0])
     out["cond_std_across_patches"] = float(z.float().std(0).mean())
     return out
