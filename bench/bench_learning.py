@@ -68,7 +68,9 @@ def decoder_condition(trainer: Trainer, draws: int = 4) -> dict:
     model = trainer.model
     caught = {}
     hook = model.decoder.register_forward_pre_hook(lambda m, args: caught.setdefault("args", args))
-    batch = trainer._upload_next_batch()
+    # the loader yields batches on the training device; after a finished run its first iterator
+    # is the finished epoch's empty remainder, the next one a new epoch
+    batch = next((b for _ in range(2) for b in trainer.loader), None)
     with torch.no_grad():
         model(batch["video"], 12345)
         hook.remove()
