@@ -1,7 +1,7 @@
 """One dataclass tree for a whole run, YAML presets and ``key.sub=value`` overrides.
 
 Every number of the recipe lives here (defaults follow the authors' released code, see
-``shared/RECIPE.md``); presets in ``ivfast/configs/*.yaml`` only list what differs from
+docs/release-differences.md); presets in ``ivfast/configs/*.yaml`` only list what differs from
 these defaults. Unknown keys and bad values fail with a message naming the key and the
 valid choices, never silently.
 """
@@ -229,7 +229,7 @@ class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bf16", "fp32"] = "bf16"     # autocast dtype on CUDA; CPU runs fp32
     # torch.compile encoder, predictor and decoder: "auto" = on CUDA only (fuses RoPE, LN+cast,
-    # GeGLU, residual adds; issue 14 lever 1), true/false force it
+    # GeGLU, residual adds), true/false force it
     compile: Literal["auto", True, False] = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     output_dir: str = "runs/ivfast"

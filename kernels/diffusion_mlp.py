@@ -8,10 +8,10 @@ The decoder block (see ``ivfast.models.diffusion.ResBlock``) is::
     h2 = a @ W2^T + b2 ;  y = x + gate * h2                  # cuBLAS addmm; the residual is fused
                                                              # into the NEXT block's LN row kernel
 
-Why this split (issue 13): at width 1536 the block is GEMM-bound (~700 FLOP/byte), so every GEMM
+Why this split: at width 1536 the block is GEMM-bound (~700 FLOP/byte), so every GEMM
 must run at cuBLAS speed; a hand-written Triton GEMM (cp.async, non-persistent, spilling dSiLU
 epilogues, 144 tiles on 132 SMs for 1536^2 weight gradients) does not. So there is NO Triton GEMM
-here (hence no autotuning, issue 11 item 5): every product is ``torch.addmm`` / ``torch.mm``. The
+here (hence no autotuning): every product is ``torch.addmm`` / ``torch.mm``. The
 memory-bound work next to them lives in a few Triton row / pointwise kernels, each doing one pass:
 
 * forward: ``ln_modulate`` (LN + affine + modulate) and ``residual_ln_modulate`` (``y = x + gate*h2``

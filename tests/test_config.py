@@ -123,7 +123,7 @@ def test_cli_print_config_and_errors():
 
 
 def test_presets_print_the_released_recipe():
-    """issue 12: the stage-1 / stage-2 presets' --print-config show the released values."""
+    """The stage-1 / stage-2 presets' --print-config show the released values."""
     def printed(name):
         out = subprocess.run([sys.executable, "-m", "ivfast.train", "--config", name, "--print-config"],
                              capture_output=True, text=True, check=True).stdout

@@ -517,7 +517,7 @@ def _spill_table(resources):
 def test_kernels_compile_for_real_gpus_without_spills():
     """The interpreter does not compile: build every kernel launch the decoder makes (recorded
     with the runtime's divisibility hints) for sm_80 and sm_90, fp16 and bf16, with Triton's
-    bundled ptxas, and require zero spill bytes (issue 13: no spilling config anywhere).
+    bundled ptxas, and require zero spill bytes (no spilling config anywhere).
     Run with ``-s`` to print registers / spills per kernel."""
     from kernel_compile import compile_specs, record_launches, with_bf16_variants
     import os
@@ -527,7 +527,7 @@ def test_kernels_compile_for_real_gpus_without_spills():
     names = {s["name"] for s in specs}
     assert names == {"_ln_mod_fwd_kernel", "_ln_mod_bwd_kernel", "_gate_bwd_kernel", "_dsilu_bwd_kernel"}, names
     # what a fresh process JIT-compiles before its first decoder step (was ~90 autotuned GEMM
-    # binaries, issue 11 item 5): a handful of fixed-config row kernels, nothing to benchmark
+    # binaries): a handful of fixed-config row kernels, nothing to benchmark
     assert len(specs) <= 10, [(s["name"], s["constexprs"]) for s in specs]
     result = compile_specs(with_bf16_variants(specs), targets=(80, 90), report=True)
     assert not result["failures"], "\n\n".join(result["failures"][:3])

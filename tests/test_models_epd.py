@@ -353,7 +353,7 @@ def test_stage2_loss_positions_follow_masking_predict(stage1, tmp_path):
     assert not torch.equal(blocks["loss"], unseen["loss"])
 
 
-# --------------------------------------------------------------------------- release fidelity (issue 12)
+# --------------------------------------------------------------------------- release fidelity
 def _release_loss_positions(keep, N):
     """Plain transcription of the release (engines/jepa_mask.py:187-190, engine_for_stage2.py:77-78):
     masks_enc = 1 everywhere, 0 at the kept context; the loss is at masks_enc.bool()."""
@@ -523,7 +523,7 @@ def test_stage2_position_tables_reinterpolated_every_forward(stage1, tmp_path):
     assert again.encoder.parametrizations.pos_embed.original.shape == small.shape
 
 
-# --------------------------------------------------------------------------- stage-2 step levers (issue 14)
+# --------------------------------------------------------------------------- stage-2 step levers
 def _stage2(stage1, tmp_path, *extra):
     _, s1 = stage1
     base = ["stage=2", f"model.init_from={_save_stage1(s1, tmp_path)}", "masking.kind=multiblock",

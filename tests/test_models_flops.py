@@ -60,6 +60,6 @@ def test_stage2_flops_match_counter(tmp_path):
 
 @pytest.mark.parametrize("preset,low,high", [("stage1_vitb", 10e12, 17e12), ("stage2_vitb", 12e12, 19e12)])
 def test_paper_scale_is_plausible(preset, low, high):
-    """ViT-B totals land near shared/RECIPE.md's table (~13.6 / ~15.5 TFLOP per clip)."""
+    """ViT-B totals land near the recipe's published table (~13.6 / ~15.5 TFLOP per clip)."""
     est = flops_per_clip(load_config(preset))
     assert low < est["total"] < high, est

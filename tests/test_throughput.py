@@ -1,4 +1,4 @@
-"""Throughput levers (issue 14) on CPU: a sync-free training step, and the switches that must not
+"""Throughput levers on CPU: a sync-free training step, and the switches that must not
 change the maths (predictor checkpointing, fused teacher qkv, FP8 teacher emulation, timed
 attention-backend choice)."""
 import contextlib
@@ -134,7 +134,7 @@ def test_cuda_steps_2_to_5_do_not_synchronise(clip_list, tmp_path):
     torch.cuda.synchronize()
 
 
-# --------------------------------------------------------------------------- compile (lever 1)
+# --------------------------------------------------------------------------- compile
 def test_compile_auto_means_cuda_only():
     assert load_config("demo", []).runtime.compile == "auto"
     cfg = load_config("demo", [])
@@ -199,7 +199,7 @@ def test_student_compiles_without_graph_breaks_and_bounded_recompiles():
     dynamo.reset()
 
 
-# --------------------------------------------------------------------------- predictor checkpointing (lever 5)
+# --------------------------------------------------------------------------- predictor checkpointing
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointed_predictor_matches_plain(mode):
     """Same outputs and the same gradients (inputs and every weight), and it does save memory:
@@ -293,7 +293,7 @@ def test_expandable_segments_set_before_cuda_init(monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
-# --------------------------------------------------------------------------- teacher (lever 2)
+# --------------------------------------------------------------------------- teacher
 def _tiny_teacher(**kw):
     from ivfast.config import TeacherConfig
     from ivfast.models.teacher import build_teacher
@@ -391,7 +391,7 @@ def test_fp8_teacher_agreement_with_bf16():
     assert agree["score_corr_min"] > 0.9 and agree["mask_overlap_mean"] > 0.8, agree
 
 
-# --------------------------------------------------------------------------- attention by timing (lever 3)
+# --------------------------------------------------------------------------- attention by timing
 def test_pick_fastest_skips_rejected_and_wrong_kernels():
     from ivfast.models.attention import pick_fastest
 

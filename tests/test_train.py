@@ -220,7 +220,7 @@ def test_demo_command_end_to_end(tmp_path):
 
 def test_batch_rounding_and_lr_scaling_are_logged(clip_list, tmp_path, caplog):
     """The global batch becomes per-GPU x GPUs x accumulation (the multiple of per-GPU x world
-    nearest optim.global_batch); the log says how, and how the lr was scaled (issue 12)."""
+    nearest optim.global_batch); the log says how, and how the lr was scaled."""
     import logging
     caplog.set_level(logging.INFO, logger="ivfast.train")
     trainer = Trainer(tiny_cfg(clip_list, tmp_path, "optim.global_batch=7"))

@@ -146,7 +146,7 @@ def flops_per_clip(cfg, keep: list[float] | None = None, dense_local: bool = Fal
 
 # --------------------------------------------------------------------------- predicted peak memory
 # Bytes autograd keeps per token and layer in eager bf16 autocast, from what each op saves
-# (../shared/reviews/gpu-hot-path.md section 7, +-20 %), written per channel so they scale with
+# (a review of what each op saves, +-20 %), written per channel so they scale with
 # the width: encoder block ~41 KB/token at d=768 (hidden 3072); predictor layer ~45 KB/token at
 # dim=1024, mlp_hidden=2624 (fp32 residual saved twice, the [2h] GeGLU buffer, q/k/v + qkv).
 def _enc_block_bytes(d: int, hidden: int) -> float:

@@ -61,7 +61,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Ops whose outputs selective checkpointing keeps: the GEMMs and attention kernels (expensive to
 # redo). Everything else in a layer (LayerNorm, the fp32 RoPE chain, GELU * gate, casts, residual
 # adds) is recomputed in backward: about half a layer's saved bytes for ~3 % more step time
-# (predicted, ../shared/reviews/gpu-hot-path.md section 7).
+# (predicted).
 def _saved_ops() -> set:
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
