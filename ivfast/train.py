@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         print(dump(cfg), end="")
         return 0
     if args.rehearse:
-        from ivfast.rehearse import run_in_subprocess
+        from ivfast.rehearse.run import run_in_subprocess
         extra = ["--gpu", args.gpu] + (["--gpu-mem", str(args.gpu_mem)] if args.gpu_mem else []) \
             + (["--json", args.rehearse_json] if args.rehearse_json else [])
         return run_in_subprocess(["--config", args.config, *extra, *args.overrides])

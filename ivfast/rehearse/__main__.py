@@ -6,7 +6,9 @@ import json
 import os
 import sys
 
+from ivfast.rehearse import shim
 from ivfast.rehearse.gpu import GPUS
+from ivfast.rehearse.run import rehearse, report_json, run_in_subprocess
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,14 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if os.environ.get("IVFAST_REHEARSAL") != "1":
-        from ivfast.rehearse import run_in_subprocess
         return run_in_subprocess(sys.argv[1:] if argv is None else list(argv))
-    from ivfast.rehearse import rehearse, shim
     shim.activate()
     rep = rehearse(args.config, args.overrides, gpu=args.gpu, gpu_mem=args.gpu_mem, steps=args.steps)
     print(rep.text())
     if args.json:
-        from ivfast.rehearse import report_json
         with open(args.json, "w") as f:
             json.dump(report_json(rep), f, indent=1)
     if not rep.fits:

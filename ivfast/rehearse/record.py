@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
-from ivfast.rehearse import gpu  # noqa: F401  (defines the ivfast_rehearse ops named below)
+import ivfast.rehearse.gpu  # noqa: F401  (defines the ivfast_rehearse ops named below)
 
 aten = torch.ops.aten
 BLOCK = 512
