@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     run(rec, args.dry_run)
     for r in rec.data["results"]:
         print(r)
-    tag = "dryrun_cpu" if args.dry_run else H.device_name(dev).replace(" ", "_").replace("/", "_")
+    tag = H.result_tag(dev, args.dry_run)
     out = H.write_result(Path(args.out) / f"attention_{tag}.json",
                          dict(H.stamp(dev), dry_run=args.dry_run, note=rec.data["flops_note"]), rec.data["results"])
     print(f"wrote {out}")

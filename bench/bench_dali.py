@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     rec = H.Record()
     run(rec, args.dry_run)
     print(rec.data.get("skipped") or rec.data["results"])
-    tag = "dryrun_cpu" if args.dry_run else H.device_name(dev).replace(" ", "_").replace("/", "_")
+    tag = H.result_tag(dev, args.dry_run)
     out = H.write_result(Path(args.out) / f"dali_{tag}.json", dict(H.stamp(dev), clips=rec.data.get("clips"),
                          skipped=rec.data.get("skipped")), rec.data.get("results", []))
     print(f"wrote {out}")

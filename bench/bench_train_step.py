@@ -46,6 +46,7 @@ from ivfast.models import predictor as P, teacher as TT, vit as V  # noqa: E402
 from ivfast.models.epd import build_model  # noqa: E402
 from ivfast.models.flops import flops_per_clip, predicted_peak_memory  # noqa: E402
 from ivfast.models.teacher import build_teacher, teacher_agreement  # noqa: E402
+from ivfast.data.loader import DeviceClips  # noqa: E402
 from ivfast.trainer import Trainer  # noqa: E402
 
 LEVERS = {"compile": ("runtime.compile={}", "true", "false"),
@@ -59,26 +60,6 @@ DRY_STAGE2 = ["stage=2", "masking.kind=multiblock", "masking.max_keep=0",
 
 
 # --------------------------------------------------------------------------- the step timer
-class DeviceClips:
-    """What the Trainer's loader yields, without files: one batch of random uint8 clips on the device."""
-
-    def __init__(self, cfg, device: torch.device):
-        B, T, S = cfg.optim.batch_per_gpu, cfg.model.num_frames, cfg.model.img_size
-        g = torch.Generator().manual_seed(0)
-        video = torch.randint(0, 256, (B, 3, T, S, S), generator=g, dtype=torch.uint8)
-        self.batch = {"video": video.to(device), "index": torch.arange(B)}
-
-    def __len__(self) -> int:
-        return 1 << 30
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-
 class TrainStep:
     """The real ``Trainer`` at ``cfg``; calling it runs one ``train_step()``.
 
@@ -310,7 +291,7 @@ def main(argv=None) -> int:
                                                           [lv for lv in LEVERS if lv != "pred_ckpt"])
     meta = dict(H.stamp(dev), plan=args.plan, levers=levers, measured=not args.dry_run,
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
-    tag = "dryrun_cpu" if args.dry_run else H.device_name(dev).replace(" ", "_").replace("/", "_")
+    tag = H.result_tag(dev, args.dry_run)
     out = Path(args.out) / f"train_step_{tag}.json"
     rows = []
     for preset in args.presets:

@@ -78,6 +78,11 @@ def device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def result_tag(dev: torch.device, dry: bool) -> str:
+    """The file-name tag of a benchmark's result: the device's name, or ``dryrun_cpu``."""
+    return "dryrun_cpu" if dry else device_name(dev).replace(" ", "_").replace("/", "_")
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
