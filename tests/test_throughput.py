@@ -481,6 +481,7 @@ def test_bench_train_step_dry_run_names_the_levers(tmp_path):
 def test_step_timer_runs_the_trainers_train_step(monkeypatch):
     """The bench's step timer is ivfast.trainer.Trainer.train_step itself, fed device clips through
     the Trainer's ``loader`` argument (no data file read)."""
+    import ivfast.data
     import ivfast.trainer
 
     bench = _bench_train_step()
@@ -492,7 +493,7 @@ def test_step_timer_runs_the_trainers_train_step(monkeypatch):
     out = step()
     step.close()
     assert calls == [1] and isinstance(step.trainer, ivfast.trainer.Trainer)
-    assert isinstance(step.trainer.loader, bench.DeviceClips)
+    assert isinstance(step.trainer.loader, ivfast.data.DeviceClips)
     assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0 and step.trainer.step == 0
 
 

@@ -19,7 +19,7 @@ import importlib
 # importing torch.
 _EXPORTS = {
     "index": ["BAD_REASONS", "DataError", "DatasetIndex", "Entry", "VideoInfo", "build_index", "probe", "read_list"],
-    "loader": ["ClipDataset", "ClipLoader", "build_loader", "normalize", "shard_epoch"],
+    "loader": ["ClipDataset", "ClipLoader", "DeviceClips", "build_loader", "normalize", "shard_epoch"],
     "sampling": ["ClipPlan", "plan_clip"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}

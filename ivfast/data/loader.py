@@ -686,6 +686,34 @@ def split_usable(index: DatasetIndex, min_frames: int = 1) -> tuple[np.ndarray, 
     return np.asarray(usable, np.int64), bad, paths
 
 
+class DeviceClips:
+    """The output contract without files: one batch of random clips (uint8, or normalised as
+    ``data.output`` asks) on ``device``, yielded forever. For runs that time or rehearse the
+    training step rather than read data (``bench/bench_train_step.py``, ``ivfast.rehearse``)."""
+
+    def __init__(self, cfg, device: torch.device | str):
+        device = torch.device(device)
+        B, T, S = cfg.optim.batch_per_gpu, cfg.model.num_frames, cfg.model.img_size
+        g = torch.Generator().manual_seed(0)
+        video = torch.randint(0, 256, (B, 3, T, S, S), generator=g, dtype=torch.uint8).to(device)
+        if cfg.data.output == "normalized":
+            name = cfg.data.norm_dtype
+            if name == "auto":
+                name = "bfloat16" if device.type == "cuda" else "float32"
+            video = normalize(video, getattr(torch, name))
+        self.batch = {"video": video, "index": torch.arange(B, device=device)}
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 def build_loader(cfg, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  train: bool = True, index: DatasetIndex | None = None) -> ClipLoader:
     """Index ``cfg.data.train_list`` (cached), check the bad fraction, and build this rank's loader.

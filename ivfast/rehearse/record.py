@@ -23,6 +23,11 @@ aten = torch.ops.aten
 BLOCK = 512
 
 
+def allocated_bytes(storage: torch.UntypedStorage) -> int:
+    """What the caching allocator hands out for ``storage``: its bytes rounded up to a block."""
+    return -(-storage.nbytes() // BLOCK) * BLOCK
+
+
 def _storages(out):
     for t in tree_flatten(out)[0]:
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
@@ -50,7 +55,7 @@ class MemoryTracker(TorchDispatchMode):
         key = id(storage)
         if key in self._live and self._refs[key]() is storage:
             return
-        nbytes = -(-storage.nbytes() // BLOCK) * BLOCK
+        nbytes = allocated_bytes(storage)
 
         def free(_, key=key, nbytes=nbytes):
             if self._live.pop(key, None) is not None:

@@ -9,10 +9,19 @@ import tempfile
 from collections import Counter
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
+from ivfast.config import load_config
+from ivfast.data.loader import DeviceClips
+from ivfast.models import attention as A
+from ivfast.models.diffusion import decoder_flops
+from ivfast.models.flops import flops_per_clip, predicted_peak_memory
 from ivfast.rehearse import shim
 from ivfast.rehearse.gpu import GPUS, GiB, GpuSpec, SdpaLog, simulated_gpu
-from ivfast.rehearse.record import MemoryTracker, OpRecorder
+from ivfast.rehearse.record import MemoryTracker, OpRecorder, allocated_bytes
+from ivfast.trainer import Trainer, unwrap
 
 # Left free of the step's allocated peak: the CUDA context and cuBLAS/cuDNN workspaces (~1.5 GiB),
 # NCCL buffers (~1 GiB) and the caching allocator's reserve over what is allocated (5 %).
@@ -23,35 +32,6 @@ ALLOCATOR_SLACK = 1.05
 def budget_gib(spec: GpuSpec) -> float:
     """The allocated peak that fits ``spec``: its memory less the margin above."""
     return (spec.total_memory / GiB - CONTEXT_GIB) / ALLOCATOR_SLACK
-
-
-class RehearsalLoader:
-    """Batches shaped like the real loader's (``ivfast.data.loader``'s output contract) on the
-    simulated GPU, without reading a file."""
-
-    def __init__(self, cfg, device):
-        d, m = cfg.data, cfg.model
-        self.shape = (cfg.optim.batch_per_gpu, 3, m.num_frames, m.img_size, m.img_size)
-        norm = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        self.dtype = torch.uint8 if d.output == "uint8" else norm.get(d.norm_dtype, torch.bfloat16)
-        self.device = device
-
-    def __len__(self) -> int:
-        return 10 ** 6
-
-    def __iter__(self):
-        while True:
-            yield {"video": torch.empty(self.shape, dtype=self.dtype, device=self.device),
-                   "index": torch.zeros(self.shape[0], dtype=torch.int64, device=self.device)}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def bad_summary(self) -> dict:
-        return {"files": 1, "index": {}, "decode_bad_files": 0, "examples": []}
 
 
 def _move_params(module: torch.nn.Module, fn, recurse: bool = True):
@@ -90,14 +70,14 @@ class _PhaseWatch:
 
 def _flop_formulas() -> None:
     """GEMMs FlopCounterMode has no formula for: the fused bias+GELU GEMM and in-place addmm."""
-    from torch.utils import flop_counter as fc
     aten = torch.ops.aten
+
     def addmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
     for op in (aten._addmm_activation, aten.addmm_):
-        if op.default not in fc.flop_registry:
-            fc.register_flop_formula(op)(addmm)
+        if op.default not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(addmm)
 
 
 @dataclasses.dataclass
@@ -159,27 +139,19 @@ class Report:
 def rehearsal_overrides(output_dir: str) -> list[str]:
     """What a rehearsal changes in the user's config: the simulated GPU, eager, random weights."""
     return ["runtime.device=cuda", "runtime.compile=false", f"runtime.output_dir={output_dir}",
-
             "runtime.profile_steps=", "runtime.recon_every=0", "model.predictor.init_from="]
 
 
 def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem: float | None = None,
              steps: int = 2) -> Report:
     """Run ``steps`` real training steps of ``config`` on a simulated ``gpu``; needs :func:`shim.activate`d."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ivfast.trainer import Trainer, unwrap
-    from ivfast.config import load_config
-    from ivfast.models import attention as A
-    from ivfast.models.flops import flops_per_clip, predicted_peak_memory
-
     spec = GPUS[gpu]
     tmp = tempfile.mkdtemp(prefix="ivfast-rehearse-")
     ovr = list(overrides) + rehearsal_overrides(tmp)
     cfg = load_config(config, ovr)
     # one micro-batch per step: a rank's share of a step on a cluster large enough to need no
-    # gradient accumulation (the report adds the gradients that accumulation keeps alive)
+    # gradient accumulation (with accumulation, the trainable gradients also stay alive through
+    # the next micro-batch's forward: not rehearsed)
     ovr.append(f"optim.global_batch={cfg.optim.batch_per_gpu}")
     if not cfg.model.teacher.tiny:
         ovr.append("model.teacher.init_from=random")
@@ -195,26 +167,25 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
     torch.nn.Module._apply = _move_params
     try:
         with fake, simulated_gpu(spec, memory, sdpa_log), memory:
-            trainer = Trainer(cfg, loader=RehearsalLoader(cfg, device))
+            trainer = Trainer(cfg, loader=DeviceClips(cfg, device))
             trainer.watchdog = _PhaseWatch(memory)
             model = unwrap(trainer.model)
             step_peaks = []
             counts = {}      # stage 2: the step's visible and loss token counts per mask set
             model.register_forward_hook(lambda mod, args, out: counts.update(
                 {k: out[k] for k in ("visible", "predicted") if k in out}))
-            weights = sum(-(-p.untyped_storage().nbytes() // 512) * 512 for p in model.parameters())
-            weights += sum(-(-b.untyped_storage().nbytes() // 512) * 512 for b in model.buffers())
+            weights = sum(allocated_bytes(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()])
             for i in range(steps):
                 last = i == steps - 1
-                with (FlopCounterMode(display=False) if last else contextlib.nullcontext()) as fc, \
+                with (FlopCounterMode(display=False) if last else contextlib.nullcontext()) as counter, \
                         (recorder if last else contextlib.nullcontext()):
                     memory.reset_peak()
                     trainer.train_step()
                     trainer.step += 1
                     step_peaks.append((memory.peak / GiB, memory.peak_phase))
-            optimizer = sum(-(-t.untyped_storage().nbytes() // 512) * 512 for s in trainer.optimizer.state.values()
+            optimizer = sum(allocated_bytes(t.untyped_storage()) for s in trainer.optimizer.state.values()
                             for t in s.values() if torch.is_tensor(t) and t.is_cuda)
-            trainer.metrics.close() if hasattr(trainer.metrics, "close") else None
+            trainer.metrics.close()
     finally:
         torch.nn.Module._apply = saved_apply
     B = cfg.optim.batch_per_gpu
@@ -226,12 +197,11 @@ def rehearse(config: str, overrides: list[str] = (), gpu: str = "h100", gpu_mem:
     for mod, n in recorder.forward_flops.items():
         measured[mod if mod in ("teacher", "encoder", "predictor", "decoder") else "heads"] += n
     measured = {k: float(v) for k, v in measured.items()}
-    measured["total"] = float(sum(fc.get_flop_counts().get("Global", {}).values()))
+    measured["total"] = float(sum(counter.get_flop_counts().get("Global", {}).values()))
     measured["recomputed"] = float(recorder.recomputed_flops)
     analytic_fwd = {k: v / 3 for k, v in analytic.items() if k in ("encoder", "predictor", "heads")}
     analytic_fwd["teacher"] = analytic.get("teacher", 0.0)
     if cfg.stage == 1:
-        from ivfast.models.diffusion import decoder_flops
         e = cfg.model.encoder
         analytic_fwd["decoder"] = B * decoder_flops(fpc["masked"], cfg.model.decoder, 3 * e.tubelet * e.patch_size ** 2,
                                                     cfg.model.predictor.dim)
