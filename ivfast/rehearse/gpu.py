@@ -91,7 +91,6 @@ class SdpaLog:
 
     def __init__(self):
         self.calls: Counter = Counter()
-        self.bad_inputs: list[str] = []
 
 
 def _flash_ok(q, k, v, mask) -> bool:
@@ -113,9 +112,6 @@ def _routed_sdpa(orig, log: SdpaLog):
         if query.device.type != "cuda":
             return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa)
-        if not (query.dtype == key.dtype == value.dtype) or not all(t.is_cuda for t in (key, value)):
-            log.bad_inputs.append(f"sdpa inputs {query.dtype}/{key.dtype}/{value.dtype} on "
-                                  f"{query.device}/{key.device}/{value.device}")
         d = query.shape[-1]
         if bc.flash_sdp_enabled() and not enable_gqa and _flash_ok(query, key, value, attn_mask):
             log.calls[("flash", str(query.dtype), d)] += 1
