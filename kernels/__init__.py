@@ -17,15 +17,28 @@ if __name__ != "ivfast.kernels":
         import os
         import sys
 
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-        def is_root(entry: str) -> bool:
+        def holds_this_folder(entry: str, root: str) -> bool:
             try:
                 return os.path.samefile(entry or os.curdir, root)
             except OSError:
                 return False
 
-        spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if not is_root(p)])
+        def is_hand_over(origin) -> bool:
+            try:
+                with open(origin, encoding="utf-8") as f:
+                    return "_hand_over(__name__)" in f.read()
+            except (OSError, TypeError, UnicodeDecodeError):
+                return False
+
+        # skip this checkout's root, and that of any other ivfast checkout on sys.path (a second
+        # clone or worktree holds this same file: the two would hand the import to each other)
+        search, root = list(sys.path), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        while True:
+            search = [p for p in search if not holds_this_folder(p, root)]
+            spec = importlib.machinery.PathFinder.find_spec(name, search)
+            if spec is None or not is_hand_over(spec.origin):
+                break
+            root = os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
         if spec is None:
             sys.modules.pop(name, None)
             raise ModuleNotFoundError(f"No module named {name!r} (the repository's kernels/ folder is "

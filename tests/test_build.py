@@ -46,6 +46,20 @@ def test_import_kernels_at_repo_root_is_the_installed_package(tmp_path):
     assert Path(r.stdout.strip()) == site / "kernels" / "__init__.py"
 
 
+def test_import_kernels_with_a_second_checkout_on_the_path(tmp_path):
+    """A second ivfast checkout on sys.path (another clone or worktree) also holds a hand-over
+    ``kernels/``; the two must not hand the import to each other forever."""
+    site, other = tmp_path / "site", tmp_path / "other_clone"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'installed'\n")
+    (other / "kernels").mkdir(parents=True)
+    (other / "kernels" / "__init__.py").write_text((ROOT / "kernels" / "__init__.py").read_text())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(other), str(site)])}
+    r = _run_at_root("import kernels\nassert kernels.WHO == 'installed'\nprint(kernels.__file__)", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip()) == site / "kernels" / "__init__.py"
+
+
 def test_import_kernels_at_repo_root_without_one_installed_fails():
     """With no other ``kernels`` on sys.path (-S: no site-packages) the import fails as if the
     folder were not there, and leaves no half-made module behind."""
