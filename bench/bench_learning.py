@@ -9,8 +9,8 @@ eval demo's labelled ones: stage 1 per seed, then stage 2 from it once per conte
 attentive) compare each pretrained arm with random-init encoders of the same architecture; the
 gain carries a 95 % CI by a bootstrap over val clips and over the runs of both arms, overall and
 per class group (appearance, motion). It also records whether the stage-1 diffusion decoder uses
-its per-patch condition: its eps-MSE on the same noise with the true condition, with the
-conditions shuffled across patches, and with them zeroed.
+its per-patch condition (``ivfast.train.stage1_condition_check`` on 16 clips: eps-MSE on the same
+noise with the true conditions, shuffled across patches and zeroed, and the gap's 95 % CI).
 
 Writes JSON (gains, CIs, per-run top-1, decoder diagnostics, targets met, runtime, versions) to
 ``bench/results/learning_cpu.json`` unless ``--out`` says otherwise.
@@ -34,59 +34,15 @@ from ivfast.config import load_config
 from ivfast.eval.config import EvalConfig, ProbeConfig, ViewConfig
 from ivfast.eval.data import label_groups
 from ivfast.eval.metrics import gains_by_group
+from ivfast.eval.recon import describe_condition_check
 from ivfast.eval.run import run_protocol
 from ivfast.eval.synth_labels import make_labelled_clips
-from ivfast.models.epd import purpose_seed
 from ivfast.models.release_weights import load_encoder
-from ivfast.train import demo_stage2_config
+from ivfast.train import demo_stage2_config, stage1_condition_check
 from ivfast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"linear": 10.0, "knn": 5.0}     # stage-1 gain (points) whose CI must also exclude 0
-
-
-def _mse_by_t_quarter(decoder, target: torch.Tensor, cond: torch.Tensor, draws: int = 4) -> list[float]:
-    """eps-MSE per quarter of the timesteps (low noise first), the same t and noise for any ``cond``:
-    where along the noise scale a condition helps."""
-    diff, T = decoder.train_diffusion, decoder.train_diffusion.num_timesteps
-    out = []
-    for q in range(4):
-        mse = 0.0
-        for d in range(draws):
-            g = torch.Generator().manual_seed(purpose_seed(1000 * q + d, "diffusion"))
-            t = torch.randint(q * T // 4, (q + 1) * T // 4, (target.shape[0],), generator=g).to(target.device)
-            noise = torch.randn(target.shape, generator=g).to(target.device)
-            terms = diff.training_losses(lambda xt, tt: decoder.net(xt, tt, cond), target, t, noise)
-            mse += float(terms["mse"].mean()) / draws
-        out.append(mse)
-    return out
-
-
-def decoder_condition(trainer: Trainer, draws: int = 4) -> dict:
-    """eps-MSE of the stage-1 decoder on one batch: true, shuffled and zeroed conditions, the
-    same timesteps and noise for the three (a decoder that ignores its condition scores alike)."""
-    model = trainer.model
-    caught = {}
-    hook = model.decoder.register_forward_pre_hook(lambda m, args: caught.setdefault("args", args))
-    # the loader yields batches on the training device; after a finished run its first iterator
-    # is the finished epoch's empty remainder, the next one a new epoch
-    batch = next((b for _ in range(2) for b in trainer.loader), None)
-    with torch.no_grad():
-        model(batch["video"], 12345)
-        hook.remove()
-        target, z = caught["args"]
-        perm = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))
-        out = {}
-        for name, cond in (("true", z), ("shuffled", z[perm]), ("zero", torch.zeros_like(z))):
-            mse = 0.0
-            for d in range(draws):
-                torch.manual_seed(purpose_seed(d, "diffusion"))
-                mse += float(model.decoder(target, cond)["mse"]) / draws
-            out[f"mse_{name}"] = mse
-            out[f"mse_{name}_by_t_quarter"] = _mse_by_t_quarter(model.decoder, target, cond)
-    out["rows"] = int(target.shape[0])
-    out["cond_std_across_patches"] = float(z.float().std(0).mean())
-    return out
 
 
 def pretrain(args, seed: int, unlabelled: Path, work: Path) -> tuple[Path, dict[str, Path], dict]:
@@ -96,7 +52,7 @@ def pretrain(args, seed: int, unlabelled: Path, work: Path) -> tuple[Path, dict[
     cfg1 = load_config("demo", base + [f"runtime.output_dir={work / f'seed{seed}' / 'stage1'}"])
     t1 = Trainer(cfg1)
     ck1 = t1.fit()
-    diag = decoder_condition(t1)
+    diag = stage1_condition_check(t1)
     ck2 = {}
     for trim in args.trims:
         c = load_config("demo", base + [f"runtime.output_dir={work / f'seed{seed}' / f'stage2_{trim}' / 'stage1'}",
@@ -167,8 +123,7 @@ def main(argv=None) -> int:
         for t, ck in ck2.items():
             arms[f"stage2_{t}"].append(ck)
         diagnostics.append({"seed": seed, **diag})
-        print(f"seed {seed}: decoder eps-MSE true {diag['mse_true']:.4f} shuffled {diag['mse_shuffled']:.4f} "
-              f"zero {diag['mse_zero']:.4f}", flush=True)
+        print(f"seed {seed}: {describe_condition_check(diag)}", flush=True)
     t_pre = time.time() - t_pre
 
     runs: dict[str, dict[str, list[dict]]] = {}

@@ -243,7 +243,9 @@ class RuntimeConfig:
     # (0 = torch's default, no watchdog). Must exceed the longest checkpoint save.
     collective_timeout_s: float = 600.0
     profile_steps: str = ""             # "A:B" capture window
-    recon_every: int = 0                # stage 1: reconstruction grid to TensorBoard every N steps (0 = off)
+    # stage 1: every N steps, a reconstruction grid and the decoder's condition check (does it use the
+    # predictor's per-patch conditions?) to TensorBoard (0 = off)
+    recon_every: int = 0
 
 
 @dataclass

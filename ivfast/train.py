@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ivfast import checkpoint as ckpt
 from ivfast.config import BlockSpec, Config, ConfigError, MaskingConfig, dump, load_config, presets
 from ivfast.data import DataError
+from ivfast.eval.recon import condition_check, describe_condition_check
 from ivfast.eval.synth_labels import make_labelled_clips
-from ivfast.trainer import Trainer
+from ivfast.trainer import Trainer, unwrap
 
 log = logging.getLogger("ivfast.train")
 
@@ -69,6 +72,31 @@ def prepare_demo_data(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_list=str(listing)))
 
 
+def stage1_condition_check(trainer: Trainer, clips: int = 16, draws: int = 4) -> dict:
+    """After stage 1: does its diffusion decoder use the predictor's per-patch conditions? Checked
+    on ``clips`` training clips (masked as in training, the model in eval mode); logged as one line
+    and written to ``decoder_condition.json`` in the run's output folder."""
+    model, videos, have = unwrap(trainer.model), [], 0
+    # a finished run's loader iterator may be its last epoch's empty remainder; the next is a new epoch
+    for _ in range(2):
+        for batch in trainer.loader:
+            videos.append(batch["video"])
+            have += batch["video"].shape[0]
+            if have >= clips:
+                break
+        if have >= clips:
+            break
+    was = model.training
+    model.eval()
+    try:
+        res = condition_check(model, torch.cat(videos)[:clips], seed=trainer.cfg.runtime.seed, draws=draws)
+    finally:
+        model.train(was)
+    log.info("stage 1 %s", describe_condition_check(res))
+    (trainer.out / "decoder_condition.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def run(cfg: Config, resume: str = "") -> Path:
     """Train ``cfg``; for the demo, stage 1 then stage 2 from its last checkpoint."""
     if cfg.demo:
@@ -79,6 +107,8 @@ def run(cfg: Config, resume: str = "") -> Path:
         last1 = trainer.fit()
         if trainer.preempted:
             return last1
+        if trainer.is_main and not (cfg.runtime.distributed == "fsdp" and trainer.world > 1):
+            stage1_condition_check(trainer)     # FSDP's sharded forward would need every rank
         # an explicit checkpoint path belongs to one stage; "auto" finds each stage's own
         trainer2 = Trainer(demo_stage2_config(cfg1, last1, DEMO_STAGE2_EPOCHS), resume if resume == "auto" else "")
         return trainer2.fit()

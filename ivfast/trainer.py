@@ -315,7 +315,7 @@ class Trainer:
         self._stop_flag = self._stop_host = self._stop_event = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._reported_attention = False
-        self._last_video = None          # runtime.recon_every: first clip of the latest batch
+        self._last_video = None          # runtime.recon_every: up to 8 clips of the latest batch
         self._saved_step = -1          # the step of the last checkpoint, known on every rank
         self._it = None
         self.watchdog = None           # started by fit(): names a rank the others wait for
@@ -528,8 +528,8 @@ class Trainer:
             for v in batch.values():
                 if torch.is_tensor(v) and v.is_cuda:
                     v.record_stream(compute)     # the copy stream's allocation is used on compute
-        if self.cfg.runtime.recon_every:        # a clip for the reconstruction grid (stage 1, off by default)
-            self._last_video = batch["video"][:1]
+        if self.cfg.runtime.recon_every:        # clips for the reconstruction grid and the decoder's
+            self._last_video = batch["video"][:8]   # condition check (stage 1, off by default)
         return batch
 
     def _check_nonfinite(self) -> None:

@@ -61,3 +61,51 @@ def test_a_decoder_narrower_than_its_target_cannot_use_the_condition(width, uses
         assert true < 0.7 * shuffled, (true, shuffled)
     else:
         assert true > 0.98 * shuffled, (true, shuffled)
+
+
+class _OracleNet(torch.nn.Module):
+    """eps from x_t given the clean patch as the condition: exact with the row's own condition."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.d = diffusion
+
+    def forward(self, xt, t, z):
+        tb = self.d.tables(xt.device)     # t: the training diffusion's own steps
+        return (xt - tb["sqrt_ac"][t][:, None] * z) / tb["sqrt_1m_ac"][t][:, None]
+
+
+class _BlindNet(torch.nn.Module):
+    def forward(self, xt, t, z):
+        return 0.9 * xt
+
+
+def _gap_problem(net_cls, rows=96, clips=12, D=12):
+    loss = DiffusionLoss(DecoderConfig(depth=1, width=16, impl="eager", learn_sigma=False, dtype="fp32"), D, D)
+    loss.net = net_cls(loss.train_diffusion) if net_cls is _OracleNet else net_cls()
+    x0 = torch.randn(rows, D, generator=torch.Generator().manual_seed(3))
+    groups = torch.arange(clips).repeat_interleave(rows // clips)
+    return loss, x0, groups
+
+
+def test_condition_gap_sees_a_decoder_that_uses_its_condition():
+    loss, x0, groups = _gap_problem(_OracleNet)
+    r = loss.condition_gap(x0, x0, groups, draws=2, seed=0)
+    assert r["mse_true"] < 1e-3 < r["mse_shuffled"], r
+    assert r["gap_ci95"][0] > 0 and r["gap"] == pytest.approx(r["mse_shuffled"] - r["mse_true"], rel=1e-9)
+    assert len(r["gap_by_t_quarter"]) == 4 and r["rows"] == 96 and r["clips"] == 12
+    # the overall numbers are the mean over the four quarters (t uniform, as in training)
+    assert r["mse_true"] == pytest.approx(sum(r["mse_true_by_t_quarter"]) / 4)
+
+
+def test_condition_gap_of_a_decoder_that_ignores_its_condition_is_zero():
+    loss, x0, groups = _gap_problem(_BlindNet)
+    r = loss.condition_gap(x0, torch.randn_like(x0), groups, draws=2, seed=0)
+    assert r["gap"] == 0.0 and r["gap_ci95"] == [0.0, 0.0], r
+    assert r["mse_true"] == r["mse_shuffled"] == r["mse_zero"] > 0
+
+
+def test_condition_gap_rejects_a_group_per_clip_mismatch():
+    loss, x0, groups = _gap_problem(_BlindNet)
+    with pytest.raises(ValueError, match="one group id per row"):
+        loss.condition_gap(x0, x0, groups[:-1])

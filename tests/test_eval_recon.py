@@ -53,4 +53,30 @@ def test_training_logs_a_reconstruction_grid_every_n_steps(tmp_path):
         ea.Reload()
         return [e.step for e in ea.Images("recon")] if "recon" in ea.Tags()["images"] else []
     assert steps("stage1") == [2, 4] and steps("stage2") == []
+    ea = EventAccumulator(str(out / "stage1" / "tensorboard"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("decoder_condition/gap")] == [2, 4]
+    # the demo checks its stage-1 decoder once more at the end, on 16 clips
+    import json
+    r = json.loads((out / "stage1" / "decoder_condition.json").read_text())
+    assert r["clips"] == 16 and r["rows"] == 16 * 48 and len(r["gap_ci95"]) == 2
     assert load_config("demo").runtime.recon_every == 0
+
+
+def test_condition_check_on_a_stage1_model():
+    """Masked as in training; an untrained decoder (zero-initialised output, as released) ignores its
+    conditions exactly, and the line says so; one clip is refused (its CI resamples clips)."""
+    from ivfast.eval.recon import condition_check, describe_condition_check
+    from ivfast.models.epd import build_model
+
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    video = torch.randint(0, 256, (3, 3, 4, 56, 56), dtype=torch.uint8)
+    r = condition_check(model, video, seed=0, draws=1)
+    assert r["rows"] == 3 * 48 and r["clips"] == 3
+    assert r["gap"] == 0.0 and r["mse_true"] == r["mse_shuffled"] == r["mse_zero"]
+    assert "no measurable use" in describe_condition_check(r)
+    assert "uses its per-patch" in describe_condition_check({**r, "gap": 0.01, "gap_ci95": [0.005, 0.02]})
+    with pytest.raises(ValueError, match=">= 2 clips"):
+        condition_check(model, video[:1])

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ivfast import ops
+from ivfast.models.epd import _VideoInput
+
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
 
@@ -33,26 +36,60 @@ def unpatchify(p: torch.Tensor, grid, patch: int, tubelet: int) -> torch.Tensor:
     return x.reshape(B, 3, T * tubelet, H * patch, W * patch)
 
 
-@torch.no_grad()
-def reconstruct(model, video: torch.Tensor, seed: int = 0, steps: int | None = None) -> dict:
-    """``model``: a Stage1Model in eval mode; ``video`` [B, 3, T, S, S] uint8. Returns 0..1 float
-    videos 'original', 'visible', 'recon' [B, 3, T, S, S] and 'kept' [B, T, h, w] bool."""
-    from ivfast import ops
-    from ivfast.models.epd import _VideoInput
-
+def _masked_conditions(model, video: torch.Tensor, seed: int):
+    """The stage-1 forward up to the decoder, as in training (teacher scores, semantic mask with
+    the step seed ``seed``, encoder on the visible patches, predictor): the masked-patch ids and
+    the predictor's conditions ``z_m`` [B, M, dim] for them."""
     m = model.cfg.model
-    p, tub, impl = m.encoder.patch_size, m.encoder.tubelet, "eager"
+    p, tub = m.encoder.patch_size, m.encoder.tubelet
     inp = _VideoInput(video, m.num_frames, m.img_size)
-    B, N = video.shape[0], model.encoder.num_tokens
-    tout = model.teacher(inp.pixels01(model.teacher.patch_weight.dtype))
-    scores = tout.scores
+    B = video.shape[0]
+    scores = model.teacher(inp.pixels01(model.teacher.patch_weight.dtype)).scores
     if tub > 1:
         n = scores.shape[1] // m.num_frames
         scores = scores.reshape(B, model.grid[0], tub, n).mean(2).reshape(B, model.grid[0] * n)
     ids_keep, ids_mask = model._mask(scores, seed, video.device)
-    x, _ = model.encoder(inp.patches(ids_keep, p, tub, impl), ids_keep)
+    x, _ = model.encoder(inp.patches(ids_keep, p, tub, "eager"), ids_keep)
     z = model.predictor(x, ids_keep, ids_mask)
-    z_m = ops.gather_tokens(z, ids_mask, impl=impl)
+    return inp, ids_keep, ids_mask, ops.gather_tokens(z, ids_mask, impl="eager")
+
+
+@torch.no_grad()
+def condition_check(model, video: torch.Tensor, seed: int = 0, draws: int = 4) -> dict:
+    """Does the stage-1 decoder use the predictor's per-patch conditions? ``model``: a Stage1Model
+    in eval mode; ``video`` [B, 3, T, S, S] uint8, several clips (the CI resamples clips).
+    :meth:`DiffusionLoss.condition_gap` on the masked patches of ``video``, masked as in training.
+    A decoder that ignores its conditions scores the same with them shuffled across patches."""
+    if video.shape[0] < 2:
+        raise ValueError(f"condition_check needs >= 2 clips (its CI resamples clips), got {video.shape[0]}")
+    m = model.cfg.model
+    inp, _, ids_mask, z_m = _masked_conditions(model, video, seed)
+    B, M = ids_mask.shape
+    target = inp.patches(ids_mask, m.encoder.patch_size, m.encoder.tubelet, "eager", norm_pix=m.decoder.norm_pix)
+    groups = torch.arange(B).repeat_interleave(M)
+    return model.decoder.condition_gap(target.reshape(B * M, -1).float(), z_m.reshape(B * M, -1).float(),
+                                       groups, draws=draws, seed=seed)
+
+
+def describe_condition_check(r: dict) -> str:
+    """One line for a person: the three eps-MSEs, the gap with its CI, and what it means."""
+    lo, hi = r["gap_ci95"]
+    verdict = ("uses its per-patch conditions" if lo > 0 else
+               "no measurable use of its per-patch conditions (gap inside the noise)" if hi >= 0 else
+               "does worse with its own conditions than with shuffled ones")
+    return (f"decoder eps-MSE {r['mse_true']:.5f} with the predictor's conditions, {r['mse_shuffled']:.5f} with "
+            f"them shuffled across patches, {r['mse_zero']:.5f} zeroed; gap {r['gap']:+.5f} [{lo:+.5f}, {hi:+.5f}] "
+            f"(95 % CI over {r['clips']} clips, {r['rows']} patches): {verdict}")
+
+
+@torch.no_grad()
+def reconstruct(model, video: torch.Tensor, seed: int = 0, steps: int | None = None) -> dict:
+    """``model``: a Stage1Model in eval mode; ``video`` [B, 3, T, S, S] uint8. Returns 0..1 float
+    videos 'original', 'visible', 'recon' [B, 3, T, S, S] and 'kept' [B, T, h, w] bool."""
+    m = model.cfg.model
+    p, tub, impl = m.encoder.patch_size, m.encoder.tubelet, "eager"
+    B, N = video.shape[0], model.encoder.num_tokens
+    inp, ids_keep, ids_mask, z_m = _masked_conditions(model, video, seed)
     gen = torch.Generator(device=video.device).manual_seed(seed)
     sampled = model.decoder.sample(z_m.reshape(-1, z_m.shape[-1]).float(), steps=steps, generator=gen)
     sampled = sampled.reshape(B, ids_mask.shape[1], -1)
@@ -182,3 +219,11 @@ def log_recon(model, video: torch.Tensor, writer, step: int, tag: str = "recon")
     finally:
         model.train(was)
     writer.add_image(tag, grid_array(out), step, dataformats="HWC")
+    if video.shape[0] >= 2:     # and whether the decoder uses its conditions (one draw per quarter: cheap)
+        model.eval()
+        try:
+            r = condition_check(model, video, seed=step, draws=1)
+        finally:
+            model.train(was)
+        for k in ("gap", "mse_true", "mse_shuffled"):
+            writer.add_scalar(f"decoder_condition/{k}", r[k], step)

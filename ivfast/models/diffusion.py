@@ -654,6 +654,45 @@ class DiffusionLoss(nn.Module):
         terms = self.train_diffusion.training_losses(lambda xt, tt: self.net(xt, tt, z), target, t)
         return dict(loss=terms["loss"].mean(), mse=terms["mse"].mean(), vlb=terms["vb"].mean())
 
+    @torch.no_grad()
+    def condition_gap(self, target: Tensor, z: Tensor, groups: Tensor, draws: int = 4, seed: int = 0,
+                      resamples: int = 2000) -> dict:
+        """Does the decoder use its per-row condition? eps-MSE of every row with its own condition,
+        with the conditions permuted across rows, and with them zeroed, on the same timesteps and
+        noise (so the three differ only by the condition). ``groups[R]`` names each row's clip: the
+        gap (shuffled - true) gets a 95 % CI by resampling clips, since one clip's patches are not
+        independent. t is drawn ``draws`` times in each quarter of the schedule (low noise first),
+        so the overall numbers average t uniformly, as training does. Host floats out."""
+        R, T = target.shape[0], self.train_diffusion.num_timesteps
+        if R < 2 or groups.shape != (R,):
+            raise ValueError(f"condition_gap: need >= 2 rows and one group id per row, got {R} rows, "
+                             f"groups {tuple(groups.shape)}")
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(R, generator=gen).to(z.device)
+        conds = {"true": z, "shuffled": z[perm], "zero": torch.zeros_like(z)}
+        per_row = {k: torch.zeros(4, R, dtype=torch.float64) for k in conds}
+        for q in range(4):
+            for _ in range(draws):
+                t = torch.randint(q * T // 4, (q + 1) * T // 4, (R,), generator=gen).to(target.device)
+                noise = torch.randn(target.shape, generator=gen).to(target.device)
+                for k, c in conds.items():
+                    terms = self.train_diffusion.training_losses(lambda xt, tt: self.net(xt, tt, c), target, t, noise)
+                    per_row[k][q] += terms["mse"].double().cpu() / draws
+        gap_rows = (per_row["shuffled"] - per_row["true"]).mean(0)
+        ids, g = torch.unique(groups.cpu(), return_inverse=True)
+        n = len(ids)
+        sums = torch.zeros(n, dtype=torch.float64).index_add_(0, g, gap_rows)
+        counts = torch.zeros(n, dtype=torch.float64).index_add_(0, g, torch.ones(R, dtype=torch.float64))
+        pick = torch.randint(0, n, (resamples, n), generator=gen)
+        boot = sums[pick].sum(1) / counts[pick].sum(1)
+        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        out = {f"mse_{k}": float(v.mean()) for k, v in per_row.items()}
+        out.update({f"mse_{k}_by_t_quarter": [float(x) for x in v.mean(1)] for k, v in per_row.items()})
+        out.update(gap=float(gap_rows.mean()), gap_ci95=[lo, hi], rows=R, clips=n,
+                   gap_by_t_quarter=[float(x) for x in (per_row["shuffled"] - per_row["true"]).mean(1)],
+                   cond_std_across_rows=float(z.float().std(0).mean()))
+        return out
+
     def sampler(self, steps: int) -> GaussianDiffusion:
         if steps not in self._samplers:
             self._samplers[steps] = self.train_diffusion.respace(steps)
