@@ -45,10 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"linear": 10.0, "knn": 5.0}     # stage-1 gain (points) whose CI must also exclude 0
 
 
+def _base_overrides(args, seed: int, unlabelled: Path) -> list[str]:
+    return ["demo=false", f"data.train_list={unlabelled}", f"runtime.seed={seed}", "runtime.log_every=50",
+            f"optim.epochs={args.stage1_epochs}", "runtime.ckpt_every=100000", *args.set]
+
+
 def pretrain(args, seed: int, unlabelled: Path, work: Path) -> tuple[Path, dict[str, Path], dict]:
     """Stage 1 (seed), then stage 2 from it per trim; returns the checkpoints and the diagnostics."""
-    base = ["demo=false", f"data.train_list={unlabelled}", f"runtime.seed={seed}", "runtime.log_every=50",
-            f"optim.epochs={args.stage1_epochs}", "runtime.ckpt_every=100000", *args.set]
+    base = _base_overrides(args, seed, unlabelled)
     cfg1 = load_config("demo", base + [f"runtime.output_dir={work / f'seed{seed}' / 'stage1'}"])
     t1 = Trainer(cfg1)
     ck1 = t1.fit()
@@ -59,6 +63,14 @@ def pretrain(args, seed: int, unlabelled: Path, work: Path) -> tuple[Path, dict[
                                          f"masking.trim={trim}", f"optim.epochs={args.stage2_epochs}"])
         ck2[trim] = Trainer(demo_stage2_config(c, ck1)).fit()
     return ck1, ck2, diag
+
+
+def pretrain_ablated(args, seed: int, unlabelled: Path, work: Path, override: str) -> Path:
+    """Stage 1 of ``seed`` with one more override (``--ablate``): same data, seed and schedule."""
+    name = override.replace("=", "_").replace("/", "_")
+    cfg = load_config("demo", _base_overrides(args, seed, unlabelled)
+                      + [override, f"runtime.output_dir={work / f'seed{seed}' / f'ablate_{name}'}"])
+    return Trainer(cfg).fit()
 
 
 def probe(args, arm: str, checkpoint: Path, random_seed: int | None, lists, protocol: str, out: Path) -> dict:
@@ -92,6 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attentive-epochs", type=int, default=40)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a training-config override for every run (repeatable), e.g. model.decoder.adaln_init_std=0.02")
+    ap.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra stage-1 arm per seed with this override (repeatable), reported against "
+                         "random init and against the plain stage-1 arm, e.g. model.diffusion_loss_weight=0")
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline, measures nothing")
     ap.add_argument("--work", default="", help="scratch folder (default: a new one under /tmp)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_cpu.json"))
@@ -115,6 +130,7 @@ def main(argv=None) -> int:
 
     arms: dict[str, list[Path]] = {"stage1": []}
     arms.update({f"stage2_{t}": [] for t in args.trims})
+    arms.update({f"stage1[{o}]": [] for o in args.ablate})
     diagnostics = []
     t_pre = time.time()
     for seed in range(args.seeds):
@@ -123,6 +139,8 @@ def main(argv=None) -> int:
         for t, ck in ck2.items():
             arms[f"stage2_{t}"].append(ck)
         diagnostics.append({"seed": seed, **diag})
+        for o in args.ablate:
+            arms[f"stage1[{o}]"].append(pretrain_ablated(args, seed, unlabelled, work, o))
         print(f"seed {seed}: {describe_condition_check(diag)}", flush=True)
     t_pre = time.time() - t_pre
 
@@ -146,6 +164,10 @@ def main(argv=None) -> int:
             a = [row for r in runs[arm][protocol] for row in r["val_correct"]]
             b = [row for r in runs["random"][protocol] for row in r["val_correct"]]
             gains[arm][protocol] = gains_by_group(a, b, labels, groups)
+    # what each ablated override costs the plain stage-1 arm (same seeds: plain minus ablated)
+    ablations = {o: {protocol: gains_by_group([row for r in runs["stage1"][protocol] for row in r["val_correct"]],
+                                              [row for r in runs[f"stage1[{o}]"][protocol] for row in r["val_correct"]],
+                                              labels, groups) for protocol in protocols} for o in args.ablate}
     targets = {}
     for protocol, need in TARGETS.items():
         if protocol in protocols:
@@ -165,7 +187,7 @@ def main(argv=None) -> int:
         "setup": {"model": "demo preset (ViT dim 64, depth 4, LayerScale off)", "unlabelled_clips": 8 * args.unlabelled_per_class,
                   "train_clips": 8 * args.train_per_class, "val_clips": len(labels), "classes": 8,
                   "groups": groups, "random_init_seeds": [1001 + s for s in range(args.random_seeds)]},
-        "gains": gains, "top1": top1, "decoder_condition": diagnostics, "targets": targets,
+        "gains": gains, "ablations": ablations, "top1": top1, "decoder_condition": diagnostics, "targets": targets,
         "runtime_s": {"total": round(time.time() - t0, 1), "pretraining": round(t_pre, 1), "probes": round(t_probe, 1)},
     }
     out = Path(args.out)
@@ -178,6 +200,10 @@ def main(argv=None) -> int:
             line = "   ".join(f"{k} {v['gain']:+5.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]"
                               for k, v in gains[arm][protocol].items())
             print(f"  {arm:14s} {protocol:7s} {line}")
+    for o, by in ablations.items():
+        for protocol in protocols:
+            line = "   ".join(f"{k} {v['gain']:+5.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]" for k, v in by[protocol].items())
+            print(f"  stage1 minus stage1[{o}] {protocol:7s} {line}")
     for name, ok in targets.items():
         print(f"  target {'met    ' if ok else 'MISSED '} {name}")
     print(f"bench_learning: {result['runtime_s']['total']:.0f} s; results in {out}")
