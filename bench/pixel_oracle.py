@@ -38,6 +38,27 @@ def demo_patches(clips: int, seed: int, frames: int = 4, size: int = 56, patch: 
     return patch_targets(v, ids, patch, 1, MEAN, STD).reshape(clips * n, -1)
 
 
+def patch_summary(x: torch.Tensor, patch: int = 14) -> torch.Tensor:
+    """[R, 588] patches -> [R, 9]: each channel's mean and its left-right and top-bottom differences
+    (what a predictor could at best infer from smooth neighbours)."""
+    p = x.reshape(len(x), 3, patch, patch)
+    h = patch // 2
+    dx = p[..., :, h:].mean((2, 3)) - p[..., :, :h].mean((2, 3))
+    dy = p[..., h:, :].mean((2, 3)) - p[..., :h, :].mean((2, 3))
+    return torch.cat([p.mean((2, 3)), dx, dy], 1)
+
+
+def condition(kind: str, x: torch.Tensor, C: int) -> torch.Tensor:
+    """The condition given for clean patches ``x``: a fixed random projection (to C values) of the
+    whole patch ("oracle"), of its channel means ("mean"), of means and gradients ("meangrad"), or
+    zeros."""
+    if kind == "zero":
+        return torch.zeros(len(x), C)
+    src = {"oracle": x, "mean": patch_summary(x)[:, :3], "meangrad": patch_summary(x)}[kind]
+    proj = torch.randn(src.shape[1], C, generator=torch.Generator().manual_seed(7)) / src.shape[1] ** 0.5
+    return src @ proj
+
+
 def eps_mse_by_quarter(model: DiffusionLoss, x0: torch.Tensor, cond: torch.Tensor, draws: int = 4) -> list[float]:
     """eps-MSE per quarter of the timesteps (the same t and noise for every condition)."""
     diff = model.train_diffusion
@@ -61,8 +82,7 @@ def run(args, seed: int) -> dict:
     train = demo_patches(args.clips, seed)
     val = demo_patches(64, 10_000 + seed)
     D, C = train.shape[1], 64
-    proj = torch.randn(D, C, generator=torch.Generator().manual_seed(7)) / D ** 0.5
-    cond = lambda x: x @ proj if args.cond == "oracle" else torch.zeros(len(x), C)   # noqa: E731
+    cond = lambda x: condition(args.cond, x, C)   # noqa: E731
     model = DiffusionLoss(DecoderConfig(depth=args.depth, width=args.width, impl="eager", learn_sigma=True,
                                         dtype="fp32"), D, C)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -90,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=192, help="patches a step (demo: 4 clips x 48 masked)")
     ap.add_argument("--lr", type=float, default=5e-2 * 4 / 256, help="demo's peak lr")
     ap.add_argument("--clips", type=int, default=320)
-    ap.add_argument("--cond", choices=("oracle", "zero"), default="oracle")
+    ap.add_argument("--cond", choices=("oracle", "mean", "meangrad", "zero"), default="oracle")
     ap.add_argument("--seeds", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)

@@ -77,6 +77,9 @@ def test_condition_check_on_a_stage1_model():
     assert r["rows"] == 3 * 48 and r["clips"] == 3
     assert r["gap"] == 0.0 and r["mse_true"] == r["mse_shuffled"] == r["mse_zero"]
     assert "no measurable use" in describe_condition_check(r)
-    assert "uses its per-patch" in describe_condition_check({**r, "gap": 0.01, "gap_ci95": [0.005, 0.02]})
+    used = {**r, "mse_shuffled": 1.0, "gap": 0.01, "gap_ci95": [0.005, 0.02]}
+    assert "uses its per-patch conditions (they lower its eps-MSE by 1 %)" in describe_condition_check(used)
+    barely = {**used, "gap": 1e-5, "gap_ci95": [1e-6, 2e-5]}
+    assert "barely uses" in describe_condition_check(barely)
     with pytest.raises(ValueError, match=">= 2 clips"):
         condition_check(model, video[:1])
