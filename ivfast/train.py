@@ -86,6 +86,9 @@ def stage1_condition_check(trainer: Trainer, clips: int = 16, draws: int = 4) ->
                 break
         if have >= clips:
             break
+    if have < 2:
+        log.info("stage 1 decoder condition check skipped: it needs >= 2 clips, the loader gave %d", have)
+        return {}
     was = model.training
     model.eval()
     try:
