@@ -81,7 +81,7 @@ def describe_condition_check(r: dict) -> str:
                else "no measurable use of its per-patch conditions (gap inside the noise)" if hi >= 0
                else "does worse with its own conditions than with shuffled ones")
     return (f"decoder eps-MSE {r['mse_true']:.5f} with the predictor's conditions, {r['mse_shuffled']:.5f} with "
-            f"them shuffled across patches, {r['mse_zero']:.5f} zeroed; gap {r['gap']:+.5f} [{lo:+.5f}, {hi:+.5f}] "
+            f"them shuffled across patches, {r['mse_zero']:.5f} zeroed; gap {r['gap']:+.2e} [{lo:+.2e}, {hi:+.2e}] "
             f"(95 % CI over {r['clips']} clips, {r['rows']} patches): {verdict}")
 
 
