@@ -73,6 +73,10 @@ def pretrain_ablated(args, seed: int, unlabelled: Path, work: Path, override: st
     return Trainer(cfg).fit()
 
 
+def _gain_line(by_group: dict) -> str:
+    return "   ".join(f"{k} {v['gain']:+5.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]" for k, v in by_group.items())
+
+
 def probe(args, arm: str, checkpoint: Path, random_seed: int | None, lists, protocol: str, out: Path) -> dict:
     train, val, labels = lists
     cfg = EvalConfig(protocol=protocol, dataset="ssv2", checkpoint=str(checkpoint), train_list=str(train),
@@ -155,18 +159,18 @@ def main(argv=None) -> int:
                                                   for i, ck in enumerate(cks)]
     t_probe = time.time() - t_probe
 
+    def correct(arm: str, protocol: str) -> list:    # [runs, val clips] 0/1 of an arm
+        return [row for r in runs[arm][protocol] for row in r["val_correct"]]
+
     labels = runs["random"][protocols[0]][0]["val_labels"]
     groups = label_groups(str(lists[2]), 8)
     gains: dict[str, dict] = {}
     for arm in arms:
         gains[arm] = {}
         for protocol in protocols:
-            a = [row for r in runs[arm][protocol] for row in r["val_correct"]]
-            b = [row for r in runs["random"][protocol] for row in r["val_correct"]]
-            gains[arm][protocol] = gains_by_group(a, b, labels, groups)
+            gains[arm][protocol] = gains_by_group(correct(arm, protocol), correct("random", protocol), labels, groups)
     # what each ablated override costs the plain stage-1 arm (same seeds: plain minus ablated)
-    ablations = {o: {protocol: gains_by_group([row for r in runs["stage1"][protocol] for row in r["val_correct"]],
-                                              [row for r in runs[f"stage1[{o}]"][protocol] for row in r["val_correct"]],
+    ablations = {o: {protocol: gains_by_group(correct("stage1", protocol), correct(f"stage1[{o}]", protocol),
                                               labels, groups) for protocol in protocols} for o in args.ablate}
     targets = {}
     for protocol, need in TARGETS.items():
@@ -197,13 +201,10 @@ def main(argv=None) -> int:
           f"random inits; gain in top-1 points, 95 % CI (clips and runs):")
     for arm in gains:
         for protocol in protocols:
-            line = "   ".join(f"{k} {v['gain']:+5.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]"
-                              for k, v in gains[arm][protocol].items())
-            print(f"  {arm:14s} {protocol:7s} {line}")
+            print(f"  {arm:14s} {protocol:7s} {_gain_line(gains[arm][protocol])}")
     for o, by in ablations.items():
         for protocol in protocols:
-            line = "   ".join(f"{k} {v['gain']:+5.1f} [{v['ci'][0]:+.1f}, {v['ci'][1]:+.1f}]" for k, v in by[protocol].items())
-            print(f"  stage1 minus stage1[{o}] {protocol:7s} {line}")
+            print(f"  stage1 minus stage1[{o}] {protocol:7s} {_gain_line(by[protocol])}")
     for name, ok in targets.items():
         print(f"  target {'met    ' if ok else 'MISSED '} {name}")
     print(f"bench_learning: {result['runtime_s']['total']:.0f} s; results in {out}")

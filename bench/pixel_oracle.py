@@ -48,15 +48,16 @@ def patch_summary(x: torch.Tensor, patch: int = 14) -> torch.Tensor:
     return torch.cat([p.mean((2, 3)), dx, dy], 1)
 
 
-def condition(kind: str, x: torch.Tensor, C: int) -> torch.Tensor:
-    """The condition given for clean patches ``x``: a fixed random projection (to C values) of the
-    whole patch ("oracle"), of its channel means ("mean"), of means and gradients ("meangrad"), or
-    zeros."""
+def make_condition(kind: str, D: int, C: int):
+    """``cond(x)``: the condition given for clean patches ``x`` [R, D]: a fixed random projection
+    (to C values) of the whole patch ("oracle"), of its channel means ("mean"), of means and
+    gradients ("meangrad"), or zeros."""
     if kind == "zero":
-        return torch.zeros(len(x), C)
-    src = {"oracle": x, "mean": patch_summary(x)[:, :3], "meangrad": patch_summary(x)}[kind]
-    proj = torch.randn(src.shape[1], C, generator=torch.Generator().manual_seed(7)) / src.shape[1] ** 0.5
-    return src @ proj
+        return lambda x: torch.zeros(len(x), C)
+    src, dim = {"oracle": (lambda x: x, D), "mean": (lambda x: patch_summary(x)[:, :3], 3),
+                "meangrad": (patch_summary, 9)}[kind]
+    proj = torch.randn(dim, C, generator=torch.Generator().manual_seed(7)) / dim ** 0.5
+    return lambda x: src(x) @ proj
 
 
 def eps_mse_by_quarter(model: DiffusionLoss, x0: torch.Tensor, cond: torch.Tensor, draws: int = 4) -> list[float]:
@@ -82,7 +83,7 @@ def run(args, seed: int) -> dict:
     train = demo_patches(args.clips, seed)
     val = demo_patches(64, 10_000 + seed)
     D, C = train.shape[1], 64
-    cond = lambda x: condition(args.cond, x, C)   # noqa: E731
+    cond = make_condition(args.cond, D, C)
     model = DiffusionLoss(DecoderConfig(depth=args.depth, width=args.width, impl="eager", learn_sigma=True,
                                         dtype="fp32"), D, C)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)

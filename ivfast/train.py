@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ivfast import checkpoint as ckpt
 from ivfast.config import BlockSpec, Config, ConfigError, MaskingConfig, dump, load_config, presets
 from ivfast.data import DataError
-from ivfast.eval.recon import condition_check, describe_condition_check
+from ivfast.eval.recon import condition_check, describe_condition_check, eval_mode
 from ivfast.eval.synth_labels import make_labelled_clips
 from ivfast.trainer import Trainer, unwrap
 
@@ -76,25 +76,18 @@ def stage1_condition_check(trainer: Trainer, clips: int = 16, draws: int = 4) ->
     """After stage 1: does its diffusion decoder use the predictor's per-patch conditions? Checked
     on ``clips`` training clips (masked as in training, the model in eval mode); logged as one line
     and written to ``decoder_condition.json`` in the run's output folder."""
-    model, videos, have = unwrap(trainer.model), [], 0
+    videos, have = [], 0
     # a finished run's loader iterator may be its last epoch's empty remainder; the next is a new epoch
-    for _ in range(2):
-        for batch in trainer.loader:
-            videos.append(batch["video"])
-            have += batch["video"].shape[0]
-            if have >= clips:
-                break
+    for batch in (b for _ in range(2) for b in trainer.loader):
+        videos.append(batch["video"])
+        have += batch["video"].shape[0]
         if have >= clips:
             break
     if have < 2:
         log.info("stage 1 decoder condition check skipped: it needs >= 2 clips, the loader gave %d", have)
         return {}
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(unwrap(trainer.model)) as model:
         res = condition_check(model, torch.cat(videos)[:clips], seed=trainer.cfg.runtime.seed, draws=draws)
-    finally:
-        model.train(was)
     log.info("stage 1 %s", describe_condition_check(res))
     (trainer.out / "decoder_condition.json").write_text(json.dumps(res, indent=1) + "\n")
     return res

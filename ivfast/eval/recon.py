@@ -14,6 +14,7 @@ with the ORIGINAL patch's mean and variance (MAE's viewer does the same), which 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -43,11 +44,7 @@ def _masked_conditions(model, video: torch.Tensor, seed: int):
     m = model.cfg.model
     p, tub = m.encoder.patch_size, m.encoder.tubelet
     inp = _VideoInput(video, m.num_frames, m.img_size)
-    B = video.shape[0]
-    scores = model.teacher(inp.pixels01(model.teacher.patch_weight.dtype)).scores
-    if tub > 1:
-        n = scores.shape[1] // m.num_frames
-        scores = scores.reshape(B, model.grid[0], tub, n).mean(2).reshape(B, model.grid[0] * n)
+    scores = model.teacher_outputs(inp)[0]
     ids_keep, ids_mask = model._mask(scores, seed, video.device)
     x, _ = model.encoder(inp.patches(ids_keep, p, tub, "eager"), ids_keep)
     z = model.predictor(x, ids_keep, ids_mask)
@@ -211,22 +208,25 @@ def grid_array(out: dict, b: int = 0) -> np.ndarray:
         return np.array(Image.open(save_grid(out, b, Path(tmp) / "g.png")).convert("RGB"))
 
 
-def log_recon(model, video: torch.Tensor, writer, step: int, tag: str = "recon") -> None:
-    """Train-time hook (``runtime.recon_every``): the grid of ``video``'s first clip to TensorBoard.
-
-    Runs the unwrapped stage-1 model in eval mode (no DDP collectives) and restores train mode."""
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode inside the block, its own mode restored after (train-time hooks)."""
     was = model.training
     model.eval()
     try:
-        out = reconstruct(model, video[:1], seed=step)
+        yield model
     finally:
         model.train(was)
+
+
+def log_recon(model, video: torch.Tensor, writer, step: int, tag: str = "recon") -> None:
+    """Train-time hook (``runtime.recon_every``): the grid of ``video``'s first clip and, with two
+    or more clips, the decoder's condition check (one draw per quarter: cheap) to TensorBoard.
+
+    Runs the unwrapped stage-1 model in eval mode (no DDP collectives) and restores train mode."""
+    with eval_mode(model):
+        out = reconstruct(model, video[:1], seed=step)
+        r = condition_check(model, video, seed=step, draws=1) if video.shape[0] >= 2 else {}
     writer.add_image(tag, grid_array(out), step, dataformats="HWC")
-    if video.shape[0] >= 2:     # and whether the decoder uses its conditions (one draw per quarter: cheap)
-        model.eval()
-        try:
-            r = condition_check(model, video, seed=step, draws=1)
-        finally:
-            model.train(was)
-        for k in ("gap", "mse_true", "mse_shuffled"):
-            writer.add_scalar(f"decoder_condition/{k}", r[k], step)
+    for k in ("gap", "mse_true", "mse_shuffled") if r else ():
+        writer.add_scalar(f"decoder_condition/{k}", r[k], step)

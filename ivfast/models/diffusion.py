@@ -678,7 +678,8 @@ class DiffusionLoss(nn.Module):
                 for k, c in conds.items():
                     terms = self.train_diffusion.training_losses(lambda xt, tt: self.net(xt, tt, c), target, t, noise)
                     per_row[k][q] += terms["mse"].double().cpu() / draws
-        gap_rows = (per_row["shuffled"] - per_row["true"]).mean(0)
+        gap_qr = per_row["shuffled"] - per_row["true"]                # [quarter, row]
+        gap_rows = gap_qr.mean(0)
         ids, g = torch.unique(groups.cpu(), return_inverse=True)
         n = len(ids)
         sums = torch.zeros(n, dtype=torch.float64).index_add_(0, g, gap_rows)
@@ -689,7 +690,7 @@ class DiffusionLoss(nn.Module):
         out = {f"mse_{k}": float(v.mean()) for k, v in per_row.items()}
         out.update({f"mse_{k}_by_t_quarter": [float(x) for x in v.mean(1)] for k, v in per_row.items()})
         out.update(gap=float(gap_rows.mean()), gap_ci95=[lo, hi], rows=R, clips=n,
-                   gap_by_t_quarter=[float(x) for x in (per_row["shuffled"] - per_row["true"]).mean(1)],
+                   gap_by_t_quarter=[float(x) for x in gap_qr.mean(1)],
                    cond_std_across_rows=float(z.float().std(0).mean()))
         return out
 

@@ -228,6 +228,20 @@ class Stage1Model(_Base):
         self.register_state_dict_post_hook(_drop_teacher_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
 
+    @torch.no_grad()
+    def teacher_outputs(self, inp: "_VideoInput") -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The frozen teacher on the full clip, frame by frame: token scores [B, N], middle-layer
+        targets [B, N, Dt] per student token, and the fp32 pooled vectors per frame."""
+        m, B, Tg = self.cfg.model, inp.B, self.grid[0]
+        tub = m.encoder.tubelet
+        tout = self.teacher(inp.pixels01(self.teacher.patch_weight.dtype))
+        scores, middle, pooled = tout.scores, tout.middle, tout.pooled.float()
+        if tub > 1:   # one student token spans `tub` frames: average the teacher over them
+            n = scores.shape[1] // m.num_frames
+            scores = scores.reshape(B, Tg, tub, n).mean(2).reshape(B, Tg * n)
+            middle = [h.reshape(B, Tg, tub, n, -1).mean(2).reshape(B, Tg * n, -1) for h in middle]
+        return scores, middle, pooled
+
     def _mask(self, scores, step_seed, device):
         mc = self.cfg.masking
         B = scores.shape[0]
@@ -259,18 +273,11 @@ class Stage1Model(_Base):
     def forward(self, video: torch.Tensor, step_seed: int) -> dict:
         m = self.cfg.model
         inp = _VideoInput(video, m.num_frames, m.img_size)
-        B, dev = inp.B, video.device
+        dev = video.device
         C, tub, p = self.num_cls, m.encoder.tubelet, m.encoder.patch_size
-        Tg = self.grid[0]
 
         # 1. frozen teacher on the full clip, frame by frame
-        with torch.no_grad():
-            tout = self.teacher(inp.pixels01(self.teacher.patch_weight.dtype))
-            scores, middle, pooled = tout.scores, tout.middle, tout.pooled.float()
-            if tub > 1:   # one student token spans `tub` frames: average the teacher over them
-                n = scores.shape[1] // m.num_frames
-                scores = scores.reshape(B, Tg, tub, n).mean(2).reshape(B, Tg * n)
-                middle = [h.reshape(B, Tg, tub, n, -1).mean(2).reshape(B, Tg * n, -1) for h in middle]
+        scores, middle, pooled = self.teacher_outputs(inp)
 
         # 2. semantic-aware mask
         ids_keep, ids_mask = self._mask(scores, step_seed, dev)
